@@ -1,0 +1,50 @@
+# smaso: one entry point for set-up, the book and the tests.
+#   make book    set up .venv (if needed), then build the HTML book into _build/html, executing the chapters
+#   make test    set up .venv (if needed), then run every test: unit tests, book checks, nbval strict
+#   make notebook NB=book/NAME.md   re-execute one edited chapter into its paired book/NAME.ipynb
+# PYTHON picks the interpreter that creates the virtual environment; VENV where it lives.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.smaso-installed
+CONSTRAINTS := requirements/constraints.txt
+export PATH := $(abspath $(BIN)):$(PATH)
+export MPLBACKEND := Agg
+export PYTHONHASHSEED := 0
+
+.PHONY: env book test notebook notebooks lock clean
+
+env: $(STAMP)
+
+# The pinned set: torch/torchvision first (their pins are the ones this workplace serves from disk),
+# then the package with its [book,test] extras, everything constrained to requirements/constraints.txt.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[book,test]'
+	touch $@
+
+book: $(STAMP)
+	$(BIN)/jupyter-book build . --warningiserror --keep-going
+	@echo "Book: $(CURDIR)/_build/html/index.html"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Re-execute an edited chapter into its paired notebook (jupytext pairing: book/jupytext.toml).
+notebook: $(STAMP)
+	@test -n "$(NB)" || { echo "usage: make notebook NB=book/NAME.md" >&2; exit 2; }
+	cd $(dir $(NB)) && $(abspath $(BIN))/jupytext --to ipynb --execute $(notdir $(NB))
+
+notebooks: $(STAMP)
+	for md in $$(grep -l '^  format_name: myst' book/*.md); do $(MAKE) --no-print-directory notebook NB=$$md; done
+
+# Regenerate the pins from the current environment (after changing dependencies in pyproject.toml).
+lock: $(STAMP)
+	{ sed -n '1,2p' $(CONSTRAINTS); $(BIN)/python -m pip freeze --exclude-editable | grep -v '^smaso'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
+clean:
+	rm -rf _build
