@@ -11,7 +11,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.smaso-installed
 CONSTRAINTS := requirements/constraints.txt
 export PATH := $(abspath $(BIN)):$(PATH)
-export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
 .PHONY: env book test notebook notebooks lock clean

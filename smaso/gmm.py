@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .maso import _batched, _check_tensor, check_params
+from .maso import _batched, check_params
 
 __all__ = [
     "region_prior",

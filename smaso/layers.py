@@ -97,9 +97,13 @@ def _flatten_modules(modules):
     return out
 
 
-def _check_supported(m):
+def _check_type(m):
     if not isinstance(m, _AFFINE + _ACTIVATION + _POOL):
         raise TypeError(f"unsupported module {m!r} ({type(m).__name__}); supported modules are {_SUPPORTED}")
+
+
+def _check_supported(m):
+    _check_type(m)
     if isinstance(m, nn.LeakyReLU) and m.negative_slope > 1:
         raise ValueError(
             f"{m!r}: with negative_slope = {m.negative_slope} > 1, leaky ReLU equals min(x, s*x), "
@@ -131,8 +135,12 @@ def _check_shape(input_shape):
     return tuple(input_shape)
 
 
+def _same_device(a, b):
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def _dtype_device(modules, dtype=None, device=None):
-    """Common dtype/device of the modules' parameters and buffers (or the given defaults)."""
+    """Common dtype/device of the modules' parameters and buffers (else the given ones, else defaults)."""
     tensors = [t for m in modules for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()]
     dtypes = {t.dtype for t in tensors}
     devices = {t.device for t in tensors}
@@ -143,11 +151,14 @@ def _dtype_device(modules, dtype=None, device=None):
     if dtypes:
         (pdtype,) = dtypes
         if dtype is not None and dtype != pdtype:
-            raise ValueError(f"dtype mismatch: requested {dtype} but the modules' parameters are {pdtype}")
+            raise ValueError(f"dtype mismatch: input is {dtype} but the modules' parameters are {pdtype}")
         dtype = pdtype
     if devices:
-        (device,) = devices
-    return dtype or torch.get_default_dtype(), device or torch.device("cpu")
+        (pdevice,) = devices
+        if device is not None and not _same_device(torch.device(device), pdevice):
+            raise ValueError(f"device mismatch: input is on {device} but the modules' parameters are on {pdevice}")
+        device = pdevice
+    return dtype or torch.get_default_dtype(), torch.device(device) if device is not None else torch.device("cpu")
 
 
 def _run(modules, x):
@@ -161,7 +172,7 @@ def _out_shape(modules, shape, dtype, device):
         return tuple(_run(modules, torch.zeros((1,) + shape, dtype=dtype, device=device)).shape[1:])
 
 
-def affine_params(layer, input_shape, dtype=None):
+def affine_params(layer, input_shape, dtype=None, device=None):
     """Dense matrix ``W`` (M, D) and vector ``b`` (M,) of an affine layer (Appendix A).
 
     ``layer(x).flatten() == W @ x.flatten() + b`` for every ``x`` of shape
@@ -174,8 +185,8 @@ def affine_params(layer, input_shape, dtype=None):
 
     ``W`` is the Jacobian of the layer (``torch.func.jacrev``) and ``b`` the
     layer applied to zeros, both in the layer's parameter dtype (``dtype``, or
-    the default dtype, for parameter-free layers). Dense: intended for small
-    layers.
+    the default dtype, for parameter-free layers) and on its device (``device``,
+    or the CPU, for parameter-free layers). Dense: intended for small layers.
     """
     modules = _flatten_modules(layer)
     input_shape = _check_shape(input_shape)
@@ -184,7 +195,7 @@ def affine_params(layer, input_shape, dtype=None):
         if not isinstance(m, _AFFINE + (nn.Identity,)):
             raise TypeError(f"{m!r} is not an affine module; affine_params supports nn.Linear, nn.Conv2d, "
                             "nn.AvgPool2d, nn.BatchNorm1d/2d (eval), nn.Flatten, nn.Identity")
-    dtype, device = _dtype_device(modules, dtype)
+    dtype, device = _dtype_device(modules, dtype, device)
     D = 1
     for s in input_shape:
         D *= s
@@ -231,7 +242,7 @@ def _maxpool_windows(pool, shape, device):
     return idx.reshape(C * Ho * Wo, kh * kw), (C, Ho, Wo)
 
 
-def _layer_maso(modules, input_shape, max_regions=4096, dtype=None):
+def _layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None):
     """Like :func:`layer_maso` but also returns the output feature shape."""
     modules = _flatten_modules(modules)
     input_shape = _check_shape(input_shape)
@@ -239,7 +250,7 @@ def _layer_maso(modules, input_shape, max_regions=4096, dtype=None):
         raise ValueError(f"max_regions must be a positive int, got {max_regions!r}")
     for m in modules:
         _check_supported(m)
-    dtype, device = _dtype_device(modules, dtype)
+    dtype, device = _dtype_device(modules, dtype, device)
 
     # parse [affine...] [activation] [pooling], nn.Flatten allowed anywhere
     i, n = 0, len(modules)
@@ -268,7 +279,7 @@ def _layer_maso(modules, input_shape, max_regions=4096, dtype=None):
 
     # affine part: u = W z + b with feature shape S0
     if affine:
-        W, b = affine_params(affine, input_shape, dtype=dtype)
+        W, b = affine_params(affine, input_shape, dtype=dtype, device=device)
         S0 = _out_shape(affine, input_shape, dtype, device)
     else:
         D = 1
@@ -317,7 +328,7 @@ def _layer_maso(modules, input_shape, max_regions=4096, dtype=None):
         B = B[idx].reshape(K, R)
     elif isinstance(pool, nn.AvgPool2d):
         # mean_j max_r (a_jr z + b_jr) = max over (r_1..r_n) of sum_j w_j (a_{j r_j} z + b_{j r_j}), w_j >= 0
-        P, _ = affine_params(pool, S1, dtype=dtype)  # (K, K1), nonnegative weights
+        P, _ = affine_params(pool, S1, dtype=dtype, device=device)  # (K, K1), nonnegative weights
         mask = P != 0
         nwin = int(mask.sum(dim=1).max())
         cols = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :nwin]  # nonzero columns first
@@ -401,7 +412,7 @@ def split_layers(seq):
     """
     modules = _flatten_modules(seq)
     for m in modules:
-        _check_supported(m)
+        _check_type(m)
     groups, state = [], None
     for m in modules:
         k = _kind(m)
@@ -448,15 +459,13 @@ def region_affine_map(seq, x, max_regions=4096):
     groups = split_layers(seq)
     if not groups:
         raise ValueError("seq has no modules")
-    pdtype, pdevice = _dtype_device([m for g in groups for m in g], x.dtype)
-    if pdevice != x.device and any(True for g in groups for m in g for _ in m.parameters()):
-        raise ValueError(f"device mismatch: x is on {x.device} but the network is on {pdevice}")
+    _dtype_device([m for g in groups for m in g], x.dtype, x.device)  # clear error on mismatch
     shape = tuple(x.shape)
     z = x.reshape(-1)
     Ax = torch.eye(z.shape[0], dtype=x.dtype, device=x.device)
     Bx = torch.zeros(z.shape[0], dtype=x.dtype, device=x.device)
     for g in groups:
-        A, B, shape = _layer_maso(g, shape, max_regions, dtype=x.dtype)
+        A, B, shape = _layer_maso(g, shape, max_regions, dtype=x.dtype, device=x.device)
         T = hard_vq(A, B, z)
         AT, BT = region_affine(A, B, T)
         Ax = AT @ Ax
