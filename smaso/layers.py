@@ -265,11 +265,13 @@ def _layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None)
     while i < n and isinstance(modules[i], nn.Flatten):
         post.append(modules[i])
         i += 1
+    tail = []
     if i < n and isinstance(modules[i], _POOL) and not post:
         pool = modules[i]
         i += 1
-    while i < n and isinstance(modules[i], nn.Flatten):
-        i += 1
+        while i < n and isinstance(modules[i], nn.Flatten):
+            tail.append(modules[i])
+            i += 1
     if i < n:
         raise ValueError(
             f"cannot read {[type(m).__name__ for m in modules]} as one MASO layer: expected affine modules, "
@@ -349,12 +351,14 @@ def _layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None)
             B_new += w[:, j, None] * B[cols[:, j, None], combos[None, :, j]]
         A, B = A_new, B_new
         S1 = _out_shape([pool], S1, dtype, device)
+    for m in tail:
+        S1 = _out_shape([m], S1, dtype, device)
     if A.shape[1] > max_regions:
         raise ValueError(f"layer has R = {A.shape[1]} regions per unit > max_regions = {max_regions}")
     return A.contiguous(), B.contiguous(), S1
 
 
-def layer_maso(modules, input_shape, max_regions=4096):
+def layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None):
     """MASO parameters ``(A (K, R, D), B (K, R))`` of one DN layer (Theorem 1, Appendix A).
 
     ``modules`` (a list or ``nn.Sequential``) must read as
@@ -381,9 +385,13 @@ def layer_maso(modules, input_shape, max_regions=4096):
 
     Then ``maso(A, B, x.flatten()) == nn.Sequential(*modules)(x).flatten()``
     for ``x`` of shape ``input_shape`` (no batch dimension). Unsupported
-    modules raise ``TypeError``. Dense construction: for small layers.
+    modules raise ``TypeError``. ``A`` and ``B`` have the modules' parameter
+    dtype and device; ``dtype``/``device`` are only needed for parameter-free
+    layers (e.g. a lone ``nn.MaxPool2d``; default: default dtype, CPU) and
+    must otherwise agree with the parameters. Dense construction: for small
+    layers.
     """
-    A, B, _ = _layer_maso(modules, input_shape, max_regions)
+    A, B, _ = _layer_maso(modules, input_shape, max_regions, dtype, device)
     return A, B
 
 

@@ -76,6 +76,8 @@ CASES = {
                                                                         count_include_pad=False)], 16),
     "conv-bn2d-relu": _case(lambda c, g: [nn.Conv2d(c, 3, 3), _randomise_bn(nn.BatchNorm2d(3), g), nn.ReLU()], 2),
     "conv-maxout2-maxpool2": _case(lambda c, g: [nn.Conv2d(c, 4, 3, padding=1), Maxout(2), nn.MaxPool2d(2)], 8),
+    "conv-relu-maxpool2-flatten": _case(lambda c, g: [nn.Conv2d(c, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()], 8),
+    "maxpool-only": _case(lambda c, g: [nn.MaxPool2d(2)], 4),
     "conv-relu-flatten": _case(lambda c, g: [nn.Conv2d(c, 2, 3), nn.ReLU(), nn.Flatten()], 2),
 }
 
@@ -89,7 +91,7 @@ def test_layer_maso_matches_torch(name, dtype):
     g = torch.Generator().manual_seed(seed)
     mods, shape, R = CASES[name](rng, g)
     seq = nn.Sequential(*mods).to(dtype)
-    A, B = layer_maso(seq, shape)
+    A, B = layer_maso(seq, shape, dtype=dtype)
     x = torch.randn((16,) + shape, generator=g, dtype=dtype)
     with torch.no_grad():
         ref = seq(x).reshape(16, -1)
@@ -98,7 +100,7 @@ def test_layer_maso_matches_torch(name, dtype):
     assert B.shape == A.shape[:2]
     torch.testing.assert_close(maso(A, B, x.reshape(16, -1)), ref, **TOL[dtype])
     # same result from a plain list, and for a single unbatched input
-    A2, B2 = layer_maso(mods, shape)
+    A2, B2 = layer_maso(mods, shape, dtype=dtype)
     assert torch.equal(A, A2) and torch.equal(B, B2)
     torch.testing.assert_close(maso(A, B, x[0].reshape(-1)), ref[0], **TOL[dtype])
 
@@ -158,6 +160,11 @@ def _convnet():
                          nn.Conv2d(3, 4, 3), Abs(), nn.Flatten(), nn.Linear(16, 3))
 
 
+def _poolnet():  # includes a parameter-free MASO layer [MaxPool2d, Flatten]
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.LeakyReLU(0.1), nn.AvgPool2d(2), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(8, 2))
+
+
 def test_split_layers():
     groups = split_layers(_convnet())
     assert [[type(m).__name__ for m in g] for g in groups] == [
@@ -172,11 +179,6 @@ def test_split_layers():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def _poolnet():  # includes a parameter-free MASO layer [MaxPool2d, Flatten]
-    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.LeakyReLU(0.1), nn.AvgPool2d(2), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(8, 2))
-
-
 @pytest.mark.parametrize("net,shape", [(_mlp, (6,)), (_convnet, (2, 8, 8)), (_poolnet, (1, 8, 8))],
                          ids=["mlp", "convnet", "poolnet"])
 def test_region_affine_map(net, shape, dtype):
@@ -235,3 +237,20 @@ def test_errors():
         affine_params([lin, nn.ReLU()], (3,))
     with pytest.raises(ValueError, match="dtype mismatch"):
         region_affine_map(_mlp(), torch.randn(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dtype mismatch"):
+        layer_maso([lin, nn.ReLU()], (3,), dtype=torch.float64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_layer_maso_and_region_map():
+    torch.manual_seed(5)
+    for net, shape in [(_convnet, (2, 8, 8)), (_poolnet, (1, 8, 8))]:
+        seq = net().double()
+        x = torch.randn(shape, dtype=torch.float64)
+        Ax, Bx = region_affine_map(seq, x)
+        Ax_c, Bx_c = region_affine_map(seq.cuda(), x.cuda())
+        assert Ax_c.device.type == "cuda"
+        torch.testing.assert_close(Ax_c.cpu(), Ax)
+        torch.testing.assert_close(Bx_c.cpu(), Bx)
+        with pytest.raises(ValueError, match="device mismatch"):
+            region_affine_map(seq, x)
