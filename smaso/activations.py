@@ -1,0 +1,313 @@
+"""Nonlinearities induced by soft and β-VQ inference (Sections 3.4, 3.5 and 4; Table 1).
+
+Three layers of the same idea:
+
+1. the MASO parameters of scalar piecewise-affine activations (:func:`relu_maso`,
+   :func:`leaky_relu_maso`, :func:`abs_maso`, :func:`convex_maso`) and their β-VQ applied
+   elementwise (:func:`scalar_beta_maso`) — the *derivation*, straight from Eq. (9) and Eq. (2);
+2. the closed forms that derivation gives (:func:`swish`, :func:`beta_vq_abs`,
+   :func:`beta_vq_leaky_relu`, :func:`beta_softmax_pool2d`) — what a network runs;
+3. drop-in ``nn.Module`` activations with a learnable β per channel or per layer
+   (:class:`BetaVQReLU`, :class:`BetaVQLeakyReLU`, :class:`BetaVQAbs`, :class:`BetaVQMaxPool2d`).
+
+The closed forms take η = β / (1 − β) ≥ 0 (the swish parameter, Proposition 7). The modules learn
+ρ = logit(β), so β = sigmoid(ρ) stays in (0, 1) and η = exp(ρ).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .vq import _as_beta, beta_softmax
+
+__all__ = [
+    "relu_maso",
+    "leaky_relu_maso",
+    "abs_maso",
+    "convex_maso",
+    "scalar_beta_maso",
+    "swish",
+    "swish_fused",
+    "beta_vq_abs",
+    "beta_vq_leaky_relu",
+    "beta_softmax_pool2d",
+    "BetaVQReLU",
+    "BetaVQLeakyReLU",
+    "BetaVQAbs",
+    "BetaVQMaxPool2d",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. MASO parameters of scalar activations, and their β-VQ (the derivation)
+
+
+def convex_maso(slopes, offsets, dtype=torch.float64):
+    """(A (1, R, 1), B (1, R)) of the scalar max-affine function max_r (a_r x + b_r), Eq. (1) with D = K = 1."""
+    a = torch.as_tensor(slopes, dtype=dtype).flatten()
+    b = torch.as_tensor(offsets, dtype=dtype).flatten()
+    if a.numel() == 0 or a.shape != b.shape:
+        raise ValueError(f"slopes and offsets must be non-empty and of equal length, got {a.numel()} and {b.numel()}")
+    return a.view(1, -1, 1), b.view(1, -1)
+
+
+def relu_maso(dtype=torch.float64):
+    """ReLU as a MASO (Theorem 1): pieces x (active, r = 1) and 0 (inactive, r = 2)."""
+    return convex_maso([1.0, 0.0], [0.0, 0.0], dtype)
+
+
+def leaky_relu_maso(negative_slope: float = 0.01, dtype=torch.float64):
+    """Leaky-ReLU as a MASO: pieces x and s·x, valid for s ≤ 1 (for s > 1 it is min(x, sx), concave)."""
+    if not negative_slope <= 1:
+        raise ValueError(f"leaky-ReLU with negative_slope = {negative_slope} > 1 is concave, not a MASO")
+    return convex_maso([1.0, negative_slope], [0.0, 0.0], dtype)
+
+
+def abs_maso(dtype=torch.float64):
+    """Absolute value as a MASO: pieces x and −x."""
+    return convex_maso([1.0, -1.0], [0.0, 0.0], dtype)
+
+
+def scalar_beta_maso(A, B, x: torch.Tensor, beta) -> torch.Tensor:
+    """Apply a scalar MASO unit (A (1, R, 1), B (1, R)) elementwise to ``x`` under β-VQ, Eq. (9) then Eq. (2).
+
+    ``beta`` is a number or broadcasts against ``x``. β = 1 gives the hard activation itself.
+    """
+    if A.shape[0] != 1 or A.shape[2] != 1 or B.shape != A.shape[:2]:
+        raise ValueError(f"expected a scalar MASO unit A (1, R, 1), B (1, R); got {tuple(A.shape)}, {tuple(B.shape)}")
+    s = x.unsqueeze(-1) * A[0, :, 0].to(x) + B[0].to(x)  # (..., R) region scores
+    beta = _as_beta(beta, x)
+    return (beta_softmax(s, beta.unsqueeze(-1) if beta.ndim else beta, dim=-1) * s).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Closed forms
+
+
+def _check_eta(eta, x):
+    eta = torch.as_tensor(eta, dtype=x.dtype, device=x.device)
+    if torch.isnan(eta).any() or (eta < 0).any():
+        raise ValueError("eta = beta / (1 - beta) must be >= 0 (beta in [0, 1))")
+    return eta
+
+
+def swish(x: torch.Tensor, eta=1.0) -> torch.Tensor:
+    """swish(x) = x · sigmoid(η x): the β-VQ of the ReLU MASO with η = β/(1−β) (Proposition 7).
+
+    η = 1 (β = ½, soft VQ) is the SiLU / sigmoid-weighted linear unit (Proposition 3); η → ∞ gives
+    the ReLU, η = 0 the linear x/2.
+    """
+    eta = _check_eta(eta, x)
+    return x * torch.sigmoid(eta * x)
+
+
+def beta_vq_abs(x: torch.Tensor, eta=1.0) -> torch.Tensor:
+    """β-VQ of the absolute-value MASO (pieces ±x): x · tanh(η x)."""
+    eta = _check_eta(eta, x)
+    return x * torch.tanh(eta * x)
+
+
+def beta_vq_leaky_relu(x: torch.Tensor, eta=1.0, negative_slope: float = 0.01) -> torch.Tensor:
+    """β-VQ of the leaky-ReLU MASO (pieces x, s x): s x + (1 − s) x · sigmoid(η (1 − s) x)."""
+    if not negative_slope <= 1:
+        raise ValueError(f"leaky-ReLU with negative_slope = {negative_slope} > 1 is concave, not a MASO")
+    eta = _check_eta(eta, x)
+    s = negative_slope
+    return s * x + (1 - s) * x * torch.sigmoid(eta * (1 - s) * x)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def beta_softmax_pool2d(x: torch.Tensor, eta=1.0, kernel_size=2, stride=None, padding=0) -> torch.Tensor:
+    """β-softmax pooling of (N, C, H, W) ``x``: Σ_i softmax(η u)_i u_i over each window (Proposition 4, Table 1).
+
+    The β-VQ of the max-pooling MASO whose pieces are the window's entries. η = 1 is softmax
+    pooling (soft VQ), η → ∞ max-pooling, η = 0 average pooling over the window's valid entries.
+    ``eta`` is a number or a (C,) tensor (one per channel). Zero padding positions are excluded
+    from the window, as max-pooling excludes its padding.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"beta_softmax_pool2d expects (N, C, H, W), got shape {tuple(x.shape)}")
+    eta = _check_eta(eta, x)
+    if eta.ndim == 1:
+        if eta.shape[0] != x.shape[1]:
+            raise ValueError(f"eta has {eta.shape[0]} entries but x has {x.shape[1]} channels")
+        eta = eta.view(1, -1, 1, 1)
+    elif eta.ndim != 0:
+        raise ValueError(f"eta must be a number or a (C,) tensor, got shape {tuple(eta.shape)}")
+    (kh, kw), (ph, pw) = _pair(kernel_size), _pair(padding)
+    sh, sw = _pair(stride if stride is not None else kernel_size)
+    N, C, H, W = x.shape
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"kernel {kh}x{kw} does not fit a {H}x{W} input with padding {padding}")
+    u = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw)).view(N, C, kh * kw, Ho * Wo)
+    valid = F.unfold(torch.ones(1, 1, H, W, dtype=x.dtype, device=x.device), (kh, kw), padding=(ph, pw),
+                     stride=(sh, sw)).view(1, 1, kh * kw, Ho * Wo) > 0
+    logits = eta * u  # eta is a scalar or (1, C, 1, 1): one per channel, broadcast over windows
+    w = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=2)
+    return (w * u).sum(2).view(N, C, Ho, Wo)
+
+
+# ----------------------------------------------------------------------------------------------
+# A fused swish for training speed: one pass forward, one pass backward (custom autograd with
+# kernels compiled by torch.compile), same function as :func:`swish`.
+
+
+def _swish_forward(x, eta):
+    return x * torch.sigmoid(eta * x)
+
+
+def _swish_backward(g, x, eta):
+    s = torch.sigmoid(eta * x)
+    ds = s * (1 - s)
+    grad_x = g * (s + eta * x * ds)
+    grad_eta = (g * x * x * ds).sum_to_size(eta.shape)
+    return grad_x, grad_eta
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _kernels(compiled: bool):
+    if not compiled:
+        return _swish_forward, _swish_backward
+    if not _COMPILED:
+        _COMPILED["fwd"] = torch.compile(_swish_forward, dynamic=False)
+        _COMPILED["bwd"] = torch.compile(_swish_backward, dynamic=False)
+    return _COMPILED["fwd"], _COMPILED["bwd"]
+
+
+class _Swish(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, eta, compiled):
+        ctx.save_for_backward(x, eta)
+        ctx.compiled = compiled
+        return _kernels(compiled)[0](x, eta)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, eta = ctx.saved_tensors
+        grad_x, grad_eta = _kernels(ctx.compiled)[1](g.contiguous(), x, eta)
+        return grad_x, grad_eta, None
+
+
+def swish_fused(x: torch.Tensor, eta: torch.Tensor, compiled: bool = True) -> torch.Tensor:
+    """:func:`swish` with a hand-written backward (grad w.r.t. x and η), fused by ``torch.compile``.
+
+    ``eta`` is a tensor broadcastable to ``x`` (e.g. (1, C, 1, 1)). ``compiled=False`` runs the same
+    kernels eagerly (used to check the backward with ``gradcheck``). The first compiled call per
+    shape and dtype takes seconds (code generation); later calls are fast.
+    """
+    if not isinstance(eta, torch.Tensor):
+        raise TypeError("swish_fused needs eta as a tensor broadcastable to x")
+    return _Swish.apply(x, eta.to(x.dtype), compiled)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Modules with a learnable β
+
+
+def _init_rho(num_channels, beta_init, learnable):
+    if not 0.0 < beta_init < 1.0:
+        raise ValueError(f"beta_init must lie in (0, 1) (the parametrisation beta = sigmoid(rho)), got {beta_init}")
+    if num_channels is not None and (isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1):
+        raise ValueError(f"num_channels must be a positive int or None (one beta for the layer), got {num_channels!r}")
+    rho = torch.full((num_channels or 1,), math.log(beta_init / (1 - beta_init)))
+    return nn.Parameter(rho, requires_grad=learnable)
+
+
+def _channel_eta(rho, x, channel_dim=1):
+    """η = exp(ρ) shaped to broadcast along ``x``'s channel dimension (or a scalar for one β)."""
+    if rho.numel() == 1:
+        return rho.exp().to(x.dtype).reshape(())
+    if x.ndim <= channel_dim or x.shape[channel_dim] != rho.numel():
+        raise ValueError(f"input of shape {tuple(x.shape)} does not have {rho.numel()} channels in dim {channel_dim}")
+    shape = [1] * x.ndim
+    shape[channel_dim] = -1
+    return rho.exp().to(x.dtype).view(shape)
+
+
+class _LearnableBeta:
+    """Shared read-outs of the learnable β (mixin of the modules below)."""
+
+    @property
+    def beta(self) -> torch.Tensor:
+        """β = sigmoid(ρ) ∈ (0, 1), one per channel (or one for the layer)."""
+        return torch.sigmoid(self.rho)
+
+    @property
+    def eta(self) -> torch.Tensor:
+        """η = β / (1 − β) = exp(ρ)."""
+        return torch.exp(self.rho)
+
+    def extra_repr(self):
+        n = self.rho.numel()
+        return f"{'num_channels=' + str(n) if n > 1 else 'one beta'}, learnable={self.rho.requires_grad}"
+
+
+class BetaVQReLU(_LearnableBeta, nn.Module):
+    """β-VQ ReLU = swish x · sigmoid(η x) with learnable β (Proposition 7); a drop-in like ``nn.SiLU``.
+
+    ``num_channels`` gives one β per channel (dim 1), ``None`` one β for the layer. ``beta_init = ½``
+    starts at the SiLU. ``fused=True`` uses :func:`swish_fused` (compiled kernels) for speed.
+    """
+
+    def __init__(self, num_channels: int | None = None, beta_init: float = 0.5, learnable: bool = True,
+                 fused: bool = False):
+        super().__init__()
+        self.rho = _init_rho(num_channels, beta_init, learnable)
+        self.fused = fused
+
+    def forward(self, x):
+        eta = _channel_eta(self.rho, x)
+        if self.fused:
+            return swish_fused(x, eta if eta.ndim else eta.view([1] * x.ndim))
+        return x * torch.sigmoid(eta * x)
+
+
+class BetaVQLeakyReLU(_LearnableBeta, nn.Module):
+    """β-VQ leaky-ReLU s x + (1 − s) x · sigmoid(η (1 − s) x) with learnable β; slope s ≤ 1."""
+
+    def __init__(self, negative_slope: float = 0.01, num_channels: int | None = None, beta_init: float = 0.5,
+                 learnable: bool = True):
+        super().__init__()
+        if not negative_slope <= 1:
+            raise ValueError(f"leaky-ReLU with negative_slope = {negative_slope} > 1 is concave, not a MASO")
+        self.negative_slope = negative_slope
+        self.rho = _init_rho(num_channels, beta_init, learnable)
+
+    def forward(self, x):
+        return beta_vq_leaky_relu(x, _channel_eta(self.rho, x), self.negative_slope)
+
+
+class BetaVQAbs(_LearnableBeta, nn.Module):
+    """β-VQ absolute value x · tanh(η x) with learnable β."""
+
+    def __init__(self, num_channels: int | None = None, beta_init: float = 0.5, learnable: bool = True):
+        super().__init__()
+        self.rho = _init_rho(num_channels, beta_init, learnable)
+
+    def forward(self, x):
+        return beta_vq_abs(x, _channel_eta(self.rho, x))
+
+
+class BetaVQMaxPool2d(_LearnableBeta, nn.Module):
+    """β-softmax pooling with learnable β (Proposition 4, Table 1); ``beta_init = ½`` is softmax pooling."""
+
+    def __init__(self, kernel_size=2, stride=None, padding=0, num_channels: int | None = None,
+                 beta_init: float = 0.5, learnable: bool = True):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.rho = _init_rho(num_channels, beta_init, learnable)
+
+    def forward(self, x):
+        eta = self.rho.exp().to(x.dtype)
+        return beta_softmax_pool2d(x, eta if eta.numel() > 1 else eta.reshape(()), self.kernel_size, self.stride,
+                                   self.padding)
