@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .data import TensorData
 
