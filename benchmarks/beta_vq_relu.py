@@ -51,6 +51,7 @@ def main() -> None:
         "nn.SiLU": nn.SiLU(),
         "BetaVQReLU (eager autograd)": BetaVQReLU(C),
         "BetaVQReLU (fused: custom backward, torch.compile)": BetaVQReLU(C, fused=True),
+        "BetaVQReLU (fused, beta fixed: no dbeta reduction)": BetaVQReLU(C, fused=True, learnable=False),
     }
     # correctness first: every variant computes SiLU at beta = 1/2, with the same input gradient
     ref_y = nn.functional.silu(x.detach())

@@ -172,16 +172,21 @@ def _swish_backward(g, x, eta):
     return grad_x, grad_eta
 
 
+def _swish_backward_x(g, x, eta):
+    s = torch.sigmoid(eta * x)
+    return g * (s + eta * x * s * (1 - s))
+
+
+_KERNELS = {"fwd": _swish_forward, "bwd": _swish_backward, "bwd_x": _swish_backward_x}
 _COMPILED: dict[str, object] = {}
 
 
-def _kernels(compiled: bool):
+def _kernel(name: str, compiled: bool):
     if not compiled:
-        return _swish_forward, _swish_backward
-    if not _COMPILED:
-        _COMPILED["fwd"] = torch.compile(_swish_forward, dynamic=False)
-        _COMPILED["bwd"] = torch.compile(_swish_backward, dynamic=False)
-    return _COMPILED["fwd"], _COMPILED["bwd"]
+        return _KERNELS[name]
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(_KERNELS[name], dynamic=False)
+    return _COMPILED[name]
 
 
 class _Swish(torch.autograd.Function):
@@ -189,13 +194,15 @@ class _Swish(torch.autograd.Function):
     def forward(ctx, x, eta, compiled):
         ctx.save_for_backward(x, eta)
         ctx.compiled = compiled
-        return _kernels(compiled)[0](x, eta)
+        return _kernel("fwd", compiled)(x, eta)
 
     @staticmethod
     def backward(ctx, g):
         x, eta = ctx.saved_tensors
-        grad_x, grad_eta = _kernels(ctx.compiled)[1](g.contiguous(), x, eta)
-        return grad_x, grad_eta, None
+        if ctx.needs_input_grad[1]:  # learnable β: the per-channel reduction for dη as well
+            grad_x, grad_eta = _kernel("bwd", ctx.compiled)(g.contiguous(), x, eta)
+            return grad_x, grad_eta, None
+        return _kernel("bwd_x", ctx.compiled)(g.contiguous(), x, eta), None, None
 
 
 def swish_fused(x: torch.Tensor, eta: torch.Tensor, compiled: bool = True) -> torch.Tensor:

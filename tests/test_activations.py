@@ -106,6 +106,8 @@ def test_swish_fused_backward_gradcheck_and_value():
     eta = torch.rand(1, 3, 1, 1, dtype=DT, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t, e: swish_fused(t, e, compiled=False), (inp, eta))
     assert torch.allclose(swish_fused(inp, eta, compiled=False), swish(inp, eta))
+    fixed = eta.detach()  # no gradient wanted for eta: the input-only backward kernel
+    assert torch.autograd.gradcheck(lambda t: swish_fused(t, fixed, compiled=False), (inp,))
 
 
 def test_modules_match_the_functional_closed_forms_and_beta_stays_in_unit_interval():
