@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -39,3 +40,24 @@ def test_fit_learns_and_is_reproducible():
 def test_fit_rejects_bad_arguments():
     with pytest.raises(ValueError, match="epochs"):
         fit(nn.Linear(64, 10), digits(), epochs=0)
+
+
+def test_cifar10_subset_loads_when_present_and_says_where_it_looked(tmp_path, monkeypatch):
+    from smaso.data import CIFAR10_SUBSET_ENV, cifar10_subset
+
+    rng = np.random.default_rng(0)
+    fake = tmp_path / "subset.npz"
+    np.savez(fake, x_train=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), y_train=np.arange(20) % 10,
+             x_test=rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8), y_test=np.arange(5))
+    monkeypatch.setenv(CIFAR10_SUBSET_ENV, str(fake))
+    data = cifar10_subset()
+    assert data.x_train.shape == (20, 3, 32, 32) and data.y_test.tolist() == [0, 1, 2, 3, 4]
+    assert torch.allclose(data.x_train.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
+    raw = cifar10_subset(fake, standardize=False)
+    assert 0.0 <= float(raw.x_train.min()) and float(raw.x_train.max()) <= 1.0
+    with pytest.raises(FileNotFoundError, match="cifar10-subset.npz not found"):
+        cifar10_subset(tmp_path / "absent.npz")
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_train=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="lacks arrays"):
+        cifar10_subset(bad)
