@@ -1,6 +1,7 @@
 # smaso: one entry point for set-up, the book and the tests.
 #   make book    set up .venv (if needed), then build the HTML book into _build/html, executing the chapters
-#   make test    set up .venv (if needed), then run every test: unit tests, book checks, nbval strict
+#   make test    set up .venv (if needed), build the book, then run every test: unit tests, book checks,
+#                nbval strict, and the built book in headless Chromium (tests/test_browser.py)
 #   make notebook NB=book/NAME.md   re-execute one edited chapter into its paired book/NAME.ipynb
 # PYTHON picks the interpreter that creates the virtual environment; VENV where it lives.
 SHELL := /bin/bash
@@ -29,7 +30,8 @@ book: $(STAMP)
 	$(BIN)/jupyter-book build . --warningiserror --keep-going
 	@echo "Book: $(CURDIR)/_build/html/index.html"
 
-test: $(STAMP)
+# The browser test (tests/test_browser.py) checks _build/html, so the book is built (or brought up to date) first.
+test: book
 	$(BIN)/python -m pytest
 
 # Re-execute an edited chapter into its paired notebook (jupytext pairing: book/jupytext.toml).
