@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tsallis import _check_alpha, entmax, tsallis_sigmoid
 from .vq import _as_beta, beta_softmax
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "BetaVQLeakyReLU",
     "BetaVQAbs",
     "BetaVQMaxPool2d",
+    "BetaVQMaxout",
+    "TsallisVQReLU",
 ]
 
 
@@ -318,3 +321,79 @@ class BetaVQMaxPool2d(_LearnableBeta, nn.Module):
         eta = self.rho.exp().to(x.dtype)
         return beta_softmax_pool2d(x, eta if eta.numel() > 1 else eta.reshape(()), self.kernel_size, self.stride,
                                    self.padding)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Beyond the paper (Section 6, future work 1 and 2): a learned convex max-affine activation
+#    under β-VQ, and activations from the Tsallis α-entropy VQ (:mod:`smaso.tsallis`)
+
+
+class BetaVQMaxout(_LearnableBeta, nn.Module):
+    """A learned convex max-affine activation max_r (a_cr x + b_cr) with R pieces per channel, under β-VQ.
+
+    Each channel c has its own slopes a_c (R,), offsets b_c (R,) and β_c, all learned. The output is
+    Σ_r T_r (a_cr x + b_cr) with T = softmax(η s) (Eq. 9, Theorem 3), or the α-entropy VQ
+    α-entmax(η s) of :mod:`smaso.tsallis` (Eq. T2) when ``alpha`` > 1. The hard VQ (β = 1,
+    :meth:`hard`) is the convex max-affine function itself (Eq. 1). Initialisation: slopes evenly
+    spaced in [0, 1], offsets 0, so the hard version starts as the ReLU.
+    """
+
+    def __init__(self, num_channels: int, pieces: int = 3, alpha: float = 1.0, beta_init: float = 0.5,
+                 learnable: bool = True):
+        super().__init__()
+        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+            raise ValueError(f"num_channels must be a positive int (pieces are per channel), got {num_channels!r}")
+        if isinstance(pieces, bool) or not isinstance(pieces, int) or pieces < 2:
+            raise ValueError(f"pieces must be an int >= 2 (R affine pieces per channel), got {pieces!r}")
+        self.alpha = _check_alpha(alpha)
+        self.slopes = nn.Parameter(torch.linspace(0.0, 1.0, pieces).repeat(num_channels, 1))
+        self.offsets = nn.Parameter(torch.zeros(num_channels, pieces))
+        self.rho = _init_rho(num_channels, beta_init, learnable)
+
+    def scores(self, x):
+        """Region scores s_r = a_cr x + b_cr of ``x`` (N, C, ...), shape (N, C, R, ...): pieces in dim 2.
+
+        (Pieces next to the channels, not last, keep the spatial planes contiguous: several times
+        faster on CPU than a trailing dimension of size R.)
+        """
+        C, R = self.slopes.shape
+        if x.ndim < 2 or x.shape[1] != C:
+            raise ValueError(f"input of shape {tuple(x.shape)} does not have {C} channels in dim 1")
+        shape = (1, C, R) + (1,) * (x.ndim - 2)
+        return x.unsqueeze(2) * self.slopes.to(x.dtype).view(shape) + self.offsets.to(x.dtype).view(shape)
+
+    def hard(self, x):
+        """The hard-VQ (β = 1) output: the convex max-affine function max_r s_r (Eq. 1)."""
+        return self.scores(x).amax(2)
+
+    def forward(self, x):
+        s = self.scores(x)
+        eta = self.rho.exp().to(x.dtype).view((1, -1) + (1,) * (x.ndim - 1))
+        u = eta * s
+        T = torch.softmax(u, dim=2) if self.alpha == 1.0 else entmax(u, self.alpha, dim=2)
+        return (T * s).sum(2)
+
+    def extra_repr(self):
+        C, R = self.slopes.shape
+        return f"num_channels={C}, pieces={R}, alpha={self.alpha}, learnable={self.rho.requires_grad}"
+
+
+class TsallisVQReLU(_LearnableBeta, nn.Module):
+    """α-entropy VQ of the ReLU, x · tsallis_sigmoid(η x, α), with learnable β (Eq. T2 of :mod:`smaso.tsallis`).
+
+    α = 1 is swish (:class:`BetaVQReLU`); α = 2 the Gini-VQ x · clip((η x + 1)/2, 0, 1), which at
+    β = 1/4 (η = 1/3) is hard-swish; α = 1.5 lies between (smooth, exactly 0 for η x ≤ −2 and x for
+    η x ≥ 2). ``num_channels`` gives one β per channel (dim 1), ``None`` one for the layer.
+    """
+
+    def __init__(self, num_channels: int | None = None, alpha: float = 2.0, beta_init: float = 0.25,
+                 learnable: bool = True):
+        super().__init__()
+        self.alpha = _check_alpha(alpha)
+        self.rho = _init_rho(num_channels, beta_init, learnable)
+
+    def forward(self, x):
+        return x * tsallis_sigmoid(_channel_eta(self.rho, x) * x, self.alpha)
+
+    def extra_repr(self):
+        return f"alpha={self.alpha}, " + super().extra_repr()
