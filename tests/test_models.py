@@ -70,3 +70,118 @@ def test_large_cnn_bad_arguments():
         large_cnn(activation=torch.relu)
     with pytest.raises(TypeError, match="nn.Module"):
         num_parameters("model")
+
+
+# ------------------------------------------------------------------ the authors' code: smallCNN, largeCNN
+
+from smaso.activations import BetaVQReLU
+from smaso.models import ORTHOGONALITY, extra_loss, large_cnn_code, small_cnn
+from torch.nn.utils import parametrize
+
+# (in, out, kernel, padding) of the convolutions, and whether a 2x2 max-pool follows
+SMALL = {1: [(3, 32, 3, 0, True), (32, 64, 3, 0, True), (64, 128, 1, 0, False)],
+         2: [(3, 32, 5, 0, True), (32, 64, 3, 0, True), (64, 128, 3, 0, False)]}
+LARGE_TAIL = [(96, 96, 3, 2, False), (96, 96, 3, 2, True), (96, 192, 3, 0, False), (192, 192, 3, 2, False),
+              (192, 192, 3, 0, True), (192, 192, 3, 0, False), (192, 192, 1, 0, False)]
+LARGE = {1: [(3, 96, 3, 1, False)] + LARGE_TAIL, 2: [(3, 64, 5, 2, False), (64, 96, 3, 2, False)] + LARGE_TAIL[1:]}
+
+
+def _count(spec, classes, dense_bias):
+    convs = sum(cout * (cin * k * k + 1) + 2 * cout for cin, cout, k, _, _ in spec)  # weights, biases, BN affine
+    return convs + spec[-1][1] * classes + (classes if dense_bias else 0)
+
+
+def _conv_spec(model):
+    mods = list(model)
+    out = []
+    for i, m in enumerate(mods):
+        if isinstance(m, nn.Conv2d):
+            pool = any(isinstance(n, nn.MaxPool2d) for n in mods[i + 1:i + 4])
+            out.append((m.in_channels, m.out_channels, m.kernel_size[0], m.padding[0], pool))
+    return out
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_small_cnn_matches_the_authors_code(version):
+    model = small_cnn(version=version)
+    assert _conv_spec(model) == SMALL[version]
+    kinds = [type(m).__name__ for m in model]
+    assert kinds[:4] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+    assert kinds[-3:] == ["AdaptiveAvgPool2d", "Flatten", "Linear"]
+    assert (model[-1].bias is not None) == (version == 2)
+    n = num_parameters(model)
+    assert n == _count(SMALL[version], 10, version == 2) == {1: 29_440, 2: 96_522}[version]
+    print(f"smallCNN version {version}: {n:,} parameters")
+    torch.manual_seed(0)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    smallest = {1: 10, 2: 20}[version]
+    model.eval()  # (a single 1x1 map cannot be batch-normalised in training mode)
+    assert model(torch.randn(1, 3, smallest, smallest)).shape == (1, 10)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(1, 3, smallest - 1, smallest - 1))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_large_cnn_code_matches_the_authors_code(version):
+    model = large_cnn_code(version=version, num_classes=100)
+    assert _conv_spec(model) == LARGE[version]
+    bns = [m for m in model if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 8 and all(b.eps == 1e-3 and b.momentum == 0.01 for b in bns)  # TensorFlow's defaults
+    n = num_parameters(model)
+    assert n == _count(LARGE[version], 100, version == 2)
+    assert num_parameters(large_cnn_code(version=version)) == {1: 1_372_224, 2: 1_346_698}[version]
+    print(f"largeCNN (authors' code) version {version}: {n:,} parameters with 100 classes")
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1])) for m in model if isinstance(m, nn.Conv2d)]
+    torch.manual_seed(0)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    assert sizes == [32, 34, 36, 16, 18, 16, 6, 6]  # 'full' grows, max-pool halves (36 -> 18, 16 -> 8)
+    for h in hooks:
+        h.remove()
+    conv = [m for m in model if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in conv if m.bias is not None)  # zero-initialised biases
+
+
+def test_version_2_is_the_one_gram_schmidt_can_orthogonalise():
+    for build in (small_cnn, large_cnn_code):
+        register_orthogonal(build(version=2), "gs", tall="error")  # every layer: out <= fan_in
+        with pytest.raises(ValueError, match="cannot be mutually orthogonal"):
+            register_orthogonal(build(version=1), "qr", tall="error")
+
+
+def test_activation_and_orthogonality_options():
+    torch.manual_seed(0)
+    m = small_cnn(activation="swish", version=2)
+    betas = [a for a in m if isinstance(a, BetaVQReLU)]
+    assert [b.rho.numel() for b in betas] == [32, 64, 128] and all(b.rho.requires_grad for b in betas)
+    assert torch.allclose(betas[0].eta, torch.ones(32))  # starts at the SiLU (beta = 1/2)
+    assert any(isinstance(a, nn.SiLU) for a in small_cnn(activation="silu"))
+    assert extra_loss(small_cnn()) is None
+    pen = small_cnn(orthogonality="filters", lam=0.5)
+    x, y = torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long)
+    from smaso.orthogonal import filter_penalty
+    assert torch.allclose(extra_loss(pen)(pen, x, y), 0.5 * filter_penalty(pen))
+    assert extra_loss(small_cnn(orthogonality="templates"))(pen, x, y).ndim == 0
+    ex = large_cnn_code(version=2, orthogonality="qr", activation="swish")
+    layers = orthogonal_layers(ex)
+    assert len(layers) == 9 and all(parametrize.is_parametrized(m, "weight") for m in layers)
+    assert extra_loss(ex) is None
+    for m in layers:
+        F = m.weight.detach().reshape(m.weight.shape[0], -1)
+        assert (F @ F.T - torch.eye(F.shape[0])).abs().max() < 1e-5
+    assert set(ORTHOGONALITY) == {"none", "filters", "filters_normalized", "templates", "qr", "gs", "mgs"}
+
+
+def test_code_models_bad_arguments():
+    with pytest.raises(ValueError, match="version"):
+        small_cnn(version=3)
+    with pytest.raises(ValueError, match="orthogonality"):
+        large_cnn_code(orthogonality="svd")
+    with pytest.raises(ValueError, match="lam"):
+        small_cnn(orthogonality="filters", lam=-1.0)
+    with pytest.raises(ValueError, match="activation"):
+        small_cnn(activation="tanh")
+    with pytest.raises(ValueError, match="bn_momentum"):
+        small_cnn(bn_momentum=0)
+    with pytest.raises(ValueError, match="num_classes"):
+        large_cnn_code(num_classes=0)
