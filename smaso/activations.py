@@ -36,6 +36,7 @@ __all__ = [
     "beta_vq_abs",
     "beta_vq_leaky_relu",
     "beta_softmax_pool2d",
+    "window_pool",
     "BetaVQReLU",
     "BetaVQLeakyReLU",
     "BetaVQAbs",
@@ -135,13 +136,25 @@ def beta_softmax_pool2d(x: torch.Tensor, eta=1.0, kernel_size=2, stride=None, pa
     ``eta`` is a number or a (C,) tensor (one per channel). Zero padding positions are excluded
     from the window, as max-pooling excludes its padding.
     """
+    return window_pool(x, eta, kernel_size, stride, padding, lambda logits: torch.softmax(logits, dim=2),
+                       "beta_softmax_pool2d")
+
+
+def window_pool(x: torch.Tensor, eta, kernel_size, stride, padding, weights, name: str = "window_pool") -> torch.Tensor:
+    """Σ_i w_i u_i over each pooling window of (N, C, H, W) ``x``, with w = ``weights``(η u) along dim 2.
+
+    The shared body of the VQ poolings (the VQ of a max-pooling MASO, whose pieces are the window's
+    entries): softmax weights give :func:`beta_softmax_pool2d`, α-entmax weights
+    :func:`smaso.tsallis.tsallis_pool2d`. Zero-padding positions get logit −inf (weight 0), so they
+    are excluded from the window, as max-pooling excludes them. ``eta`` a number or a (C,) tensor.
+    """
     if x.ndim != 4:
-        raise ValueError(f"beta_softmax_pool2d expects (N, C, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} expects (N, C, H, W), got shape {tuple(x.shape)}")
     eta = _check_eta(eta, x)
     if eta.ndim == 1:
         if eta.shape[0] != x.shape[1]:
             raise ValueError(f"eta has {eta.shape[0]} entries but x has {x.shape[1]} channels")
-        eta = eta.view(1, -1, 1, 1)
+        eta = eta.view(1, -1, 1, 1)  # one per channel, broadcast over the windows
     elif eta.ndim != 0:
         raise ValueError(f"eta must be a number or a (C,) tensor, got shape {tuple(eta.shape)}")
     (kh, kw), (ph, pw) = _pair(kernel_size), _pair(padding)
@@ -153,9 +166,8 @@ def beta_softmax_pool2d(x: torch.Tensor, eta=1.0, kernel_size=2, stride=None, pa
     u = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw)).view(N, C, kh * kw, Ho * Wo)
     valid = F.unfold(torch.ones(1, 1, H, W, dtype=x.dtype, device=x.device), (kh, kw), padding=(ph, pw),
                      stride=(sh, sw)).view(1, 1, kh * kw, Ho * Wo) > 0
-    logits = eta * u  # eta is a scalar or (1, C, 1, 1): one per channel, broadcast over windows
-    w = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=2)
-    return (w * u).sum(2).view(N, C, Ho, Wo)
+    w = weights((eta * u).masked_fill(~valid, float("-inf")))
+    return (w * u.masked_fill(~valid, 0.0)).sum(2).view(N, C, Ho, Wo)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .maso import apply_vq, check_params, scores
-from .vq import _as_beta, beta_softmax, entropy
+from .vq import _as_beta, beta_select, beta_softmax, entropy
 
 __all__ = [
     "HARD_SWISH_ETA",
@@ -229,21 +229,11 @@ def beta_entmax(s: torch.Tensor, beta, alpha: float = 2.0, dim: int = -1) -> tor
     alpha = _check_alpha(alpha)
     if alpha == 1.0:
         return beta_softmax(s, beta, dim=dim)
-    if not torch.isfinite(s).all():
-        raise ValueError("scores contain NaN or inf")
-    beta = _as_beta(beta, s)
-    if beta.ndim:
-        beta = beta.unsqueeze(dim)
-    hard = beta == 1
-    eta = beta / torch.where(hard, torch.ones_like(beta), 1 - beta)
-    top_score = s.amax(dim=dim, keepdim=True)
-    gap = s - top_score
-    soft = entmax(eta * gap, alpha, dim=dim)  # η·gap may overflow to -inf: weight 0
-    if (beta == 0).any():  # exactly uniform (the bisection would leave rounding-level differences)
-        soft = torch.where(beta == 0, torch.full_like(soft, 1.0 / s.shape[dim]), soft)
-    if hard.any():
-        top = s == top_score
-        soft = torch.where(hard, top.to(s.dtype) / top.sum(dim=dim, keepdim=True), soft)
+    soft = beta_select(s, beta, dim, lambda logits: entmax(logits, alpha, dim=dim))
+    b = _as_beta(beta, s)
+    b = b.unsqueeze(dim) if b.ndim else b
+    if (b == 0).any():  # exactly uniform (the bisection would leave rounding-level differences)
+        soft = torch.where(b == 0, torch.full_like(soft, 1.0 / s.shape[dim]), soft)
     return soft
 
 
@@ -377,25 +367,8 @@ def tsallis_pool2d(x: torch.Tensor, eta=1.0, alpha: float = 2.0, kernel_size=2, 
     excluded from the window, as max-pooling excludes them.
     """
     _check_float_tensor(x, "x")
-    if x.ndim != 4:
-        raise ValueError(f"tsallis_pool2d expects (N, C, H, W), got shape {tuple(x.shape)}")
     alpha = _check_alpha(alpha)
-    eta = _check_eta(eta, x)
-    if eta.ndim == 1:
-        if eta.shape[0] != x.shape[1]:
-            raise ValueError(f"eta has {eta.shape[0]} entries but x has {x.shape[1]} channels")
-        eta = eta.view(1, -1, 1, 1)
-    elif eta.ndim != 0:
-        raise ValueError(f"eta must be a number or a (C,) tensor, got shape {tuple(eta.shape)}")
-    (kh, kw), (ph, pw) = _pair(kernel_size), _pair(padding)
-    sh, sw = _pair(stride if stride is not None else kernel_size)
-    N, C, H, W = x.shape
-    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-    if Ho < 1 or Wo < 1:
-        raise ValueError(f"kernel {kh}x{kw} does not fit a {H}x{W} input with padding {padding}")
-    u = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw)).view(N, C, kh * kw, Ho * Wo)
-    valid = F.unfold(torch.ones(1, 1, H, W, dtype=x.dtype, device=x.device), (kh, kw), padding=(ph, pw),
-                     stride=(sh, sw)).view(1, 1, kh * kw, Ho * Wo) > 0
-    logits = (eta * u).masked_fill(~valid, float("-inf"))
-    w = entmax(logits, alpha, dim=2)
-    return (w * u.masked_fill(~valid, 0.0)).sum(2).view(N, C, Ho, Wo)
+    from .activations import window_pool  # smaso.activations imports this module at load time
+
+    return window_pool(x, eta, kernel_size, stride, padding, lambda logits: entmax(logits, alpha, dim=2),
+                       "tsallis_pool2d")

@@ -24,6 +24,7 @@ __all__ = [
     "eta_from_beta",
     "beta_from_eta",
     "beta_softmax",
+    "beta_select",
     "soft_vq",
     "beta_vq",
     "soft_maso",
@@ -72,6 +73,16 @@ def beta_softmax(s: torch.Tensor, beta, dim: int = -1) -> torch.Tensor:
     * 0 < β < 1: softmax(η s), computed with the max subtracted (log-sum-exp), so large scores or
       η close to ∞ do not overflow. Gradients w.r.t. ``s`` and β are those of this expression.
     """
+    return beta_select(s, beta, dim, lambda logits: torch.softmax(logits, dim=dim))
+
+
+def beta_select(s: torch.Tensor, beta, dim: int, weights) -> torch.Tensor:
+    """Shared body of the β-VQ maps: ``weights(η (s − max s))`` for 0 ≤ β < 1, the exact hard VQ at β = 1.
+
+    ``weights`` maps logits to the simplex along ``dim`` (softmax for Eq. (9); α-entmax for the
+    Tsallis VQ of :mod:`smaso.tsallis`). The logits are shifted by the maximum and clamped to be
+    finite, so η·gap is never NaN; at β = 1 the mass is split evenly over the tied maxima.
+    """
     if not isinstance(s, torch.Tensor) or not s.is_floating_point():
         raise TypeError("s must be a floating-point tensor of scores")
     if not torch.isfinite(s).all():
@@ -83,7 +94,7 @@ def beta_softmax(s: torch.Tensor, beta, dim: int = -1) -> torch.Tensor:
     eta = beta / torch.where(hard, torch.ones_like(beta), 1 - beta)  # finite everywhere
     top_score = s.amax(dim=dim, keepdim=True)
     gap = (s - top_score).clamp(min=torch.finfo(s.dtype).min)  # <= 0 and finite; 0 at the maximum
-    soft = torch.softmax(eta * gap, dim=dim)  # η·gap may reach -inf (weight 0), never NaN
+    soft = weights(eta * gap)  # η·gap may reach -inf (weight 0), never NaN
     if hard.any():
         top = s == top_score
         limit = top.to(s.dtype) / top.sum(dim=dim, keepdim=True)

@@ -26,14 +26,7 @@ from smaso.maso import vq_codes
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these small linear-algebra calls are fastest, and steadiest on a shared
-    CPU, without thread synchronisation. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def orthogonal_slopes(K, R, D, seed=0, zero_region=False):

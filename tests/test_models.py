@@ -12,14 +12,7 @@ from smaso.orthogonal import orthogonal_layers, register_orthogonal
 LISTING = [(3, 96, 3, 1, 1), (96, 96, 3, 1, 1), (96, 96, 3, 2, 1), (96, 192, 3, 1, 1), (192, 192, 3, 1, 1),
            (192, 192, 3, 2, 1), (192, 192, 3, 1, 0), (192, 192, 1, 1, 0), (192, 10, 1, 1, 0)]
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these small linear-algebra calls are fastest, and steadiest on a shared
-    CPU, without thread synchronisation. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 

@@ -27,14 +27,7 @@ from smaso.orthogonal import (
 F64 = torch.float64
 METHODS = ["gs", "mgs", "qr"]
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these small linear-algebra calls are fastest, and steadiest on a shared
-    CPU, without thread synchronisation. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 
