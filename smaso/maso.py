@@ -106,8 +106,13 @@ def scores(A, B, z):
     """
     check_params(A, B, z)
     z2, single = _batched(z)
-    s = torch.einsum("krd,nd->nkr", A, z2) + B
+    s = _scores(A, B, z2)
     return s[0] if single else s
+
+
+def _scores(A, B, z2):
+    """Unchecked scores of a batch ``z2`` (N, D): the einsum shared by :func:`scores` and :func:`apply_vq`."""
+    return torch.einsum("krd,nd->nkr", A, z2) + B
 
 
 def maso(A, B, z):
@@ -176,8 +181,7 @@ def apply_vq(A, B, z, T):
             raise ValueError(f"T has a batch dimension (shape {tuple(T.shape)}) but z is a single vector of shape {tuple(z.shape)}")
         if T.shape[0] != z2.shape[0]:
             raise ValueError(f"T has batch size {T.shape[0]} (shape {tuple(T.shape)}) but z has {z2.shape[0]} (shape {tuple(z.shape)})")
-    s = torch.einsum("krd,nd->nkr", A, z2) + B
-    out = (T * s).sum(dim=-1)
+    out = (T * _scores(A, B, z2)).sum(dim=-1)
     return out[0] if single else out
 
 

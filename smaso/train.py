@@ -19,15 +19,9 @@ from .data import TensorData
 __all__ = ["accuracy", "fit", "evaluate", "train_epoch"]
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
     """Fraction of ``x`` that ``model`` classifies as ``y`` (evaluation mode, restored afterwards)."""
-    was_training = model.training
-    model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(x), batch_size))
-    model.train(was_training)
-    return correct / len(x)
+    return evaluate(model, x, y, batch_size=batch_size)["acc"]
 
 
 def fit(
