@@ -3,6 +3,8 @@
 #   make test    set up .venv (if needed), build the book, then run every test: unit tests, book checks,
 #                nbval strict, and the built book in headless Chromium (tests/test_browser.py)
 #   make notebook NB=book/NAME.md   re-execute one edited chapter into its paired book/NAME.ipynb
+#   make unit    the package's unit tests alone (no book, no nbval, no browser): the fast loop
+#   make lint    ruff: lint and format check of every Python file (make test runs it)
 # PYTHON picks the interpreter that creates the virtual environment; VENV where it lives.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -14,7 +16,7 @@ CONSTRAINTS := requirements/constraints.txt
 export PATH := $(abspath $(BIN)):$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: env book test notebook notebooks lock clean
+.PHONY: env book test unit lint notebook notebooks lock clean
 
 env: $(STAMP)
 
@@ -31,8 +33,19 @@ book: $(STAMP)
 	@echo "Book: $(CURDIR)/_build/html/index.html"
 
 # The browser test (tests/test_browser.py) checks _build/html, so the book is built (or brought up to date) first.
-test: book
+# Then nbval once more, under another numeric environment: PyTorch's unvectorised kernels and one
+# thread (another CPU's rounding, on this one). The chapters' stored outputs must hold there too.
+OTHER_NUMERICS := ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+test: lint book
 	$(BIN)/python -m pytest
+	$(OTHER_NUMERICS) $(BIN)/python -m pytest book -p no:cacheprovider
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests -p no:nbval -q --ignore=tests/test_browser.py --ignore=tests/test_book.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Re-execute an edited chapter into its paired notebook (jupytext pairing: book/jupytext.toml).
 notebook: $(STAMP)

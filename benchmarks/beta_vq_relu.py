@@ -1,10 +1,13 @@
-"""Benchmark: forward + backward of the β-VQ ReLU (learnable β per channel) against nn.SiLU.
+"""Benchmark: forward + backward of the β-VQ ReLU (learnable β per channel) against
+nn.SiLU.
 
-One run, on the CPU, on a (256, 96, 32, 32) float32 tensor (the issue's size), reported as ratios
-of median times measured in the same run, interleaved so that load changes hit every variant.
-Writes benchmarks/results/beta_vq_relu.json (atomically; the previous file is kept as .bak).
+One run, on the CPU, on a (256, 96, 32, 32) float32 tensor (the issue's size), reported
+as ratios of median times measured in the same run, interleaved so that load changes hit
+every variant. Writes benchmarks/results/beta_vq_relu.json (atomically; the previous
+file is kept as .bak).
 
-    .venv/bin/python benchmarks/beta_vq_relu.py [--shape 256 96 32 32] [--repeats 7] [--threads N]
+    .venv/bin/python benchmarks/beta_vq_relu.py [--shape 256 96 32 32] [--repeats 7]
+    [--threads N]
 """
 
 from __future__ import annotations
@@ -51,9 +54,12 @@ def main() -> None:
         "nn.SiLU": nn.SiLU(),
         "BetaVQReLU (eager autograd)": BetaVQReLU(C),
         "BetaVQReLU (fused: custom backward, torch.compile)": BetaVQReLU(C, fused=True),
-        "BetaVQReLU (fused, beta fixed: no dbeta reduction)": BetaVQReLU(C, fused=True, learnable=False),
+        "BetaVQReLU (fused, beta fixed: no dbeta reduction)": BetaVQReLU(
+            C, fused=True, learnable=False
+        ),
     }
-    # correctness first: every variant computes SiLU at beta = 1/2, with the same input gradient
+    # correctness first: every variant computes SiLU at beta = 1/2, with the same input
+    # gradient
     ref_y = nn.functional.silu(x.detach())
     for name, m in variants.items():
         y = m(x)
@@ -68,7 +74,10 @@ def main() -> None:
             times[name].append(step_time(m, x, grad))
     med = {name: statistics.median(ts) for name, ts in times.items()}
     base = med["nn.SiLU"]
-    print(f"forward+backward on {shape} float32, CPU, {args.threads} threads, median of {args.repeats}")
+    print(
+        f"forward+backward on {shape} float32, CPU, {args.threads} threads, median of "
+        f"{args.repeats}"
+    )
     for name, t in med.items():
         print(f"  {name:52s} {1e3 * t:8.1f} ms   {t / base:5.2f}x nn.SiLU")
     result = {

@@ -3,15 +3,17 @@
 Three layers of the same idea:
 
 1. the MASO parameters of scalar piecewise-affine activations (:func:`relu_maso`,
-   :func:`leaky_relu_maso`, :func:`abs_maso`, :func:`convex_maso`) and their β-VQ applied
-   elementwise (:func:`scalar_beta_maso`) — the *derivation*, straight from Eq. (9) and Eq. (2);
+   :func:`leaky_relu_maso`, :func:`abs_maso`, :func:`convex_maso`) and their β-VQ
+   applied elementwise (:func:`scalar_beta_maso`) — the *derivation*, straight from Eq.
+   (9) and Eq. (2);
 2. the closed forms that derivation gives (:func:`swish`, :func:`beta_vq_abs`,
    :func:`beta_vq_leaky_relu`, :func:`beta_softmax_pool2d`) — what a network runs;
 3. drop-in ``nn.Module`` activations with a learnable β per channel or per layer
-   (:class:`BetaVQReLU`, :class:`BetaVQLeakyReLU`, :class:`BetaVQAbs`, :class:`BetaVQMaxPool2d`).
+   (:class:`BetaVQReLU`, :class:`BetaVQLeakyReLU`, :class:`BetaVQAbs`,
+   :class:`BetaVQMaxPool2d`).
 
-The closed forms take η = β / (1 − β) ≥ 0 (the swish parameter, Proposition 7). The modules learn
-ρ = logit(β), so β = sigmoid(ρ) stays in (0, 1) and η = exp(ρ).
+The closed forms take η = β / (1 − β) ≥ 0 (the swish parameter, Proposition 7). The
+modules learn ρ = logit(β), so β = sigmoid(ρ) stays in (0, 1) and η = exp(ρ).
 """
 
 from __future__ import annotations
@@ -26,23 +28,23 @@ from .tsallis import _check_alpha, entmax, tsallis_sigmoid
 from .vq import _as_beta, beta_softmax
 
 __all__ = [
-    "relu_maso",
-    "leaky_relu_maso",
+    "BetaVQAbs",
+    "BetaVQLeakyReLU",
+    "BetaVQMaxPool2d",
+    "BetaVQMaxout",
+    "BetaVQReLU",
+    "TsallisVQReLU",
     "abs_maso",
+    "beta_softmax_pool2d",
+    "beta_vq_abs",
+    "beta_vq_leaky_relu",
     "convex_maso",
+    "leaky_relu_maso",
+    "relu_maso",
     "scalar_beta_maso",
     "swish",
     "swish_fused",
-    "beta_vq_abs",
-    "beta_vq_leaky_relu",
-    "beta_softmax_pool2d",
     "window_pool",
-    "BetaVQReLU",
-    "BetaVQLeakyReLU",
-    "BetaVQAbs",
-    "BetaVQMaxPool2d",
-    "BetaVQMaxout",
-    "TsallisVQReLU",
 ]
 
 
@@ -55,7 +57,10 @@ def convex_maso(slopes, offsets, dtype=torch.float64):
     a = torch.as_tensor(slopes, dtype=dtype).flatten()
     b = torch.as_tensor(offsets, dtype=dtype).flatten()
     if a.numel() == 0 or a.shape != b.shape:
-        raise ValueError(f"slopes and offsets must be non-empty and of equal length, got {a.numel()} and {b.numel()}")
+        raise ValueError(
+            "slopes and offsets must be non-empty and of equal length, got "
+            f"{a.numel()} and {b.numel()}"
+        )
     return a.view(1, -1, 1), b.view(1, -1)
 
 
@@ -67,7 +72,10 @@ def relu_maso(dtype=torch.float64):
 def leaky_relu_maso(negative_slope: float = 0.01, dtype=torch.float64):
     """Leaky-ReLU as a MASO: pieces x and s·x, valid for s ≤ 1 (for s > 1 it is min(x, sx), concave)."""
     if not negative_slope <= 1:
-        raise ValueError(f"leaky-ReLU with negative_slope = {negative_slope} > 1 is concave, not a MASO")
+        raise ValueError(
+            f"leaky-ReLU with negative_slope = {negative_slope} > 1 is concave, not a "
+            "MASO"
+        )
     return convex_maso([1.0, negative_slope], [0.0, 0.0], dtype)
 
 
@@ -77,15 +85,22 @@ def abs_maso(dtype=torch.float64):
 
 
 def scalar_beta_maso(A, B, x: torch.Tensor, beta) -> torch.Tensor:
-    """Apply a scalar MASO unit (A (1, R, 1), B (1, R)) elementwise to ``x`` under β-VQ, Eq. (9) then Eq. (2).
+    """Apply a scalar MASO unit (A (1, R, 1), B (1, R)) elementwise to ``x`` under β-VQ,
+    Eq. (9) then Eq. (2).
 
-    ``beta`` is a number or broadcasts against ``x``. β = 1 gives the hard activation itself.
+    ``beta`` is a number or broadcasts against ``x``. β = 1 gives the hard activation
+    itself.
     """
     if A.shape[0] != 1 or A.shape[2] != 1 or B.shape != A.shape[:2]:
-        raise ValueError(f"expected a scalar MASO unit A (1, R, 1), B (1, R); got {tuple(A.shape)}, {tuple(B.shape)}")
+        raise ValueError(
+            "expected a scalar MASO unit A (1, R, 1), B (1, R); got "
+            f"{tuple(A.shape)}, {tuple(B.shape)}"
+        )
     s = x.unsqueeze(-1) * A[0, :, 0].to(x) + B[0].to(x)  # (..., R) region scores
     beta = _as_beta(beta, x)
-    return (beta_softmax(s, beta.unsqueeze(-1) if beta.ndim else beta, dim=-1) * s).sum(-1)
+    return (beta_softmax(s, beta.unsqueeze(-1) if beta.ndim else beta, dim=-1) * s).sum(
+        -1
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,10 +115,11 @@ def _check_eta(eta, x):
 
 
 def swish(x: torch.Tensor, eta=1.0) -> torch.Tensor:
-    """swish(x) = x · sigmoid(η x): the β-VQ of the ReLU MASO with η = β/(1−β) (Proposition 7).
+    """swish(x) = x · sigmoid(η x): the β-VQ of the ReLU MASO with η = β/(1−β)
+    (Proposition 7).
 
-    η = 1 (β = ½, soft VQ) is the SiLU / sigmoid-weighted linear unit (Proposition 3); η → ∞ gives
-    the ReLU, η = 0 the linear x/2.
+    η = 1 (β = ½, soft VQ) is the SiLU / sigmoid-weighted linear unit (Proposition 3); η
+    → ∞ gives the ReLU, η = 0 the linear x/2.
     """
     eta = _check_eta(eta, x)
     return x * torch.sigmoid(eta * x)
@@ -115,10 +131,15 @@ def beta_vq_abs(x: torch.Tensor, eta=1.0) -> torch.Tensor:
     return x * torch.tanh(eta * x)
 
 
-def beta_vq_leaky_relu(x: torch.Tensor, eta=1.0, negative_slope: float = 0.01) -> torch.Tensor:
+def beta_vq_leaky_relu(
+    x: torch.Tensor, eta=1.0, negative_slope: float = 0.01
+) -> torch.Tensor:
     """β-VQ of the leaky-ReLU MASO (pieces x, s x): s x + (1 − s) x · sigmoid(η (1 − s) x)."""
     if not negative_slope <= 1:
-        raise ValueError(f"leaky-ReLU with negative_slope = {negative_slope} > 1 is concave, not a MASO")
+        raise ValueError(
+            f"leaky-ReLU with negative_slope = {negative_slope} > 1 is concave, not a "
+            "MASO"
+        )
     eta = _check_eta(eta, x)
     s = negative_slope
     return s * x + (1 - s) * x * torch.sigmoid(eta * (1 - s) * x)
@@ -128,51 +149,86 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def beta_softmax_pool2d(x: torch.Tensor, eta=1.0, kernel_size=2, stride=None, padding=0) -> torch.Tensor:
-    """β-softmax pooling of (N, C, H, W) ``x``: Σ_i softmax(η u)_i u_i over each window (Proposition 4, Table 1).
+def beta_softmax_pool2d(
+    x: torch.Tensor, eta=1.0, kernel_size=2, stride=None, padding=0
+) -> torch.Tensor:
+    """β-softmax pooling of (N, C, H, W) ``x``: Σ_i softmax(η u)_i u_i over each window
+    (Proposition 4, Table 1).
 
-    The β-VQ of the max-pooling MASO whose pieces are the window's entries. η = 1 is softmax
-    pooling (soft VQ), η → ∞ max-pooling, η = 0 average pooling over the window's valid entries.
-    ``eta`` is a number or a (C,) tensor (one per channel). Zero padding positions are excluded
-    from the window, as max-pooling excludes its padding.
+    The β-VQ of the max-pooling MASO whose pieces are the window's entries. η = 1 is
+    softmax pooling (soft VQ), η → ∞ max-pooling, η = 0 average pooling over the
+    window's valid entries. ``eta`` is a number or a (C,) tensor (one per channel). Zero
+    padding positions are excluded from the window, as max-pooling excludes its padding.
     """
-    return window_pool(x, eta, kernel_size, stride, padding, lambda logits: torch.softmax(logits, dim=2),
-                       "beta_softmax_pool2d")
+    return window_pool(
+        x,
+        eta,
+        kernel_size,
+        stride,
+        padding,
+        lambda logits: torch.softmax(logits, dim=2),
+        "beta_softmax_pool2d",
+    )
 
 
-def window_pool(x: torch.Tensor, eta, kernel_size, stride, padding, weights, name: str = "window_pool") -> torch.Tensor:
-    """Σ_i w_i u_i over each pooling window of (N, C, H, W) ``x``, with w = ``weights``(η u) along dim 2.
+def window_pool(
+    x: torch.Tensor,
+    eta,
+    kernel_size,
+    stride,
+    padding,
+    weights,
+    name: str = "window_pool",
+) -> torch.Tensor:
+    """Σ_i w_i u_i over each pooling window of (N, C, H, W) ``x``, with w =
+    ``weights``(η u) along dim 2.
 
-    The shared body of the VQ poolings (the VQ of a max-pooling MASO, whose pieces are the window's
-    entries): softmax weights give :func:`beta_softmax_pool2d`, α-entmax weights
-    :func:`smaso.tsallis.tsallis_pool2d`. Zero-padding positions get logit −inf (weight 0), so they
-    are excluded from the window, as max-pooling excludes them. ``eta`` a number or a (C,) tensor.
+    The shared body of the VQ poolings (the VQ of a max-pooling MASO, whose pieces are
+    the window's entries): softmax weights give :func:`beta_softmax_pool2d`, α-entmax
+    weights :func:`smaso.tsallis.tsallis_pool2d`. Zero-padding positions get logit −inf
+    (weight 0), so they are excluded from the window, as max-pooling excludes them.
+    ``eta`` a number or a (C,) tensor.
     """
     if x.ndim != 4:
         raise ValueError(f"{name} expects (N, C, H, W), got shape {tuple(x.shape)}")
     eta = _check_eta(eta, x)
     if eta.ndim == 1:
         if eta.shape[0] != x.shape[1]:
-            raise ValueError(f"eta has {eta.shape[0]} entries but x has {x.shape[1]} channels")
+            raise ValueError(
+                f"eta has {eta.shape[0]} entries but x has {x.shape[1]} channels"
+            )
         eta = eta.view(1, -1, 1, 1)  # one per channel, broadcast over the windows
     elif eta.ndim != 0:
-        raise ValueError(f"eta must be a number or a (C,) tensor, got shape {tuple(eta.shape)}")
+        raise ValueError(
+            f"eta must be a number or a (C,) tensor, got shape {tuple(eta.shape)}"
+        )
     (kh, kw), (ph, pw) = _pair(kernel_size), _pair(padding)
     sh, sw = _pair(stride if stride is not None else kernel_size)
     N, C, H, W = x.shape
     Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
     if Ho < 1 or Wo < 1:
-        raise ValueError(f"kernel {kh}x{kw} does not fit a {H}x{W} input with padding {padding}")
-    u = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw)).view(N, C, kh * kw, Ho * Wo)
-    valid = F.unfold(torch.ones(1, 1, H, W, dtype=x.dtype, device=x.device), (kh, kw), padding=(ph, pw),
-                     stride=(sh, sw)).view(1, 1, kh * kw, Ho * Wo) > 0
+        raise ValueError(
+            f"kernel {kh}x{kw} does not fit a {H}x{W} input with padding {padding}"
+        )
+    u = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw)).view(
+        N, C, kh * kw, Ho * Wo
+    )
+    valid = (
+        F.unfold(
+            torch.ones(1, 1, H, W, dtype=x.dtype, device=x.device),
+            (kh, kw),
+            padding=(ph, pw),
+            stride=(sh, sw),
+        ).view(1, 1, kh * kw, Ho * Wo)
+        > 0
+    )
     w = weights((eta * u).masked_fill(~valid, float("-inf")))
     return (w * u.masked_fill(~valid, 0.0)).sum(2).view(N, C, Ho, Wo)
 
 
 # ----------------------------------------------------------------------------------------------
-# A fused swish for training speed: one pass forward, one pass backward (custom autograd with
-# kernels compiled by torch.compile), same function as :func:`swish`.
+# A fused swish for training speed: one pass forward, one pass backward (custom autograd
+# with kernels compiled by torch.compile), same function as :func:`swish`.
 
 
 def _swish_forward(x, eta):
@@ -214,18 +270,24 @@ class _Swish(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, eta = ctx.saved_tensors
-        if ctx.needs_input_grad[1]:  # learnable β: the per-channel reduction for dη as well
+        if ctx.needs_input_grad[
+            1
+        ]:  # learnable β: the per-channel reduction for dη as well
             grad_x, grad_eta = _kernel("bwd", ctx.compiled)(g.contiguous(), x, eta)
             return grad_x, grad_eta, None
         return _kernel("bwd_x", ctx.compiled)(g.contiguous(), x, eta), None, None
 
 
-def swish_fused(x: torch.Tensor, eta: torch.Tensor, compiled: bool = True) -> torch.Tensor:
-    """:func:`swish` with a hand-written backward (grad w.r.t. x and η), fused by ``torch.compile``.
+def swish_fused(
+    x: torch.Tensor, eta: torch.Tensor, compiled: bool = True
+) -> torch.Tensor:
+    """:func:`swish` with a hand-written backward (grad w.r.t. x and η), fused by
+    ``torch.compile``.
 
-    ``eta`` is a tensor broadcastable to ``x`` (e.g. (1, C, 1, 1)). ``compiled=False`` runs the same
-    kernels eagerly (used to check the backward with ``gradcheck``). The first compiled call per
-    shape and dtype takes seconds (code generation); later calls are fast.
+    ``eta`` is a tensor broadcastable to ``x`` (e.g. (1, C, 1, 1)). ``compiled=False``
+    runs the same kernels eagerly (used to check the backward with ``gradcheck``). The
+    first compiled call per shape and dtype takes seconds (code generation); later calls
+    are fast.
     """
     if not isinstance(eta, torch.Tensor):
         raise TypeError("swish_fused needs eta as a tensor broadcastable to x")
@@ -238,9 +300,19 @@ def swish_fused(x: torch.Tensor, eta: torch.Tensor, compiled: bool = True) -> to
 
 def _init_rho(num_channels, beta_init, learnable):
     if not 0.0 < beta_init < 1.0:
-        raise ValueError(f"beta_init must lie in (0, 1) (the parametrisation beta = sigmoid(rho)), got {beta_init}")
-    if num_channels is not None and (isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1):
-        raise ValueError(f"num_channels must be a positive int or None (one beta for the layer), got {num_channels!r}")
+        raise ValueError(
+            "beta_init must lie in (0, 1) (the parametrisation beta = sigmoid(rho)), "
+            f"got {beta_init}"
+        )
+    if num_channels is not None and (
+        isinstance(num_channels, bool)
+        or not isinstance(num_channels, int)
+        or num_channels < 1
+    ):
+        raise ValueError(
+            "num_channels must be a positive int or None (one beta for the layer), "
+            f"got {num_channels!r}"
+        )
     rho = torch.full((num_channels or 1,), math.log(beta_init / (1 - beta_init)))
     return nn.Parameter(rho, requires_grad=learnable)
 
@@ -250,7 +322,10 @@ def _channel_eta(rho, x, channel_dim=1):
     if rho.numel() == 1:
         return rho.exp().to(x.dtype).reshape(())
     if x.ndim <= channel_dim or x.shape[channel_dim] != rho.numel():
-        raise ValueError(f"input of shape {tuple(x.shape)} does not have {rho.numel()} channels in dim {channel_dim}")
+        raise ValueError(
+            f"input of shape {tuple(x.shape)} does not have {rho.numel()} channels in "
+            f"dim {channel_dim}"
+        )
     shape = [1] * x.ndim
     shape[channel_dim] = -1
     return rho.exp().to(x.dtype).view(shape)
@@ -275,14 +350,21 @@ class _LearnableBeta:
 
 
 class BetaVQReLU(_LearnableBeta, nn.Module):
-    """β-VQ ReLU = swish x · sigmoid(η x) with learnable β (Proposition 7); a drop-in like ``nn.SiLU``.
+    """β-VQ ReLU = swish x · sigmoid(η x) with learnable β (Proposition 7); a drop-in
+    like ``nn.SiLU``.
 
-    ``num_channels`` gives one β per channel (dim 1), ``None`` one β for the layer. ``beta_init = ½``
-    starts at the SiLU. ``fused=True`` uses :func:`swish_fused` (compiled kernels) for speed.
+    ``num_channels`` gives one β per channel (dim 1), ``None`` one β for the layer.
+    ``beta_init = ½`` starts at the SiLU. ``fused=True`` uses :func:`swish_fused`
+    (compiled kernels) for speed.
     """
 
-    def __init__(self, num_channels: int | None = None, beta_init: float = 0.5, learnable: bool = True,
-                 fused: bool = False):
+    def __init__(
+        self,
+        num_channels: int | None = None,
+        beta_init: float = 0.5,
+        learnable: bool = True,
+        fused: bool = False,
+    ):
         super().__init__()
         self.rho = _init_rho(num_channels, beta_init, learnable)
         self.fused = fused
@@ -297,11 +379,19 @@ class BetaVQReLU(_LearnableBeta, nn.Module):
 class BetaVQLeakyReLU(_LearnableBeta, nn.Module):
     """β-VQ leaky-ReLU s x + (1 − s) x · sigmoid(η (1 − s) x) with learnable β; slope s ≤ 1."""
 
-    def __init__(self, negative_slope: float = 0.01, num_channels: int | None = None, beta_init: float = 0.5,
-                 learnable: bool = True):
+    def __init__(
+        self,
+        negative_slope: float = 0.01,
+        num_channels: int | None = None,
+        beta_init: float = 0.5,
+        learnable: bool = True,
+    ):
         super().__init__()
         if not negative_slope <= 1:
-            raise ValueError(f"leaky-ReLU with negative_slope = {negative_slope} > 1 is concave, not a MASO")
+            raise ValueError(
+                f"leaky-ReLU with negative_slope = {negative_slope} > 1 is concave, "
+                "not a MASO"
+            )
         self.negative_slope = negative_slope
         self.rho = _init_rho(num_channels, beta_init, learnable)
 
@@ -312,7 +402,12 @@ class BetaVQLeakyReLU(_LearnableBeta, nn.Module):
 class BetaVQAbs(_LearnableBeta, nn.Module):
     """β-VQ absolute value x · tanh(η x) with learnable β."""
 
-    def __init__(self, num_channels: int | None = None, beta_init: float = 0.5, learnable: bool = True):
+    def __init__(
+        self,
+        num_channels: int | None = None,
+        beta_init: float = 0.5,
+        learnable: bool = True,
+    ):
         super().__init__()
         self.rho = _init_rho(num_channels, beta_init, learnable)
 
@@ -323,56 +418,94 @@ class BetaVQAbs(_LearnableBeta, nn.Module):
 class BetaVQMaxPool2d(_LearnableBeta, nn.Module):
     """β-softmax pooling with learnable β (Proposition 4, Table 1); ``beta_init = ½`` is softmax pooling."""
 
-    def __init__(self, kernel_size=2, stride=None, padding=0, num_channels: int | None = None,
-                 beta_init: float = 0.5, learnable: bool = True):
+    def __init__(
+        self,
+        kernel_size=2,
+        stride=None,
+        padding=0,
+        num_channels: int | None = None,
+        beta_init: float = 0.5,
+        learnable: bool = True,
+    ):
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.rho = _init_rho(num_channels, beta_init, learnable)
 
     def forward(self, x):
         eta = self.rho.exp().to(x.dtype)
-        return beta_softmax_pool2d(x, eta if eta.numel() > 1 else eta.reshape(()), self.kernel_size, self.stride,
-                                   self.padding)
+        return beta_softmax_pool2d(
+            x,
+            eta if eta.numel() > 1 else eta.reshape(()),
+            self.kernel_size,
+            self.stride,
+            self.padding,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Beyond the paper (Section 6, future work 1 and 2): a learned convex max-affine activation
-#    under β-VQ, and activations from the Tsallis α-entropy VQ (:mod:`smaso.tsallis`)
+# 4. Beyond the paper (Section 6, future work 1 and 2): a learned convex max-affine
+#    activation under β-VQ, and activations from the Tsallis α-entropy VQ
+#    (:mod:`smaso.tsallis`)
 
 
 class BetaVQMaxout(_LearnableBeta, nn.Module):
-    """A learned convex max-affine activation max_r (a_cr x + b_cr) with R pieces per channel, under β-VQ.
+    """A learned convex max-affine activation max_r (a_cr x + b_cr) with R pieces per
+    channel, under β-VQ.
 
-    Each channel c has its own slopes a_c (R,), offsets b_c (R,) and β_c, all learned. The output is
-    Σ_r T_r (a_cr x + b_cr) with T = softmax(η s) (Eq. 9, Theorem 3), or the α-entropy VQ
-    α-entmax(η s) of :mod:`smaso.tsallis` (Eq. T2) when ``alpha`` > 1. The hard VQ (β = 1,
-    :meth:`hard`) is the convex max-affine function itself (Eq. 1). Initialisation: slopes evenly
-    spaced in [0, 1], offsets 0, so the hard version starts as the ReLU.
+    Each channel c has its own slopes a_c (R,), offsets b_c (R,) and β_c, all learned.
+    The output is Σ_r T_r (a_cr x + b_cr) with T = softmax(η s) (Eq. 9, Theorem 3), or
+    the α-entropy VQ α-entmax(η s) of :mod:`smaso.tsallis` (Eq. T2) when ``alpha`` > 1.
+    The hard VQ (β = 1, :meth:`hard`) is the convex max-affine function itself (Eq. 1).
+    Initialisation: slopes evenly spaced in [0, 1], offsets 0, so the hard version
+    starts as the ReLU.
     """
 
-    def __init__(self, num_channels: int, pieces: int = 3, alpha: float = 1.0, beta_init: float = 0.5,
-                 learnable: bool = True):
+    def __init__(
+        self,
+        num_channels: int,
+        pieces: int = 3,
+        alpha: float = 1.0,
+        beta_init: float = 0.5,
+        learnable: bool = True,
+    ):
         super().__init__()
-        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
-            raise ValueError(f"num_channels must be a positive int (pieces are per channel), got {num_channels!r}")
+        if (
+            isinstance(num_channels, bool)
+            or not isinstance(num_channels, int)
+            or num_channels < 1
+        ):
+            raise ValueError(
+                "num_channels must be a positive int (pieces are per channel), got "
+                f"{num_channels!r}"
+            )
         if isinstance(pieces, bool) or not isinstance(pieces, int) or pieces < 2:
-            raise ValueError(f"pieces must be an int >= 2 (R affine pieces per channel), got {pieces!r}")
+            raise ValueError(
+                "pieces must be an int >= 2 (R affine pieces per channel), got "
+                f"{pieces!r}"
+            )
         self.alpha = _check_alpha(alpha)
-        self.slopes = nn.Parameter(torch.linspace(0.0, 1.0, pieces).repeat(num_channels, 1))
+        self.slopes = nn.Parameter(
+            torch.linspace(0.0, 1.0, pieces).repeat(num_channels, 1)
+        )
         self.offsets = nn.Parameter(torch.zeros(num_channels, pieces))
         self.rho = _init_rho(num_channels, beta_init, learnable)
 
     def scores(self, x):
-        """Region scores s_r = a_cr x + b_cr of ``x`` (N, C, ...), shape (N, C, R, ...): pieces in dim 2.
+        """Region scores s_r = a_cr x + b_cr of ``x`` (N, C, ...), shape (N, C, R, ...):
+        pieces in dim 2.
 
-        (Pieces next to the channels, not last, keep the spatial planes contiguous: several times
-        faster on CPU than a trailing dimension of size R.)
+        (Pieces next to the channels, not last, keep the spatial planes contiguous:
+        several times faster on CPU than a trailing dimension of size R.)
         """
         C, R = self.slopes.shape
         if x.ndim < 2 or x.shape[1] != C:
-            raise ValueError(f"input of shape {tuple(x.shape)} does not have {C} channels in dim 1")
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not have {C} channels in dim 1"
+            )
         shape = (1, C, R) + (1,) * (x.ndim - 2)
-        return x.unsqueeze(2) * self.slopes.to(x.dtype).view(shape) + self.offsets.to(x.dtype).view(shape)
+        return x.unsqueeze(2) * self.slopes.to(x.dtype).view(shape) + self.offsets.to(
+            x.dtype
+        ).view(shape)
 
     def hard(self, x):
         """The hard-VQ (β = 1) output: the convex max-affine function max_r s_r (Eq. 1)."""
@@ -382,7 +515,11 @@ class BetaVQMaxout(_LearnableBeta, nn.Module):
         s = self.scores(x)
         eta = self.rho.exp().to(x.dtype).view((1, -1) + (1,) * (x.ndim - 1))
         u = eta * s
-        T = torch.softmax(u, dim=2) if self.alpha == 1.0 else entmax(u, self.alpha, dim=2)
+        T = (
+            torch.softmax(u, dim=2)
+            if self.alpha == 1.0
+            else entmax(u, self.alpha, dim=2)
+        )
         return (T * s).sum(2)
 
     def extra_repr(self):
@@ -391,15 +528,22 @@ class BetaVQMaxout(_LearnableBeta, nn.Module):
 
 
 class TsallisVQReLU(_LearnableBeta, nn.Module):
-    """α-entropy VQ of the ReLU, x · tsallis_sigmoid(η x, α), with learnable β (Eq. T2 of :mod:`smaso.tsallis`).
+    """α-entropy VQ of the ReLU, x · tsallis_sigmoid(η x, α), with learnable β (Eq. T2
+    of :mod:`smaso.tsallis`).
 
-    α = 1 is swish (:class:`BetaVQReLU`); α = 2 the Gini-VQ x · clip((η x + 1)/2, 0, 1), which at
-    β = 1/4 (η = 1/3) is hard-swish; α = 1.5 lies between (smooth, exactly 0 for η x ≤ −2 and x for
-    η x ≥ 2). ``num_channels`` gives one β per channel (dim 1), ``None`` one for the layer.
+    α = 1 is swish (:class:`BetaVQReLU`); α = 2 the Gini-VQ x · clip((η x + 1)/2, 0, 1),
+    which at β = 1/4 (η = 1/3) is hard-swish; α = 1.5 lies between (smooth, exactly 0
+    for η x ≤ −2 and x for η x ≥ 2). ``num_channels`` gives one β per channel (dim 1),
+    ``None`` one for the layer.
     """
 
-    def __init__(self, num_channels: int | None = None, alpha: float = 2.0, beta_init: float = 0.25,
-                 learnable: bool = True):
+    def __init__(
+        self,
+        num_channels: int | None = None,
+        alpha: float = 2.0,
+        beta_init: float = 0.25,
+        learnable: bool = True,
+    ):
         super().__init__()
         self.alpha = _check_alpha(alpha)
         self.rho = _init_rho(num_channels, beta_init, learnable)

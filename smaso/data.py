@@ -1,16 +1,20 @@
-"""Datasets as tensors: the paper's CIFAR-10/100 and SVHN (Section 5, Table 2), and small real ones.
+"""Datasets as tensors: the paper's CIFAR-10/100 and SVHN (Section 5, Table 2), and
+small real ones.
 
 * :func:`load` is the one entry point the experiment pipeline uses. It serves CIFAR-10,
-  CIFAR-100 and SVHN from the files torchvision downloads (its on-disk layout, read directly into
-  tensors: no per-sample Python loader), the CIFAR-10 subset (``cifar10-subset.npz``) and
-  scikit-learn's handwritten digits, all as one :class:`TensorData` on the device you ask for.
-* Preprocessing: the authors' (:func:`per_image_scale`: per image, subtract the mean, divide by
-  the largest absolute value, no augmentation), the common per-channel standardisation
-  (:func:`channel_standardize`), or none.
-* Batches: :func:`epoch_batches` draws the index tensors of one epoch, shuffled or class-balanced
-  as in the authors' code (:func:`balanced_batches`), reproducibly from a seed.
+  CIFAR-100 and SVHN from the files torchvision downloads (its on-disk layout, read
+  directly into tensors: no per-sample Python loader), the CIFAR-10 subset
+  (``cifar10-subset.npz``) and scikit-learn's handwritten digits, all as one
+  :class:`TensorData` on the device you ask for.
+* Preprocessing: the authors' (:func:`per_image_scale`: per image, subtract the mean,
+  divide by the largest absolute value, no augmentation), the common per-channel
+  standardisation (:func:`channel_standardize`), or none.
+* Batches: :func:`epoch_batches` draws the index tensors of one epoch, shuffled or
+  class-balanced as in the authors' code (:func:`balanced_batches`), reproducibly from a
+  seed.
 
-:func:`digits` and :func:`cifar10_subset` are the small datasets the earlier chapters use.
+:func:`digits` and :func:`cifar10_subset` are the small datasets the earlier chapters
+use.
 """
 
 from __future__ import annotations
@@ -22,10 +26,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["TensorData", "digits", "cifar10_subset", "find_cifar10_subset", "CIFAR10_SUBSET_ENV",
-           "DATA_ENV", "DATASETS", "PREPROCESS", "NUM_CLASSES", "data_root", "expected_files", "read_raw",
-           "per_image_scale", "channel_standardize", "load", "balanced_batches", "shuffled_batches",
-           "epoch_batches"]
+__all__ = [
+    "CIFAR10_SUBSET_ENV",
+    "DATASETS",
+    "DATA_ENV",
+    "NUM_CLASSES",
+    "PREPROCESS",
+    "TensorData",
+    "balanced_batches",
+    "channel_standardize",
+    "cifar10_subset",
+    "data_root",
+    "digits",
+    "epoch_batches",
+    "expected_files",
+    "find_cifar10_subset",
+    "load",
+    "per_image_scale",
+    "read_raw",
+    "shuffled_batches",
+]
 
 CIFAR10_SUBSET_ENV = "SMASO_CIFAR10_SUBSET"
 _SUBSET_NAME = "cifar10-subset.npz"
@@ -41,16 +61,25 @@ class TensorData:
     y_test: torch.Tensor
     num_classes: int
 
-    def to(self, device) -> "TensorData":
-        return TensorData(*(t.to(device) for t in (self.x_train, self.y_train, self.x_test, self.y_test)),
-                          self.num_classes)
+    def to(self, device) -> TensorData:
+        return TensorData(
+            *(
+                t.to(device)
+                for t in (self.x_train, self.y_train, self.x_test, self.y_test)
+            ),
+            self.num_classes,
+        )
 
 
-def digits(test_fraction: float = 0.25, seed: int = 0, dtype=torch.float32) -> TensorData:
-    """scikit-learn's digits as (N, 1, 8, 8) images scaled to [0, 1], split by a seeded stratified shuffle.
+def digits(
+    test_fraction: float = 0.25, seed: int = 0, dtype=torch.float32
+) -> TensorData:
+    """scikit-learn's digits as (N, 1, 8, 8) images scaled to [0, 1], split by a seeded
+    stratified shuffle.
 
-    The split is the same on every machine for a given ``seed``: per class, a fixed fraction of the
-    images (in a permutation drawn from ``numpy.random.default_rng(seed)``) goes to the test set.
+    The split is the same on every machine for a given ``seed``: per class, a fixed
+    fraction of the images (in a permutation drawn from
+    ``numpy.random.default_rng(seed)``) goes to the test set.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -73,10 +102,12 @@ def digits(test_fraction: float = 0.25, seed: int = 0, dtype=torch.float32) -> T
 
 
 def find_cifar10_subset(path: str | os.PathLike | None = None) -> Path:
-    """Locate ``cifar10-subset.npz``: ``path``, else ``$SMASO_CIFAR10_SUBSET``, else ``../shared/data/``.
+    """Locate ``cifar10-subset.npz``: ``path``, else ``$SMASO_CIFAR10_SUBSET``, else
+    ``../shared/data/``.
 
-    The last is relative to the project root (the folder holding ``smaso/``) and to the current
-    directory's parent. Raises ``FileNotFoundError`` naming every place looked at.
+    The last is relative to the project root (the folder holding ``smaso/``) and to the
+    current directory's parent. Raises ``FileNotFoundError`` naming every place looked
+    at.
     """
     candidates = []
     if path is not None:
@@ -85,23 +116,32 @@ def find_cifar10_subset(path: str | os.PathLike | None = None) -> Path:
         candidates.append(Path(os.environ[CIFAR10_SUBSET_ENV]))
     else:
         root = Path(__file__).resolve().parents[1]
-        candidates += [root.parent / "shared" / "data" / _SUBSET_NAME, Path.cwd().parent / "shared" / "data" / _SUBSET_NAME,
-                       Path.cwd().parent.parent / "shared" / "data" / _SUBSET_NAME]
+        candidates += [
+            root.parent / "shared" / "data" / _SUBSET_NAME,
+            Path.cwd().parent / "shared" / "data" / _SUBSET_NAME,
+            Path.cwd().parent.parent / "shared" / "data" / _SUBSET_NAME,
+        ]
     for c in candidates:
         if c.is_file():
             return c
     raise FileNotFoundError(
-        f"{_SUBSET_NAME} not found (looked at: {', '.join(str(c) for c in candidates)}); pass its path or set "
-        f"${CIFAR10_SUBSET_ENV}. It holds the first 4000 CIFAR-10 training and 1000 test images, as uint8 "
+        f"{_SUBSET_NAME} not found (looked at: "
+        f"{', '.join(str(c) for c in candidates)}); pass its path or set "
+        f"${CIFAR10_SUBSET_ENV}. It holds the first 4000 CIFAR-10 training and 1000 "
+        "test images, as uint8 "
         "arrays x_train (N, 32, 32, 3), y_train, x_test, y_test."
     )
 
 
-def cifar10_subset(path: str | os.PathLike | None = None, standardize: bool = True, dtype=torch.float32) -> TensorData:
-    """The CIFAR-10 subset (4000 train / 1000 test real images) as (N, 3, 32, 32) tensors.
+def cifar10_subset(
+    path: str | os.PathLike | None = None, standardize: bool = True, dtype=torch.float32
+) -> TensorData:
+    """The CIFAR-10 subset (4000 train / 1000 test real images) as (N, 3, 32, 32)
+    tensors.
 
-    Pixels are scaled to [0, 1]; with ``standardize`` each channel is then standardised with the
-    training split's mean and standard deviation. See :func:`find_cifar10_subset` for where it looks.
+    Pixels are scaled to [0, 1]; with ``standardize`` each channel is then standardised
+    with the training split's mean and standard deviation. See
+    :func:`find_cifar10_subset` for where it looks.
     """
     file = find_cifar10_subset(path)
     with np.load(file) as npz:
@@ -111,7 +151,9 @@ def cifar10_subset(path: str | os.PathLike | None = None, standardize: bool = Tr
         arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     for k in ("x_train", "x_test"):
         if arrays[k].ndim != 4 or arrays[k].shape[1:] != (32, 32, 3):
-            raise ValueError(f"{file}: {k} has shape {arrays[k].shape}, expected (N, 32, 32, 3)")
+            raise ValueError(
+                f"{file}: {k} has shape {arrays[k].shape}, expected (N, 32, 32, 3)"
+            )
     to_x = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).to(dtype) / 255.0
     x_train, x_test = to_x(arrays["x_train"]), to_x(arrays["x_test"])
     if standardize:
@@ -119,21 +161,34 @@ def cifar10_subset(path: str | os.PathLike | None = None, standardize: bool = Tr
         std = x_train.std(dim=(0, 2, 3), keepdim=True)
         x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     to_y = lambda a: torch.from_numpy(a.astype(np.int64))
-    return TensorData(x_train, to_y(arrays["y_train"]), x_test, to_y(arrays["y_test"]), 10)
+    return TensorData(
+        x_train, to_y(arrays["y_train"]), x_test, to_y(arrays["y_test"]), 10
+    )
 
 
 # ---------------------------------------------------------------------------------------------
-# The paper's datasets (Section 5, Table 2) in torchvision's on-disk layout, and one entry point
+# The paper's datasets (Section 5, Table 2) in torchvision's on-disk layout, and one
+# entry point
 
 DATA_ENV = "SMASO_DATA"
 DATASETS = ("cifar10", "cifar100", "svhn", "cifar10-subset", "digits")
 PREPROCESS = ("authors", "standardize", "none")
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "cifar10-subset": 10, "digits": 10}
+NUM_CLASSES = {
+    "cifar10": 10,
+    "cifar100": 100,
+    "svhn": 10,
+    "cifar10-subset": 10,
+    "digits": 10,
+}
 
-# (folder under the root, training files, test files) exactly as torchvision's CIFAR10, CIFAR100
-# and SVHN(split=...) datasets download and extract them.
+# (folder under the root, training files, test files) exactly as torchvision's CIFAR10,
+# CIFAR100 and SVHN(split=...) datasets download and extract them.
 _LAYOUT = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]),
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+    ),
     "cifar100": ("cifar-100-python", ["train"], ["test"]),
     "svhn": ("", ["train_32x32.mat"], ["test_32x32.mat"]),
 }
@@ -158,7 +213,9 @@ def expected_files(name: str, root: str | os.PathLike | None = None) -> list[Pat
     """The files :func:`read_raw` reads for ``name`` (torchvision's layout under :func:`data_root`)."""
     _check_name(name)
     if name not in _LAYOUT:
-        raise ValueError(f"{name!r} is not a torchvision dataset (those are {', '.join(_LAYOUT)})")
+        raise ValueError(
+            f"{name!r} is not a torchvision dataset (those are {', '.join(_LAYOUT)})"
+        )
     folder, train, test = _LAYOUT[name]
     base = data_root(root) / folder
     return [base / f for f in train + test]
@@ -194,11 +251,23 @@ def _read_cifar(path, label_key):
             d = pickle.load(f, encoding="latin1")
         x = np.asarray(_pickle_get(d, "data"), dtype=np.uint8)
         y = np.asarray(_pickle_get(d, label_key), dtype=np.int64)
-    except (KeyError, pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path} is not a CIFAR python batch (a pickled dict with 'data' and "
-                         f"'{label_key}'): {type(e).__name__}: {e}") from None
+    except (
+        KeyError,
+        pickle.UnpicklingError,
+        EOFError,
+        TypeError,
+        ValueError,
+        AttributeError,
+    ) as e:
+        raise ValueError(
+            f"{path} is not a CIFAR python batch (a pickled dict with 'data' and "
+            f"'{label_key}'): {type(e).__name__}: {e}"
+        ) from None
     if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(y) != len(x):
-        raise ValueError(f"{path}: 'data' has shape {x.shape} and {len(y)} labels, expected (N, 3072) and N labels")
+        raise ValueError(
+            f"{path}: 'data' has shape {x.shape} and {len(y)} labels, expected (N, "
+            "3072) and N labels"
+        )
     return x.reshape(-1, 3, 32, 32), y
 
 
@@ -206,38 +275,57 @@ def _read_svhn(path):
     try:
         from scipy.io import loadmat
     except ImportError as e:  # pragma: no cover - scipy comes with scikit-learn
-        raise ImportError("reading SVHN's .mat files needs scipy (pip install scipy)") from e
+        raise ImportError(
+            "reading SVHN's .mat files needs scipy (pip install scipy)"
+        ) from e
     try:
         m = loadmat(str(path))
         x, y = m["X"], m["y"]
     except (KeyError, ValueError, TypeError, OSError) as e:
-        raise ValueError(f"{path} is not an SVHN .mat file with arrays 'X' and 'y': {type(e).__name__}: {e}") from None
+        raise ValueError(
+            f"{path} is not an SVHN .mat file with arrays 'X' and 'y': "
+            f"{type(e).__name__}: {e}"
+        ) from None
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or y.size != x.shape[3]:
-        raise ValueError(f"{path}: 'X' has shape {x.shape} and 'y' {y.shape}, expected (32, 32, 3, N) and N labels")
+        raise ValueError(
+            f"{path}: 'X' has shape {x.shape} and 'y' {y.shape}, expected (32, 32, 3, "
+            "N) and N labels"
+        )
     y = y.reshape(-1).astype(np.int64)
     y[y == 10] = 0  # SVHN labels digit 0 as 10; torchvision maps it to 0, so do we
     return np.ascontiguousarray(x.transpose(3, 2, 0, 1)).astype(np.uint8), y
 
 
-def read_raw(name: str, root: str | os.PathLike | None = None, download: bool = False) -> dict:
-    """uint8 images (N, 3, 32, 32) and int64 labels of CIFAR-10, CIFAR-100 (fine labels) or SVHN.
+def read_raw(
+    name: str, root: str | os.PathLike | None = None, download: bool = False
+) -> dict:
+    """uint8 images (N, 3, 32, 32) and int64 labels of CIFAR-10, CIFAR-100 (fine labels)
+    or SVHN.
 
-    Reads the files torchvision's ``CIFAR10``, ``CIFAR100`` and ``SVHN`` datasets download (their
-    layout under :func:`data_root`), directly into arrays. ``download=True`` first lets torchvision
-    download, verify and extract them (off by default: nothing goes to the network unless asked).
-    A missing file raises ``FileNotFoundError`` naming it. SVHN: train and test only (the paper
-    uses no "extra"), digit 0 labelled 0. The data of Table 2 (Section 5).
+    Reads the files torchvision's ``CIFAR10``, ``CIFAR100`` and ``SVHN`` datasets
+    download (their layout under :func:`data_root`), directly into arrays.
+    ``download=True`` first lets torchvision download, verify and extract them (off by
+    default: nothing goes to the network unless asked). A missing file raises
+    ``FileNotFoundError`` naming it. SVHN: train and test only (the paper uses no
+    "extra"), digit 0 labelled 0. The data of Table 2 (Section 5).
     """
     files = expected_files(name, root)
     if download:
         _download(name, data_root(root))
     missing = [f for f in files if not f.is_file()]
     if missing:
-        src = "argument" if root is not None else (f"${DATA_ENV}" if os.environ.get(DATA_ENV) else "default ./data")
+        src = (
+            "argument"
+            if root is not None
+            else (f"${DATA_ENV}" if os.environ.get(DATA_ENV) else "default ./data")
+        )
         raise FileNotFoundError(
-            f"{name}: expected file {missing[0]} not found (data root {data_root(root).resolve()}, from the {src}"
-            f"{f'; {len(missing) - 1} more missing' if len(missing) > 1 else ''}). It is torchvision's "
-            f"{_TORCHVISION[name]} layout: download it with download=True (CLI: --download), or point "
+            f"{name}: expected file {missing[0]} not found (data root "
+            f"{data_root(root).resolve()}, from the {src}"
+            f"{f'; {len(missing) - 1} more missing' if len(missing) > 1 else ''}). It "
+            "is torchvision's "
+            f"{_TORCHVISION[name]} layout: download it with download=True (CLI: "
+            "--download), or point "
             f"${DATA_ENV} or --data-root at the folder that holds it."
         )
     folder, train_files, _ = _LAYOUT[name]
@@ -246,11 +334,17 @@ def read_raw(name: str, root: str | os.PathLike | None = None, download: bool = 
         if name == "svhn":
             parts.append(_read_svhn(f))
         else:
-            parts.append(_read_cifar(f, "labels" if name == "cifar10" else "fine_labels"))
+            parts.append(
+                _read_cifar(f, "labels" if name == "cifar10" else "fine_labels")
+            )
     n_train = len(train_files)
     cat = lambda ps, i: np.concatenate([p[i] for p in ps])
-    raw = {"x_train": cat(parts[:n_train], 0), "y_train": cat(parts[:n_train], 1),
-           "x_test": cat(parts[n_train:], 0), "y_test": cat(parts[n_train:], 1)}
+    raw = {
+        "x_train": cat(parts[:n_train], 0),
+        "y_train": cat(parts[:n_train], 1),
+        "x_test": cat(parts[n_train:], 0),
+        "y_test": cat(parts[n_train:], 1),
+    }
     C = NUM_CLASSES[name]
     for k in ("y_train", "y_test"):
         if raw[k].size and (raw[k].min() < 0 or raw[k].max() >= C):
@@ -259,11 +353,12 @@ def read_raw(name: str, root: str | os.PathLike | None = None, download: bool = 
 
 
 def per_image_scale(x: torch.Tensor) -> torch.Tensor:
-    """The authors' preprocessing for Table 2 (Section 5; their released code): per image, subtract
-    the mean over all pixels and channels, then divide by the largest absolute value.
+    """The authors' preprocessing for Table 2 (Section 5; their released code): per
+    image, subtract the mean over all pixels and channels, then divide by the largest
+    absolute value.
 
-    Every image then lies in [-1, 1] with mean 0 and max |x| = 1 (a constant image stays 0). No
-    statistics are shared between images, so train and test are treated alike.
+    Every image then lies in [-1, 1] with mean 0 and max |x| = 1 (a constant image stays
+    0). No statistics are shared between images, so train and test are treated alike.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
         raise ValueError("x must be a floating-point tensor of images (N, ...)")
@@ -271,12 +366,19 @@ def per_image_scale(x: torch.Tensor) -> torch.Tensor:
     scale = x.abs().amax(dim=dims, keepdim=True)
     x = x - x.mean(dim=dims, keepdim=True)
     m = x.abs().amax(dim=dims, keepdim=True)
-    flat = m <= 64 * torch.finfo(x.dtype).eps * scale  # constant up to rounding: 0, not rounding noise / itself
-    return torch.where(flat, torch.zeros_like(x), x / torch.where(flat, torch.ones_like(m), m))
+    flat = (
+        m <= 64 * torch.finfo(x.dtype).eps * scale
+    )  # constant up to rounding: 0, not rounding noise / itself
+    return torch.where(
+        flat, torch.zeros_like(x), x / torch.where(flat, torch.ones_like(m), m)
+    )
 
 
-def channel_standardize(x_train: torch.Tensor, x_test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The common alternative to :func:`per_image_scale` (not the authors', Section 5): each channel
+def channel_standardize(
+    x_train: torch.Tensor, x_test: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The common alternative to :func:`per_image_scale` (not the authors', Section 5):
+    each channel
     minus the training split's mean, over its standard deviation, for both splits."""
     mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
     std = x_train.std(dim=(0, 2, 3), keepdim=True)
@@ -284,18 +386,30 @@ def channel_standardize(x_train: torch.Tensor, x_test: torch.Tensor) -> tuple[to
     return (x_train - mean) / std, (x_test - mean) / std
 
 
-def load(name: str, root: str | os.PathLike | None = None, preprocess: str = "authors", download: bool = False,
-         dtype=torch.float32, device=None, upsample: int = 1, subset_path: str | os.PathLike | None = None,
-         limit_train: int | None = None, limit_test: int | None = None) -> TensorData:
-    """One dataset of the Table 2 pipeline (Section 5) as a :class:`TensorData` on ``device``.
+def load(
+    name: str,
+    root: str | os.PathLike | None = None,
+    preprocess: str = "authors",
+    download: bool = False,
+    dtype=torch.float32,
+    device=None,
+    upsample: int = 1,
+    subset_path: str | os.PathLike | None = None,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+) -> TensorData:
+    """One dataset of the Table 2 pipeline (Section 5) as a :class:`TensorData` on
+    ``device``.
 
-    ``name``: ``"cifar10"``, ``"cifar100"``, ``"svhn"`` (torchvision files, see :func:`read_raw`),
-    ``"cifar10-subset"`` (see :func:`find_cifar10_subset`; ``subset_path`` overrides where) or
-    ``"digits"`` (scikit-learn's 8x8 digits, split as :func:`digits` does). Pixels are scaled to
-    [0, 1], then ``preprocess``: ``"authors"`` (:func:`per_image_scale`), ``"standardize"``
-    (:func:`channel_standardize`) or ``"none"``. ``upsample`` repeats each pixel that many times
-    along both axes (nearest neighbour), e.g. 2 turns the digits into 16x16 images. ``limit_train``
-    / ``limit_test`` keep the first images of each split (for quick checks).
+    ``name``: ``"cifar10"``, ``"cifar100"``, ``"svhn"`` (torchvision files, see
+    :func:`read_raw`), ``"cifar10-subset"`` (see :func:`find_cifar10_subset`;
+    ``subset_path`` overrides where) or ``"digits"`` (scikit-learn's 8x8 digits, split
+    as :func:`digits` does). Pixels are scaled to [0, 1], then ``preprocess``:
+    ``"authors"`` (:func:`per_image_scale`), ``"standardize"``
+    (:func:`channel_standardize`) or ``"none"``. ``upsample`` repeats each pixel that
+    many times along both axes (nearest neighbour), e.g. 2 turns the digits into 16x16
+    images. ``limit_train`` / ``limit_test`` keep the first images of each split (for
+    quick checks).
     """
     _check_name(name)
     if preprocess not in PREPROCESS:
@@ -303,7 +417,9 @@ def load(name: str, root: str | os.PathLike | None = None, preprocess: str = "au
     if isinstance(upsample, bool) or not isinstance(upsample, int) or upsample < 1:
         raise ValueError(f"upsample must be a positive int, got {upsample!r}")
     for lim_name, lim in (("limit_train", limit_train), ("limit_test", limit_test)):
-        if lim is not None and (isinstance(lim, bool) or not isinstance(lim, int) or lim < 1):
+        if lim is not None and (
+            isinstance(lim, bool) or not isinstance(lim, int) or lim < 1
+        ):
             raise ValueError(f"{lim_name} must be a positive int or None, got {lim!r}")
     if name == "digits":
         d = digits(dtype=torch.float64)
@@ -311,12 +427,20 @@ def load(name: str, root: str | os.PathLike | None = None, preprocess: str = "au
     else:
         if name == "cifar10-subset":
             raw = cifar10_subset(subset_path, standardize=False, dtype=torch.float64)
-            x_train, y_train, x_test, y_test = raw.x_train, raw.y_train, raw.x_test, raw.y_test
+            x_train, y_train, x_test, y_test = (
+                raw.x_train,
+                raw.y_train,
+                raw.x_test,
+                raw.y_test,
+            )
         else:
             raw = read_raw(name, root, download)
             to_x = lambda a: torch.from_numpy(a).to(torch.float64) / 255.0
             x_train, x_test = to_x(raw["x_train"]), to_x(raw["x_test"])
-            y_train, y_test = torch.from_numpy(raw["y_train"]), torch.from_numpy(raw["y_test"])
+            y_train, y_test = (
+                torch.from_numpy(raw["y_train"]),
+                torch.from_numpy(raw["y_test"]),
+            )
     if limit_train is not None:
         x_train, y_train = x_train[:limit_train], y_train[:limit_train]
     if limit_test is not None:
@@ -326,9 +450,17 @@ def load(name: str, root: str | os.PathLike | None = None, preprocess: str = "au
     elif preprocess == "standardize":
         x_train, x_test = channel_standardize(x_train, x_test)
     if upsample > 1:
-        up = lambda x: x.repeat_interleave(upsample, dim=2).repeat_interleave(upsample, dim=3)
+        up = lambda x: x.repeat_interleave(upsample, dim=2).repeat_interleave(
+            upsample, dim=3
+        )
         x_train, x_test = up(x_train), up(x_test)
-    data = TensorData(x_train.to(dtype), y_train.long(), x_test.to(dtype), y_test.long(), NUM_CLASSES[name])
+    data = TensorData(
+        x_train.to(dtype),
+        y_train.long(),
+        x_test.to(dtype),
+        y_test.long(),
+        NUM_CLASSES[name],
+    )
     return data.to(device) if device is not None else data
 
 
@@ -341,36 +473,50 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
 
 
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+def shuffled_batches(
+    n: int, batch_size: int, generator: torch.Generator
+) -> list[torch.Tensor]:
     """A random permutation of ``range(n)`` cut into batches (the last one may be smaller)."""
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be positive, got {n} and {batch_size}")
     return list(torch.randperm(n, generator=generator).split(batch_size))
 
 
-def balanced_batches(y: torch.Tensor, batch_size: int, generator: torch.Generator,
-                     num_classes: int | None = None) -> torch.Tensor:
-    """Class-balanced batches as the authors' code draws them for Table 2 (Section 5): (B, batch_size) indices.
+def balanced_batches(
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """Class-balanced batches as the authors' code draws them for Table 2 (Section 5):
+    (B, batch_size) indices.
 
-    ``B = len(y) // batch_size`` batches. Each batch holds ``batch_size // C`` images of every class
-    (C classes) plus one image of each of ``batch_size % C`` classes picked at random, e.g. 5 per
-    class for CIFAR-10 with batches of 50, 1 per class for CIFAR-100 with batches of 100. Within a
-    batch the images are distinct, drawn uniformly from their class; batches are drawn
-    independently, so an epoch need not visit every image.
+    ``B = len(y) // batch_size`` batches. Each batch holds ``batch_size // C`` images of
+    every class (C classes) plus one image of each of ``batch_size % C`` classes picked
+    at random, e.g. 5 per class for CIFAR-10 with batches of 50, 1 per class for
+    CIFAR-100 with batches of 100. Within a batch the images are distinct, drawn
+    uniformly from their class; batches are drawn independently, so an epoch need not
+    visit every image.
     """
     if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.dtype != torch.long:
         raise ValueError("y must be a 1-D tensor of int64 labels")
     y = y.cpu()
     C = int(num_classes) if num_classes is not None else int(y.max()) + 1
     if batch_size < 1 or len(y) < batch_size:
-        raise ValueError(f"batch_size must be in 1..{len(y)} (the number of labels), got {batch_size}")
+        raise ValueError(
+            f"batch_size must be in 1..{len(y)} (the number of labels), got "
+            f"{batch_size}"
+        )
     counts = torch.bincount(y, minlength=C)
     per, rem = divmod(batch_size, C)
     need = per + (1 if rem else 0)
     if int(counts.min()) < need:
         c = int(counts.argmin())
-        raise ValueError(f"class {c} has {int(counts[c])} images, fewer than the {need} a balanced batch of "
-                         f"{batch_size} over {C} classes may need")
+        raise ValueError(
+            f"class {c} has {int(counts[c])} images, fewer than the {need} a balanced "
+            "batch of "
+            f"{batch_size} over {C} classes may need"
+        )
     order = torch.argsort(y, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     B = len(y) // batch_size
@@ -392,13 +538,21 @@ def balanced_batches(y: torch.Tensor, batch_size: int, generator: torch.Generato
         idx[bad] = draw(cls[bad])
 
 
-def epoch_batches(y: torch.Tensor, batch_size: int, seed: int, epoch: int, balanced: bool = False,
-                  num_classes: int | None = None) -> list[torch.Tensor]:
-    """Index tensors of one epoch's batches, on ``y``'s device; reproducible from ``(seed, epoch)``.
+def epoch_batches(
+    y: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    balanced: bool = False,
+    num_classes: int | None = None,
+) -> list[torch.Tensor]:
+    """Index tensors of one epoch's batches, on ``y``'s device; reproducible from
+    ``(seed, epoch)``.
 
-    Class-balanced (:func:`balanced_batches`, the authors' sampling for Table 2, Section 5) or a
-    shuffle of the whole training set (:func:`shuffled_batches`). The indices are drawn on the CPU
-    and moved to the device in one transfer, so they are the same on every device.
+    Class-balanced (:func:`balanced_batches`, the authors' sampling for Table 2, Section
+    5) or a shuffle of the whole training set (:func:`shuffled_batches`). The indices
+    are drawn on the CPU and moved to the device in one transfer, so they are the same
+    on every device.
     """
     g = _epoch_generator(seed, epoch)
     if balanced:

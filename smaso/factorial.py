@@ -1,29 +1,36 @@
-"""Joint VQ inference in the factorial model of a whole MASO layer (Section 5, Eq. 10-12, Theorem 4).
+"""Joint VQ inference in the factorial model of a whole MASO layer (Section 5, Eq.
+10-12, Theorem 4).
 
-The per-unit GMM of Eq. (3) (:mod:`smaso.gmm`) lets each unit ``k`` explain the layer input on its
-own. The factorial model of Eq. (10) lets all ``K`` units explain it together:
+The per-unit GMM of Eq. (3) (:mod:`smaso.gmm`) lets each unit ``k`` explain the layer
+input on its own. The factorial model of Eq. (10) lets all ``K`` units explain it
+together:
 
     t_k ~ pi[k] independently,   z = sum_k A[k, t_k] + eps,   eps ~ N(0, sigma2 I).
 
-The paper leaves the joint prior of ``t = (t_1, ..., t_K)`` unspecified; here it is the product of
-the per-unit priors of Theorem 2 (:func:`smaso.gmm.region_prior`), so that each factor is the
-prior that makes unit ``k`` a MASO (a custom joint prior can be passed instead).
+The paper leaves the joint prior of ``t = (t_1, ..., t_K)`` unspecified; here it is the
+product of the per-unit priors of Theorem 2 (:func:`smaso.gmm.region_prior`), so that
+each factor is the prior that makes unit ``k`` a MASO (a custom joint prior can be
+passed instead).
 
-Exact inference enumerates all ``R**K`` configurations (guarded by ``max_configs``). Expanding the
-square in the log-likelihood,
+Exact inference enumerates all ``R**K`` configurations (guarded by ``max_configs``).
+Expanding the square in the log-likelihood,
 
-    log p(t | z) = c(z) + sum_k [ (<A[k,t_k], z> - 1/2 ||A[k,t_k]||^2) / sigma2 + log pi[k, t_k] ]
+    log p(t | z) = c(z) + sum_k [ (<A[k,t_k], z> - 1/2 ||A[k,t_k]||^2) / sigma2 + log
+    pi[k, t_k] ]
                         - (1 / sigma2) sum_{k < k'} <A[k, t_k], A[k', t_k']>,
 
-shows what Theorem 4 needs. Under the orthogonality of Eq. (11) the last (cross) term vanishes and
-what is left is exactly the sum of the per-unit GMM log-posteriors of Eq. (3) with the same prior
-and ``sigma2`` (``||z||^2`` is a constant; the ``||A[k, r]||^2`` terms appear in both models), so
+shows what Theorem 4 needs. Under the orthogonality of Eq. (11) the last (cross) term
+vanishes and what is left is exactly the sum of the per-unit GMM log-posteriors of Eq.
+(3) with the same prior and ``sigma2`` (``||z||^2`` is a constant; the ``||A[k, r]||^2``
+terms appear in both models), so
 
-    p(t | z) = prod_k p_k(t_k | z)     (Theorem 4),  and the joint MAP is the per-unit MAPs (Corollary 1),
+    p(t | z) = prod_k p_k(t_k | z)     (Theorem 4),  and the joint MAP is the per-unit
+    MAPs (Corollary 1),
 
-and at ``sigma2 = 1`` the per-unit MAP is the MASO hard VQ (Theorem 2). Eq. (11) is sufficient, not
-necessary: ``t`` is independent given ``z`` iff every cross block ``<A[k, r], A[k', r']>`` is
-additive in ``(r, r')`` (:func:`coupling` is zero). Shapes follow :mod:`smaso.maso`.
+and at ``sigma2 = 1`` the per-unit MAP is the MASO hard VQ (Theorem 2). Eq. (11) is
+sufficient, not necessary: ``t`` is independent given ``z`` iff every cross block
+``<A[k, r], A[k', r']>`` is additive in ``(r, r')`` (:func:`coupling` is zero). Shapes
+follow :mod:`smaso.maso`.
 """
 
 import math
@@ -35,15 +42,15 @@ from .maso import _batched, _check_tensor, check_params
 
 __all__ = [
     "configurations",
-    "joint_log_posterior",
-    "joint_posterior",
-    "joint_map",
-    "factorised_map",
-    "joint_marginals",
-    "product_posterior",
-    "mutual_coherence",
     "coupling",
     "disagreement",
+    "factorised_map",
+    "joint_log_posterior",
+    "joint_map",
+    "joint_marginals",
+    "joint_posterior",
+    "mutual_coherence",
+    "product_posterior",
     "sample_factorial",
 ]
 
@@ -51,19 +58,22 @@ MAX_CONFIGS = 2**20
 
 
 def configurations(K, R, max_configs=MAX_CONFIGS, device=None):
-    """All ``R**K`` joint VQ configurations ``t`` of Eq. (10)/(12), a long tensor (R**K, K).
+    """All ``R**K`` joint VQ configurations ``t`` of Eq. (10)/(12), a long tensor (R**K,
+    K).
 
-    Row ``i`` is the base-``R`` expansion of ``i`` (unit 0 varies slowest), so a joint posterior
-    of shape (N, R**K) reshapes to (N, R, ..., R) with one axis per unit. Refuses (``ValueError``)
-    when ``R**K > max_configs``.
+    Row ``i`` is the base-``R`` expansion of ``i`` (unit 0 varies slowest), so a joint
+    posterior of shape (N, R**K) reshapes to (N, R, ..., R) with one axis per unit.
+    Refuses (``ValueError``) when ``R**K > max_configs``.
     """
     for name, v in (("K", K), ("R", R), ("max_configs", max_configs)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if R**K > max_configs:
+    if max_configs < R**K:
         raise ValueError(
-            f"brute-force joint inference over R**K = {R}**{K} = {R**K} configurations exceeds "
-            f"max_configs = {max_configs}; use fewer units or regions, or raise max_configs"
+            f"brute-force joint inference over R**K = {R}**{K} = {R**K} "
+            "configurations exceeds "
+            f"max_configs = {max_configs}; use fewer units or regions, or raise "
+            "max_configs"
         )
     t = torch.arange(R**K, device=device)
     powers = R ** torch.arange(K - 1, -1, -1, device=device)
@@ -85,11 +95,15 @@ def _joint_log_prior(A, B, t, log_prior):
     _check_tensor(log_prior, "log_prior")
     C = t.shape[0]
     if tuple(log_prior.shape) != (C,):
-        raise ValueError(f"log_prior must have shape (R**K,) = ({C},), one entry per configuration, "
-                         f"got {tuple(log_prior.shape)}")
+        raise ValueError(
+            f"log_prior must have shape (R**K,) = ({C},), one entry per configuration, "
+            f"got {tuple(log_prior.shape)}"
+        )
     if log_prior.dtype != A.dtype or log_prior.device != A.device:
-        raise ValueError(f"log_prior must have A's dtype and device ({A.dtype}, {A.device}), "
-                         f"got ({log_prior.dtype}, {log_prior.device})")
+        raise ValueError(
+            f"log_prior must have A's dtype and device ({A.dtype}, {A.device}), "
+            f"got ({log_prior.dtype}, {log_prior.device})"
+        )
     if bool(torch.isnan(log_prior).any()) or bool((log_prior == math.inf).any()):
         raise ValueError("log_prior contains NaN or +inf")
     if not bool(torch.isfinite(log_prior).any()):
@@ -98,20 +112,23 @@ def _joint_log_prior(A, B, t, log_prior):
 
 
 def joint_log_posterior(A, B, z, sigma2=1.0, log_prior=None, max_configs=MAX_CONFIGS):
-    """Exact ``log p(t | z)`` of the factorial model, Eq. (10), for every configuration: (N, R**K).
+    """Exact ``log p(t | z)`` of the factorial model, Eq. (10), for every configuration:
+    (N, R**K).
 
-    Columns follow :func:`configurations`. The Gaussian log-density of each configuration's mean
-    ``mu_t = sum_k A[k, t_k]`` is evaluated directly (nothing assumes Eq. 11), the prior is the
-    product of the Theorem-2 priors unless ``log_prior`` (R**K,) is given (need not be
-    normalised), and each row is normalised with a log-sum-exp. Memory O(R**K (N + D)).
-    Unbatched ``z`` (D,) gives (R**K,).
+    Columns follow :func:`configurations`. The Gaussian log-density of each
+    configuration's mean ``mu_t = sum_k A[k, t_k]`` is evaluated directly (nothing
+    assumes Eq. 11), the prior is the product of the Theorem-2 priors unless
+    ``log_prior`` (R**K,) is given (need not be normalised), and each row is normalised
+    with a log-sum-exp. Memory O(R**K (N + D)). Unbatched ``z`` (D,) gives (R**K,).
     """
     K, R, _ = check_params(A, B, z)
     sigma2 = _check_sigma2(sigma2)
     t = configurations(K, R, max_configs, device=A.device)
     z2, single = _batched(z)
     mu = _config_means(A, t)
-    sq = (z2 * z2).sum(-1, keepdim=True) - 2 * z2 @ mu.T + (mu * mu).sum(-1)  # ||z - mu_t||^2
+    sq = (
+        (z2 * z2).sum(-1, keepdim=True) - 2 * z2 @ mu.T + (mu * mu).sum(-1)
+    )  # ||z - mu_t||^2
     lj = -sq / (2 * sigma2) + _joint_log_prior(A, B, t, log_prior)
     out = lj - torch.logsumexp(lj, dim=-1, keepdim=True)
     return out[0] if single else out
@@ -125,21 +142,28 @@ def joint_posterior(A, B, z, sigma2=1.0, log_prior=None, max_configs=MAX_CONFIGS
 def joint_map(A, B, z, sigma2=1.0, log_prior=None, max_configs=MAX_CONFIGS):
     """Joint MAP configuration of Eq. (12) by brute force: long (N, K) (or (K,)).
 
-    Inputs are processed in chunks so that memory stays O(2**22 + R**K D). Ties go to the first
-    configuration in :func:`configurations` order.
+    Inputs are processed in chunks so that memory stays O(2**22 + R**K D). Ties go to
+    the first configuration in :func:`configurations` order.
     """
     K, R, _ = check_params(A, B, z)
     t = configurations(K, R, max_configs, device=A.device)
     z2, single = _batched(z)
     chunk = max(1, 2**22 // t.shape[0])
-    idx = torch.cat([joint_log_posterior(A, B, z2[i:i + chunk], sigma2, log_prior, max_configs).argmax(-1)
-                     for i in range(0, z2.shape[0], chunk)])
+    idx = torch.cat(
+        [
+            joint_log_posterior(
+                A, B, z2[i : i + chunk], sigma2, log_prior, max_configs
+            ).argmax(-1)
+            for i in range(0, z2.shape[0], chunk)
+        ]
+    )
     out = t[idx]
     return out[0] if single else out
 
 
 def factorised_map(A, B, z, sigma2=1.0):
-    """Per-unit MAP codes ``argmax_r p_k(t_k = r | z)`` of the GMM of Eq. (3), long (N, K): the right
+    """Per-unit MAP codes ``argmax_r p_k(t_k = r | z)`` of the GMM of Eq. (3), long (N,
+    K): the right
     side of Eq. (12), linear in ``K``. At ``sigma2 = 1`` these are the MASO VQ codes (Theorem 2)."""
     return posterior(A, B, z, sigma2).argmax(-1)
 
@@ -147,11 +171,15 @@ def factorised_map(A, B, z, sigma2=1.0):
 def _check_joint(P, K, R):
     _check_tensor(P, "P")
     if P.ndim not in (1, 2) or P.shape[-1] != R**K:
-        raise ValueError(f"P must have shape (N, R**K) or (R**K,) with R**K = {R**K}, got {tuple(P.shape)}")
+        raise ValueError(
+            f"P must have shape (N, R**K) or (R**K,) with R**K = {R**K}, got "
+            f"{tuple(P.shape)}"
+        )
 
 
 def joint_marginals(P, K, R):
-    """Marginals ``p(t_k = r | z)`` (N, K, R) of a joint posterior ``P`` (N, R**K) over :func:`configurations`.
+    """Marginals ``p(t_k = r | z)`` (N, K, R) of a joint posterior ``P`` (N, R**K) over
+    :func:`configurations`.
 
     Under Theorem 4 these are the per-unit posteriors of Eq. (3).
     """
@@ -159,14 +187,22 @@ def joint_marginals(P, K, R):
     P2, single = _batched(P)
     cube = P2.reshape((P2.shape[0],) + (R,) * K)
     dims = set(range(1, K + 1))
-    out = torch.stack([cube.sum(dim=tuple(sorted(dims - {k + 1}))) if K > 1 else cube for k in range(K)], dim=1)
+    out = torch.stack(
+        [
+            cube.sum(dim=tuple(sorted(dims - {k + 1}))) if K > 1 else cube
+            for k in range(K)
+        ],
+        dim=1,
+    )
     return out[0] if single else out
 
 
 def product_posterior(Q):
-    """``prod_k Q[n, k, t_k]`` over all configurations: (N, R**K) from per-unit probabilities (N, K, R).
+    """``prod_k Q[n, k, t_k]`` over all configurations: (N, R**K) from per-unit
+    probabilities (N, K, R).
 
-    With ``Q = smaso.gmm.posterior(A, B, z, sigma2)`` this is the right side of Theorem 4.
+    With ``Q = smaso.gmm.posterior(A, B, z, sigma2)`` this is the right side of Theorem
+    4.
     """
     _check_tensor(Q, "Q")
     if Q.ndim not in (2, 3):
@@ -187,10 +223,11 @@ def _unit_rows(A):
 
 
 def mutual_coherence(A):
-    """``max_{k != k', r, r'} |<A[k,r], A[k',r']>| / (||A[k,r]|| ||A[k',r']||)``: 0 iff Eq. (11) holds.
+    """``max_{k != k', r, r'} |<A[k,r], A[k',r']>| / (||A[k,r]|| ||A[k',r']||)``: 0 iff
+    Eq. (11) holds.
 
-    Zero slopes (e.g. a ReLU's inactive region) are orthogonal to everything and count as 0.
-    A single unit (K = 1) has coherence 0. Returns a 0-dim tensor.
+    Zero slopes (e.g. a ReLU's inactive region) are orthogonal to everything and count
+    as 0. A single unit (K = 1) has coherence 0. Returns a 0-dim tensor.
     """
     _check_tensor(A, "A")
     if A.ndim != 3:
@@ -203,37 +240,47 @@ def mutual_coherence(A):
 
 
 def coupling(A):
-    """Strength of the interaction between units' VQs in Eq. (10), (K, K), zero on the diagonal.
+    """Strength of the interaction between units' VQs in Eq. (10), (K, K), zero on the
+    diagonal.
 
     Entry ``(k, k')`` is the Frobenius norm of the double-centred cross-Gram block
-    ``G(r, r') = <A[k, r], A[k', r']>`` (row and column means removed). It is zero iff ``G`` is
-    additive, ``f(r) + g(r')``. For a product prior, ``t`` is independent given ``z`` (the joint
-    posterior factorises, Theorem 4's conclusion) for every ``z``, ``B`` and ``sigma2`` iff all
-    entries are zero. Eq. (11) (zero blocks) is the special case used by Theorem 4.
+    ``G(r, r') = <A[k, r], A[k', r']>`` (row and column means removed). It is zero iff
+    ``G`` is additive, ``f(r) + g(r')``. For a product prior, ``t`` is independent given
+    ``z`` (the joint posterior factorises, Theorem 4's conclusion) for every ``z``,
+    ``B`` and ``sigma2`` iff all entries are zero. Eq. (11) (zero blocks) is the special
+    case used by Theorem 4.
     """
     _check_tensor(A, "A")
     if A.ndim != 3:
         raise ValueError(f"A must have shape (K, R, D), got {tuple(A.shape)}")
     G = torch.einsum("krd,lsd->krls", A, A)
-    Gc = G - G.mean(1, keepdim=True) - G.mean(3, keepdim=True) + G.mean((1, 3), keepdim=True)
+    Gc = (
+        G
+        - G.mean(1, keepdim=True)
+        - G.mean(3, keepdim=True)
+        + G.mean((1, 3), keepdim=True)
+    )
     out = torch.linalg.vector_norm(Gc, dim=(1, 3))
     return out.fill_diagonal_(0.0)
 
 
 def disagreement(A, B, z, sigma2=1.0, max_configs=MAX_CONFIGS):
-    """How far exact joint inference (Eq. 10, 12) is from per-unit inference (Eq. 3-4) on inputs ``z``.
+    """How far exact joint inference (Eq. 10, 12) is from per-unit inference (Eq. 3-4)
+    on inputs ``z``.
 
     Returns a dict of floats:
 
-    * ``map_mismatch``: fraction of inputs whose joint MAP (Eq. 12, left) differs from the
-      per-unit MAPs (Eq. 12, right) in at least one unit;
-    * ``tv_factorised``: mean total-variation distance between ``p(t | z)`` and the product of the
-      per-unit GMM posteriors (Theorem 4's two sides);
-    * ``tv_marginals``: mean TV distance between ``p(t | z)`` and the product of its own marginals
-      (zero iff the units' VQs are independent given ``z``);
-    * ``coherence``: :func:`mutual_coherence`; ``coupling``: the largest entry of :func:`coupling`.
+    * ``map_mismatch``: fraction of inputs whose joint MAP (Eq. 12, left) differs from
+      the per-unit MAPs (Eq. 12, right) in at least one unit;
+    * ``tv_factorised``: mean total-variation distance between ``p(t | z)`` and the
+      product of the per-unit GMM posteriors (Theorem 4's two sides);
+    * ``tv_marginals``: mean TV distance between ``p(t | z)`` and the product of its own
+      marginals (zero iff the units' VQs are independent given ``z``);
+    * ``coherence``: :func:`mutual_coherence`; ``coupling``: the largest entry of
+      :func:`coupling`.
 
-    Under Eq. (11) all five are zero (up to rounding). The prior is the product of Theorem-2 priors.
+    Under Eq. (11) all five are zero (up to rounding). The prior is the product of
+    Theorem-2 priors.
     """
     K, R, _ = check_params(A, B, z)
     z2, _ = _batched(z)
@@ -242,7 +289,11 @@ def disagreement(A, B, z, sigma2=1.0, max_configs=MAX_CONFIGS):
     per_unit = posterior(A, B, z2, sigma2)
     tv = lambda p, q: 0.5 * (p - q).abs().sum(-1).mean().item()  # noqa: E731
     return {
-        "map_mismatch": (t[P.argmax(-1)] != per_unit.argmax(-1)).any(-1).double().mean().item(),
+        "map_mismatch": (t[P.argmax(-1)] != per_unit.argmax(-1))
+        .any(-1)
+        .double()
+        .mean()
+        .item(),
         "tv_factorised": tv(P, product_posterior(per_unit)),
         "tv_marginals": tv(P, product_posterior(joint_marginals(P, K, R))),
         "coherence": mutual_coherence(A).item(),
@@ -251,17 +302,23 @@ def disagreement(A, B, z, sigma2=1.0, max_configs=MAX_CONFIGS):
 
 
 def sample_factorial(A, B, n, sigma2=1.0, generator=None):
-    """Draw ``n`` inputs from the factorial model Eq. (10) with the product of Theorem-2 priors.
+    """Draw ``n`` inputs from the factorial model Eq. (10) with the product of Theorem-2
+    priors.
 
-    Returns ``(z, t)``: ``z`` (n, D) in A's dtype and ``t`` long (n, K), the configurations used.
-    ``generator`` (a ``torch.Generator`` on A's device) makes it reproducible.
+    Returns ``(z, t)``: ``z`` (n, D) in A's dtype and ``t`` long (n, K), the
+    configurations used. ``generator`` (a ``torch.Generator`` on A's device) makes it
+    reproducible.
     """
     K, R, D = check_params(A, B)
     sigma2 = _check_sigma2(sigma2)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    t = torch.multinomial(region_prior(A, B), n, replacement=True, generator=generator).T  # (n, K)
+        raise TypeError(
+            f"generator must be a torch.Generator, got {type(generator).__name__}"
+        )
+    t = torch.multinomial(
+        region_prior(A, B), n, replacement=True, generator=generator
+    ).T  # (n, K)
     eps = torch.randn(n, D, generator=generator, dtype=A.dtype, device=A.device)
     return _config_means(A, t) + math.sqrt(sigma2) * eps, t

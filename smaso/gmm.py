@@ -17,17 +17,18 @@ import torch
 from .maso import _batched, check_params
 
 __all__ = [
-    "region_prior",
     "log_joint",
-    "posterior",
     "map_vq",
-    "relu_prior",
     "monte_carlo_prior",
+    "posterior",
+    "region_prior",
+    "relu_prior",
 ]
 
 
 def region_prior(A, B):
-    """Region prior ``pi`` (K, R) of Theorem 2: ``softmax_r(B[k, r] + 1/2 ||A[k, r]||^2)``.
+    """Region prior ``pi`` (K, R) of Theorem 2: ``softmax_r(B[k, r] + 1/2 ||A[k,
+    r]||^2)``.
 
     With the K-means offsets of Proposition 1 (``B = -1/2 ||A||^2``) it is uniform.
     """
@@ -38,10 +39,14 @@ def region_prior(A, B):
 def _check_sigma2(sigma2):
     if isinstance(sigma2, torch.Tensor):
         if sigma2.numel() != 1:
-            raise ValueError(f"sigma2 must be a scalar, got a tensor of shape {tuple(sigma2.shape)}")
+            raise ValueError(
+                f"sigma2 must be a scalar, got a tensor of shape {tuple(sigma2.shape)}"
+            )
         sigma2 = float(sigma2)
     if isinstance(sigma2, bool) or not isinstance(sigma2, (int, float)):
-        raise TypeError(f"sigma2 must be a positive number, got {type(sigma2).__name__}")
+        raise TypeError(
+            f"sigma2 must be a positive number, got {type(sigma2).__name__}"
+        )
     if not (math.isfinite(sigma2) and sigma2 > 0):
         raise ValueError(f"sigma2 must be a positive finite number, got {sigma2}")
     return float(sigma2)
@@ -68,7 +73,8 @@ def log_joint(A, B, z, sigma2=1.0):
 
 
 def posterior(A, B, z, sigma2=1.0):
-    """Posterior ``p(t_k = r | z)`` (N, K, R) of the GMM of Eq. (3) with the prior of Theorem 2.
+    """Posterior ``p(t_k = r | z)`` (N, K, R) of the GMM of Eq. (3) with the prior of
+    Theorem 2.
 
     At ``sigma2 = 1`` this equals the soft VQ of Eq. (6),
     ``softmax_r(<A[k, r], z> + B[k, r])``.
@@ -98,20 +104,27 @@ def relu_prior(norm2):
     """
     if not isinstance(norm2, torch.Tensor):
         if isinstance(norm2, bool) or not isinstance(norm2, (int, float)):
-            raise TypeError(f"norm2 must be a tensor or a number, got {type(norm2).__name__}")
+            raise TypeError(
+                f"norm2 must be a tensor or a number, got {type(norm2).__name__}"
+            )
         norm2 = torch.tensor(float(norm2), dtype=torch.get_default_dtype())
     if not norm2.is_floating_point():
         raise ValueError(f"norm2 must be floating point, got dtype {norm2.dtype}")
     if bool(torch.isnan(norm2).any()) or bool((norm2 < 0).any()):
         raise ValueError("norm2 = ||w||^2 must be nonnegative and not NaN")
-    return torch.stack([torch.sigmoid(0.5 * norm2), torch.sigmoid(-0.5 * norm2)], dim=-1)
+    return torch.stack(
+        [torch.sigmoid(0.5 * norm2), torch.sigmoid(-0.5 * norm2)], dim=-1
+    )
 
 
 _INITS = ("xavier_normal", "xavier_uniform", "kaiming_uniform_torch_default")
 
 
-def monte_carlo_prior(init, activation, fan_in, fan_out, n_layers, generator=None, dtype=None):
-    """Region priors (Theorem 2) of randomly initialised layers (Appendix C), shape (n_layers*fan_out, 2).
+def monte_carlo_prior(
+    init, activation, fan_in, fan_out, n_layers, generator=None, dtype=None
+):
+    """Region priors (Theorem 2) of randomly initialised layers (Appendix C), shape
+    (n_layers*fan_out, 2).
 
     Draws ``n_layers`` weight matrices ``W`` (fan_out, fan_in) of an
     ``nn.Linear(fan_in, fan_out)`` with zero bias and
@@ -148,26 +161,48 @@ def monte_carlo_prior(init, activation, fan_in, fan_out, n_layers, generator=Non
         raise ValueError(f"activation must be 'relu' or 'abs', got {activation!r}")
     if isinstance(init, str):
         if init not in _INITS:
-            raise ValueError(f"init must be one of {_INITS} or a float std, got {init!r}")
-    elif isinstance(init, bool) or not isinstance(init, (int, float)) or not (init >= 0 and math.isfinite(init)):
-        raise ValueError(f"init must be one of {_INITS} or a nonnegative float std, got {init!r}")
+            raise ValueError(
+                f"init must be one of {_INITS} or a float std, got {init!r}"
+            )
+    elif (
+        isinstance(init, bool)
+        or not isinstance(init, (int, float))
+        or not (init >= 0 and math.isfinite(init))
+    ):
+        raise ValueError(
+            f"init must be one of {_INITS} or a nonnegative float std, got {init!r}"
+        )
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        raise TypeError(
+            f"generator must be a torch.Generator, got {type(generator).__name__}"
+        )
     dtype = dtype or torch.get_default_dtype()
     device = generator.device if generator is not None else torch.device("cpu")
     shape = (fan_out, fan_in)
     priors = []
-    for _ in range(n_layers):  # loop over layers (bounded memory), vectorised over units
+    for _ in range(
+        n_layers
+    ):  # loop over layers (bounded memory), vectorised over units
         if init == "xavier_normal":
-            W = torch.randn(shape, generator=generator, dtype=dtype, device=device) * math.sqrt(2.0 / (fan_in + fan_out))
+            W = torch.randn(
+                shape, generator=generator, dtype=dtype, device=device
+            ) * math.sqrt(2.0 / (fan_in + fan_out))
         elif init == "xavier_uniform":
             a = math.sqrt(6.0 / (fan_in + fan_out))
-            W = (2 * torch.rand(shape, generator=generator, dtype=dtype, device=device) - 1) * a
+            W = (
+                2 * torch.rand(shape, generator=generator, dtype=dtype, device=device)
+                - 1
+            ) * a
         elif init == "kaiming_uniform_torch_default":
             a = 1.0 / math.sqrt(fan_in)
-            W = (2 * torch.rand(shape, generator=generator, dtype=dtype, device=device) - 1) * a
+            W = (
+                2 * torch.rand(shape, generator=generator, dtype=dtype, device=device)
+                - 1
+            ) * a
         else:
-            W = torch.randn(shape, generator=generator, dtype=dtype, device=device) * float(init)
+            W = torch.randn(
+                shape, generator=generator, dtype=dtype, device=device
+            ) * float(init)
         other = torch.zeros_like(W) if activation == "relu" else -W
         A = torch.stack([W, other], dim=1)  # (fan_out, 2, fan_in)
         B = torch.zeros(fan_out, 2, dtype=dtype, device=device)

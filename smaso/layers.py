@@ -23,8 +23,8 @@ __all__ = [
     "Maxout",
     "affine_params",
     "layer_maso",
-    "split_layers",
     "region_affine_map",
+    "split_layers",
 ]
 
 
@@ -36,7 +36,8 @@ class Abs(nn.Module):
 
 
 class Maxout(nn.Module):
-    """Maxout (Theorem 1): max over groups of ``num_pieces`` consecutive features along dim 1.
+    """Maxout (Theorem 1): max over groups of ``num_pieces`` consecutive features along
+    dim 1.
 
     Input (N, C, ...) gives output (N, C // num_pieces, ...); output channel
     ``j`` is the max of input channels ``j*num_pieces, ..., (j+1)*num_pieces - 1``.
@@ -45,17 +46,24 @@ class Maxout(nn.Module):
 
     def __init__(self, num_pieces):
         super().__init__()
-        if isinstance(num_pieces, bool) or not isinstance(num_pieces, int) or num_pieces < 1:
+        if (
+            isinstance(num_pieces, bool)
+            or not isinstance(num_pieces, int)
+            or num_pieces < 1
+        ):
             raise ValueError(f"num_pieces must be a positive int, got {num_pieces!r}")
         self.num_pieces = num_pieces
 
     def forward(self, x):
         if x.ndim < 2:
-            raise ValueError(f"Maxout expects input of shape (N, C, ...), got {tuple(x.shape)}")
+            raise ValueError(
+                f"Maxout expects input of shape (N, C, ...), got {tuple(x.shape)}"
+            )
         C = x.shape[1]
         if C % self.num_pieces != 0:
             raise ValueError(
-                f"Maxout: number of features C = {C} (input shape {tuple(x.shape)}) is not "
+                f"Maxout: number of features C = {C} (input shape {tuple(x.shape)}) "
+                "is not "
                 f"divisible by num_pieces = {self.num_pieces}"
             )
         x = x.reshape(x.shape[0], C // self.num_pieces, self.num_pieces, *x.shape[2:])
@@ -70,8 +78,10 @@ _AFFINE = (nn.Linear, nn.Conv2d, nn.AvgPool2d, nn.Flatten) + _BATCHNORM
 _ACTIVATION = (nn.ReLU, nn.LeakyReLU, Abs, nn.Identity, Maxout)
 _POOL = (nn.MaxPool2d, nn.AvgPool2d)
 _SUPPORTED = (
-    "affine: nn.Linear, nn.Conv2d, nn.BatchNorm1d/2d (eval mode), nn.AvgPool2d, nn.Flatten; "
-    "nonlinearity: nn.ReLU, nn.LeakyReLU (negative_slope <= 1), smaso.layers.Abs, nn.Identity, "
+    "affine: nn.Linear, nn.Conv2d, nn.BatchNorm1d/2d (eval mode), nn.AvgPool2d, "
+    "nn.Flatten; "
+    "nonlinearity: nn.ReLU, nn.LeakyReLU (negative_slope <= 1), smaso.layers.Abs, "
+    "nn.Identity, "
     "smaso.layers.Maxout; pooling: nn.MaxPool2d, nn.AvgPool2d"
 )
 
@@ -85,7 +95,10 @@ def _flatten_modules(modules):
     elif isinstance(modules, (list, tuple)):
         modules = list(modules)
     else:
-        raise TypeError(f"expected an nn.Module, a list of modules or nn.Sequential, got {type(modules).__name__}")
+        raise TypeError(
+            "expected an nn.Module, a list of modules or nn.Sequential, got "
+            f"{type(modules).__name__}"
+        )
     out = []
     for m in modules:
         if isinstance(m, nn.Sequential):
@@ -99,25 +112,34 @@ def _flatten_modules(modules):
 
 def _check_type(m):
     if not isinstance(m, _AFFINE + _ACTIVATION + _POOL):
-        raise TypeError(f"unsupported module {m!r} ({type(m).__name__}); supported modules are {_SUPPORTED}")
+        raise TypeError(
+            f"unsupported module {m!r} ({type(m).__name__}); supported modules are "
+            f"{_SUPPORTED}"
+        )
 
 
 def _check_supported(m):
     _check_type(m)
     if isinstance(m, nn.LeakyReLU) and m.negative_slope > 1:
         raise ValueError(
-            f"{m!r}: with negative_slope = {m.negative_slope} > 1, leaky ReLU equals min(x, s*x), "
-            "a concave function, so it is not a max-affine spline (MASO); need negative_slope <= 1"
+            f"{m!r}: with negative_slope = {m.negative_slope} > 1, leaky ReLU equals "
+            "min(x, s*x), "
+            "a concave function, so it is not a max-affine spline (MASO); need "
+            "negative_slope <= 1"
         )
     if isinstance(m, _BATCHNORM):
         if m.training:
             raise ValueError(
-                f"{m!r} is in training mode: it normalises with batch statistics and is not an affine map "
+                f"{m!r} is in training mode: it normalises with batch statistics and "
+                "is not an affine map "
                 "of a single input; call .eval() first"
             )
         if m.running_mean is None or m.running_var is None:
-            raise ValueError(f"{m!r} has track_running_stats=False, so it uses batch statistics even in eval mode "
-                             "and is not an affine map of a single input")
+            raise ValueError(
+                f"{m!r} has track_running_stats=False, so it uses batch statistics "
+                "even in eval mode "
+                "and is not an affine map of a single input"
+            )
     if isinstance(m, nn.MaxPool2d) and m.return_indices:
         raise ValueError(f"{m!r}: return_indices=True is not supported")
 
@@ -125,23 +147,36 @@ def _check_supported(m):
 def _check_shape(input_shape):
     if isinstance(input_shape, torch.Size):
         input_shape = tuple(input_shape)
-    if not isinstance(input_shape, (tuple, list)) or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_shape
-    ) or len(input_shape) == 0:
+    if (
+        not isinstance(input_shape, (tuple, list))
+        or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0
+            for s in input_shape
+        )
+        or len(input_shape) == 0
+    ):
         raise ValueError(
-            f"input_shape must be a non-empty tuple of positive ints without the batch dimension, "
+            "input_shape must be a non-empty tuple of positive ints without the "
+            "batch dimension, "
             f"e.g. (C, H, W) or (D,), got {input_shape!r}"
         )
     return tuple(input_shape)
 
 
 def _same_device(a, b):
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+    return a.type == b.type and (
+        a.index is None or b.index is None or a.index == b.index
+    )
 
 
 def _dtype_device(modules, dtype=None, device=None):
     """Common dtype/device of the modules' parameters and buffers (else the given ones, else defaults)."""
-    tensors = [t for m in modules for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()]
+    tensors = [
+        t
+        for m in modules
+        for t in list(m.parameters()) + list(m.buffers())
+        if t.is_floating_point()
+    ]
     dtypes = {t.dtype for t in tensors}
     devices = {t.device for t in tensors}
     if len(dtypes) > 1:
@@ -151,14 +186,22 @@ def _dtype_device(modules, dtype=None, device=None):
     if dtypes:
         (pdtype,) = dtypes
         if dtype is not None and dtype != pdtype:
-            raise ValueError(f"dtype mismatch: input is {dtype} but the modules' parameters are {pdtype}")
+            raise ValueError(
+                f"dtype mismatch: input is {dtype} but the modules' parameters are "
+                f"{pdtype}"
+            )
         dtype = pdtype
     if devices:
         (pdevice,) = devices
         if device is not None and not _same_device(torch.device(device), pdevice):
-            raise ValueError(f"device mismatch: input is on {device} but the modules' parameters are on {pdevice}")
+            raise ValueError(
+                f"device mismatch: input is on {device} but the modules' parameters "
+                f"are on {pdevice}"
+            )
         device = pdevice
-    return dtype or torch.get_default_dtype(), torch.device(device) if device is not None else torch.device("cpu")
+    return dtype or torch.get_default_dtype(), torch.device(
+        device
+    ) if device is not None else torch.device("cpu")
 
 
 def _run(modules, x):
@@ -169,7 +212,11 @@ def _run(modules, x):
 
 def _out_shape(modules, shape, dtype, device):
     with torch.no_grad():
-        return tuple(_run(modules, torch.zeros((1,) + shape, dtype=dtype, device=device)).shape[1:])
+        return tuple(
+            _run(modules, torch.zeros((1,) + shape, dtype=dtype, device=device)).shape[
+                1:
+            ]
+        )
 
 
 def affine_params(layer, input_shape, dtype=None, device=None):
@@ -193,8 +240,11 @@ def affine_params(layer, input_shape, dtype=None, device=None):
     for m in modules:
         _check_supported(m)
         if not isinstance(m, _AFFINE + (nn.Identity,)):
-            raise TypeError(f"{m!r} is not an affine module; affine_params supports nn.Linear, nn.Conv2d, "
-                            "nn.AvgPool2d, nn.BatchNorm1d/2d (eval), nn.Flatten, nn.Identity")
+            raise TypeError(
+                f"{m!r} is not an affine module; affine_params supports nn.Linear, "
+                "nn.Conv2d, "
+                "nn.AvgPool2d, nn.BatchNorm1d/2d (eval), nn.Flatten, nn.Identity"
+            )
     dtype, device = _dtype_device(modules, dtype, device)
     D = 1
     for s in input_shape:
@@ -208,7 +258,9 @@ def affine_params(layer, input_shape, dtype=None, device=None):
         try:
             b = f(zero)
         except RuntimeError as e:
-            raise ValueError(f"modules {modules} cannot be applied to input_shape {input_shape}: {e}") from e
+            raise ValueError(
+                f"modules {modules} cannot be applied to input_shape {input_shape}: {e}"
+            ) from e
         W = torch.func.jacrev(f)(zero)
     return W.detach(), b.detach()
 
@@ -218,7 +270,8 @@ def _pair(v):
 
 
 def _maxpool_windows(pool, shape, device):
-    """Input unit indices (K_out, kh*kw) of every max-pooling window, and the output shape.
+    """Input unit indices (K_out, kh*kw) of every max-pooling window, and the output
+    shape.
 
     Windows overlapping the padding have fewer valid entries; their padded slots
     are filled with the window's first valid entry (a duplicate, which does not
@@ -230,15 +283,29 @@ def _maxpool_windows(pool, shape, device):
     ph, pw = _pair(pool.padding)
     dh, dw = _pair(pool.dilation)
     _, Ho, Wo = _out_shape([pool], shape, torch.float32, device)
-    rows = torch.arange(Ho, device=device)[:, None] * sh - ph + torch.arange(kh, device=device)[None, :] * dh
-    cols = torch.arange(Wo, device=device)[:, None] * sw - pw + torch.arange(kw, device=device)[None, :] * dw
-    valid = ((rows >= 0) & (rows < H))[:, None, :, None] & ((cols >= 0) & (cols < W))[None, :, None, :]
+    rows = (
+        torch.arange(Ho, device=device)[:, None] * sh
+        - ph
+        + torch.arange(kh, device=device)[None, :] * dh
+    )
+    cols = (
+        torch.arange(Wo, device=device)[:, None] * sw
+        - pw
+        + torch.arange(kw, device=device)[None, :] * dw
+    )
+    valid = ((rows >= 0) & (rows < H))[:, None, :, None] & ((cols >= 0) & (cols < W))[
+        None, :, None, :
+    ]
     spatial = rows[:, None, :, None] * W + cols[None, :, None, :]  # (Ho, Wo, kh, kw)
     valid = valid.reshape(Ho * Wo, kh * kw)
     spatial = spatial.reshape(Ho * Wo, kh * kw)
-    first = valid.to(torch.int8).argmax(dim=1, keepdim=True)  # every window has >= 1 valid entry
+    first = valid.to(torch.int8).argmax(
+        dim=1, keepdim=True
+    )  # every window has >= 1 valid entry
     spatial = torch.where(valid, spatial, spatial.gather(1, first))
-    idx = torch.arange(C, device=device)[:, None, None] * (H * W) + spatial[None]  # (C, Ho*Wo, kk)
+    idx = (
+        torch.arange(C, device=device)[:, None, None] * (H * W) + spatial[None]
+    )  # (C, Ho*Wo, kk)
     return idx.reshape(C * Ho * Wo, kh * kw), (C, Ho, Wo)
 
 
@@ -246,7 +313,11 @@ def _layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None)
     """Like :func:`layer_maso` but also returns the output feature shape."""
     modules = _flatten_modules(modules)
     input_shape = _check_shape(input_shape)
-    if isinstance(max_regions, bool) or not isinstance(max_regions, int) or max_regions < 1:
+    if (
+        isinstance(max_regions, bool)
+        or not isinstance(max_regions, int)
+        or max_regions < 1
+    ):
         raise ValueError(f"max_regions must be a positive int, got {max_regions!r}")
     for m in modules:
         _check_supported(m)
@@ -274,8 +345,10 @@ def _layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None)
             i += 1
     if i < n:
         raise ValueError(
-            f"cannot read {[type(m).__name__ for m in modules]} as one MASO layer: expected affine modules, "
-            f"then at most one nonlinearity, then at most one pooling; unexpected {modules[i]!r} at position {i} "
+            f"cannot read {[type(m).__name__ for m in modules]} as one MASO layer: "
+            "expected affine modules, "
+            "then at most one nonlinearity, then at most one pooling; unexpected "
+            f"{modules[i]!r} at position {i} "
             "(use split_layers to cut a network into MASO layers)"
         )
 
@@ -308,7 +381,10 @@ def _layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None)
         p = act.num_pieces
         C = S0[0]
         if C % p != 0:
-            raise ValueError(f"Maxout: {C} features (feature shape {S0}) not divisible by num_pieces = {p}")
+            raise ValueError(
+                f"Maxout: {C} features (feature shape {S0}) not divisible by "
+                f"num_pieces = {p}"
+            )
         rest = W.shape[0] // C
         A = W.reshape(C // p, p, rest, -1).transpose(1, 2).reshape(-1, p, W.shape[1])
         B = b.reshape(C // p, p, rest).transpose(1, 2).reshape(-1, p)
@@ -320,33 +396,51 @@ def _layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None)
 
     if isinstance(pool, nn.MaxPool2d):
         if len(S1) != 3:
-            raise ValueError(f"{pool!r} needs a (C, H, W) feature map, got feature shape {S1}")
+            raise ValueError(
+                f"{pool!r} needs a (C, H, W) feature map, got feature shape {S1}"
+            )
         idx, S1 = _maxpool_windows(pool, S1, device)
         K, kk = idx.shape
         R = kk * R1
-        if R > max_regions:
-            raise ValueError(f"{pool!r} gives R = {kk} * {R1} = {R} regions per unit > max_regions = {max_regions}")
+        if max_regions < R:
+            raise ValueError(
+                f"{pool!r} gives R = {kk} * {R1} = {R} regions per unit > max_regions "
+                f"= {max_regions}"
+            )
         A = A[idx].reshape(K, R, A.shape[-1])  # union of the window's pieces
         B = B[idx].reshape(K, R)
     elif isinstance(pool, nn.AvgPool2d):
-        # mean_j max_r (a_jr z + b_jr) = max over (r_1..r_n) of sum_j w_j (a_{j r_j} z + b_{j r_j}), w_j >= 0
-        P, _ = affine_params(pool, S1, dtype=dtype, device=device)  # (K, K1), nonnegative weights
+        # mean_j max_r (a_jr z + b_jr) = max over (r_1..r_n) of sum_j w_j (a_{j r_j} z +
+        # b_{j r_j}), w_j >= 0
+        P, _ = affine_params(
+            pool, S1, dtype=dtype, device=device
+        )  # (K, K1), nonnegative weights
         mask = P != 0
         nwin = int(mask.sum(dim=1).max())
-        cols = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :nwin]  # nonzero columns first
-        w = P.gather(1, cols)  # padded slots get weight 0: their choice of piece is a duplicate
-        R = R1 ** nwin
-        if R > max_regions:
+        cols = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[
+            :, :nwin
+        ]  # nonzero columns first
+        w = P.gather(
+            1, cols
+        )  # padded slots get weight 0: their choice of piece is a duplicate
+        R = R1**nwin
+        if max_regions < R:
             raise ValueError(
-                f"{pool!r} after a {R1}-piece nonlinearity gives R = {R1}**{nwin} = {R} regions per unit "
-                f"> max_regions = {max_regions}; raise max_regions or use a smaller window"
+                f"{pool!r} after a {R1}-piece nonlinearity gives R = {R1}**{nwin} = "
+                f"{R} regions per unit "
+                f"> max_regions = {max_regions}; raise max_regions or use a smaller "
+                "window"
             )
         r = torch.arange(R, device=device)
-        combos = torch.stack([(r // R1 ** (nwin - 1 - j)) % R1 for j in range(nwin)], dim=1)  # (R, nwin)
+        combos = torch.stack(
+            [(r // R1 ** (nwin - 1 - j)) % R1 for j in range(nwin)], dim=1
+        )  # (R, nwin)
         K = P.shape[0]
         A_new = torch.zeros(K, R, A.shape[-1], dtype=dtype, device=device)
         B_new = torch.zeros(K, R, dtype=dtype, device=device)
-        for j in range(nwin):  # loop over window positions, vectorised over units and regions
+        for j in range(
+            nwin
+        ):  # loop over window positions, vectorised over units and regions
             A_new += w[:, j, None, None] * A[cols[:, j, None], combos[None, :, j]]
             B_new += w[:, j, None] * B[cols[:, j, None], combos[None, :, j]]
         A, B = A_new, B_new
@@ -354,12 +448,15 @@ def _layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None)
     for m in tail:
         S1 = _out_shape([m], S1, dtype, device)
     if A.shape[1] > max_regions:
-        raise ValueError(f"layer has R = {A.shape[1]} regions per unit > max_regions = {max_regions}")
+        raise ValueError(
+            f"layer has R = {A.shape[1]} regions per unit > max_regions = {max_regions}"
+        )
     return A.contiguous(), B.contiguous(), S1
 
 
 def layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None):
-    """MASO parameters ``(A (K, R, D), B (K, R))`` of one DN layer (Theorem 1, Appendix A).
+    """MASO parameters ``(A (K, R, D), B (K, R))`` of one DN layer (Theorem 1, Appendix
+    A).
 
     ``modules`` (a list or ``nn.Sequential``) must read as
     ``[affine..., nonlinearity, pooling]``:
@@ -426,9 +523,7 @@ def split_layers(seq):
         k = _kind(m)
         if state is None:
             new = True
-        elif k == "flatten":
-            new = False
-        elif state == "affine":
+        elif k == "flatten" or state == "affine":
             new = False
         elif state == "act":
             new = k not in ("pool", "avgpool")
@@ -440,15 +535,16 @@ def split_layers(seq):
         groups[-1].append(m)
         if k == "act" and state == "affine":
             state = "act"
-        elif k == "pool" and state in ("affine", "act"):
-            state = "pool"
-        elif k == "avgpool" and state == "act":
+        elif (k == "pool" and state in ("affine", "act")) or (
+            k == "avgpool" and state == "act"
+        ):
             state = "pool"
     return groups
 
 
 def region_affine_map(seq, x, max_regions=4096):
-    """The region-specific affine map ``(A_x (Dout, Din), B_x (Dout,))`` of a whole network at ``x``.
+    """The region-specific affine map ``(A_x (Dout, Din), B_x (Dout,))`` of a whole
+    network at ``x``.
 
     For each MASO layer of ``split_layers(seq)`` this computes the layer's
     MASO (:func:`layer_maso`), its hard VQ at the current layer input
@@ -467,7 +563,9 @@ def region_affine_map(seq, x, max_regions=4096):
     groups = split_layers(seq)
     if not groups:
         raise ValueError("seq has no modules")
-    _dtype_device([m for g in groups for m in g], x.dtype, x.device)  # clear error on mismatch
+    _dtype_device(
+        [m for g in groups for m in g], x.dtype, x.device
+    )  # clear error on mismatch
     shape = tuple(x.shape)
     z = x.reshape(-1)
     Ax = torch.eye(z.shape[0], dtype=x.dtype, device=x.device)

@@ -17,15 +17,15 @@ float32 or float64.
 import torch
 
 __all__ = [
-    "check_params",
-    "scores",
-    "maso",
-    "hard_vq",
-    "vq_codes",
     "apply_vq",
-    "region_affine",
+    "check_params",
+    "hard_vq",
     "kmeans_offsets",
+    "maso",
     "nearest_centroid",
+    "region_affine",
+    "scores",
+    "vq_codes",
 ]
 
 
@@ -35,7 +35,8 @@ def _check_tensor(x, name):
 
 
 def check_params(A, B, z=None):
-    """Validate MASO parameters ``A`` (K, R, D), ``B`` (K, R) and optionally an input ``z``.
+    """Validate MASO parameters ``A`` (K, R, D), ``B`` (K, R) and optionally an input
+    ``z``.
 
     These are the parameters of the operator S[A, B] of Eq. (1) / Eq. (14).
     ``z`` may be ``(N, D)`` or ``(D,)``. Checks: tensor types, number of
@@ -48,17 +49,25 @@ def check_params(A, B, z=None):
     _check_tensor(A, "A")
     _check_tensor(B, "B")
     if A.ndim != 3:
-        raise ValueError(f"A must have shape (K, R, D), got {tuple(A.shape)} ({A.ndim} dims)")
+        raise ValueError(
+            f"A must have shape (K, R, D), got {tuple(A.shape)} ({A.ndim} dims)"
+        )
     if B.ndim != 2:
-        raise ValueError(f"B must have shape (K, R), got {tuple(B.shape)} ({B.ndim} dims)")
+        raise ValueError(
+            f"B must have shape (K, R), got {tuple(B.shape)} ({B.ndim} dims)"
+        )
     K, R, D = A.shape
     if tuple(B.shape) != (K, R):
         raise ValueError(
-            f"B must have shape (K, R) = {(K, R)} to match A of shape {tuple(A.shape)}, "
+            f"B must have shape (K, R) = {(K, R)} to match A of shape "
+            f"{tuple(A.shape)}, "
             f"got {tuple(B.shape)}"
         )
     if R == 0:
-        raise ValueError(f"R = 0 regions: a MASO needs at least one affine piece per unit (A has shape {tuple(A.shape)})")
+        raise ValueError(
+            "R = 0 regions: a MASO needs at least one affine piece per unit (A has "
+            f"shape {tuple(A.shape)})"
+        )
     if K == 0:
         raise ValueError(f"K = 0 units: A has shape {tuple(A.shape)}")
     if not A.is_floating_point():
@@ -77,7 +86,8 @@ def check_params(A, B, z=None):
             raise ValueError(f"z must have shape (N, D) or (D,), got {tuple(z.shape)}")
         if z.shape[-1] != D:
             raise ValueError(
-                f"z has last dimension {z.shape[-1]} (shape {tuple(z.shape)}) but A has D = {D} "
+                f"z has last dimension {z.shape[-1]} (shape {tuple(z.shape)}) but A "
+                f"has D = {D} "
                 f"(shape {tuple(A.shape)})"
             )
         if not z.is_floating_point():
@@ -85,9 +95,13 @@ def check_params(A, B, z=None):
         if z.dtype != A.dtype:
             raise ValueError(f"dtype mismatch: z is {z.dtype} but A, B are {A.dtype}")
         if z.device != A.device:
-            raise ValueError(f"device mismatch: z is on {z.device} but A, B are on {A.device}")
+            raise ValueError(
+                f"device mismatch: z is on {z.device} but A, B are on {A.device}"
+            )
         if not bool(torch.isfinite(z).all()):
-            raise ValueError("z contains NaN or inf entries; the MASO input must be finite")
+            raise ValueError(
+                "z contains NaN or inf entries; the MASO input must be finite"
+            )
     return K, R, D
 
 
@@ -150,12 +164,19 @@ def _check_T(T, K, R, ref, name="T"):
     """Validate a VQ matrix against (K, R) and the reference tensor's dtype/device."""
     _check_tensor(T, name)
     if T.ndim not in (2, 3) or tuple(T.shape[-2:]) != (K, R):
-        raise ValueError(f"{name} must have shape (N, K, R) or (K, R) with (K, R) = {(K, R)}, got {tuple(T.shape)}")
+        raise ValueError(
+            f"{name} must have shape (N, K, R) or (K, R) with (K, R) = {(K, R)}, got "
+            f"{tuple(T.shape)}"
+        )
     if T.device != ref.device:
-        raise ValueError(f"device mismatch: {name} is on {T.device} but A is on {ref.device}")
+        raise ValueError(
+            f"device mismatch: {name} is on {T.device} but A is on {ref.device}"
+        )
     if T.is_floating_point():
         if T.dtype != ref.dtype:
-            raise ValueError(f"dtype mismatch: {name} is {T.dtype} but A is {ref.dtype}")
+            raise ValueError(
+                f"dtype mismatch: {name} is {T.dtype} but A is {ref.dtype}"
+            )
     elif T.is_complex():
         raise ValueError(f"{name} must be real, got dtype {T.dtype}")
     else:  # bool / integer one-hot codes are exact in any float dtype
@@ -178,9 +199,15 @@ def apply_vq(A, B, z, T):
     z2, single = _batched(z)
     if T.ndim == 3:
         if single:
-            raise ValueError(f"T has a batch dimension (shape {tuple(T.shape)}) but z is a single vector of shape {tuple(z.shape)}")
+            raise ValueError(
+                f"T has a batch dimension (shape {tuple(T.shape)}) but z is a single "
+                f"vector of shape {tuple(z.shape)}"
+            )
         if T.shape[0] != z2.shape[0]:
-            raise ValueError(f"T has batch size {T.shape[0]} (shape {tuple(T.shape)}) but z has {z2.shape[0]} (shape {tuple(z.shape)})")
+            raise ValueError(
+                f"T has batch size {T.shape[0]} (shape {tuple(T.shape)}) but z has "
+                f"{z2.shape[0]} (shape {tuple(z.shape)})"
+            )
     out = (T * _scores(A, B, z2)).sum(dim=-1)
     return out[0] if single else out
 

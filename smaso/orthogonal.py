@@ -1,25 +1,29 @@
-"""Orthogonal filters (Section 5, Eq. 11, Table 2 and the paragraphs after it): penalties and exact layers.
+"""Orthogonal filters (Section 5, Eq. 11, Table 2 and the paragraphs after it):
+penalties and exact layers.
 
 Theorem 4 needs the slopes of different units to be orthogonal, Eq. (11). For a layer
-``nn.Linear`` / ``nn.Conv2d`` followed by a ReLU, the slopes of unit ``k`` are its filter
-``w_k`` (the weight row, or the conv filter flattened to ``in_channels * kh * kw``) and 0, so
-Eq. (11) asks for mutually orthogonal filters. (For a convolution this is orthogonality of the
-filters at one position only; the rows of the full convolution matrix at overlapping positions
-are not orthogonal, see the paper's Appendix B.) Two ways to get there:
+``nn.Linear`` / ``nn.Conv2d`` followed by a ReLU, the slopes of unit ``k`` are its
+filter ``w_k`` (the weight row, or the conv filter flattened to ``in_channels * kh *
+kw``) and 0, so Eq. (11) asks for mutually orthogonal filters. (For a convolution this
+is orthogonality of the filters at one position only; the rows of the full convolution
+matrix at overlapping positions are not orthogonal, see the paper's Appendix B.) Two
+ways to get there:
 
 * penalties added to the loss: the paper's ``lambda sum_{k != k'} <w_k, w_k'>^2`` (and a
-  scale-free, normalised variant), and the penalty the authors' released code trains with, on the
-  Gram matrix of the per-class input templates ``d f_c / d x`` (double backprop);
-* an exact reparametrisation ``W = orth(V)`` (a ``torch.nn.utils.parametrize`` parametrization)
-  by classical Gram-Schmidt (a loop, as in the paper), modified Gram-Schmidt, or a sign-fixed QR
-  factorisation, which compute the same function.
+  scale-free, normalised variant), and the penalty the authors' released code trains
+  with, on the Gram matrix of the per-class input templates ``d f_c / d x`` (double
+  backprop);
+* an exact reparametrisation ``W = orth(V)`` (a ``torch.nn.utils.parametrize``
+  parametrization) by classical Gram-Schmidt (a loop, as in the paper), modified
+  Gram-Schmidt, or a sign-fixed QR factorisation, which compute the same function.
 
-Decisions. Orthogonalised filters have unit norm by default (``keep_norms=True`` gives each the
-norm of the raw filter ``v_k`` instead). When a layer has more filters than inputs
-(``out > fan_in``, e.g. 96 filters of 3x3 on RGB, in R^27) the filters cannot be mutually
-orthogonal; by default (``tall="columns"``) the weight then gets orthonormal *columns*
-(``W^T W = I``, the closest a tall matrix gets to orthogonal rows), or with ``tall="error"`` a
-``ValueError``. Linearly dependent filters raise a ``ValueError``. Never NaN.
+Decisions. Orthogonalised filters have unit norm by default (``keep_norms=True`` gives
+each the norm of the raw filter ``v_k`` instead). When a layer has more filters than
+inputs (``out > fan_in``, e.g. 96 filters of 3x3 on RGB, in R^27) the filters cannot be
+mutually orthogonal; by default (``tall="columns"``) the weight then gets orthonormal
+*columns* (``W^T W = I``, the closest a tall matrix gets to orthogonal rows), or with
+``tall="error"`` a ``ValueError``. Linearly dependent filters raise a ``ValueError``.
+Never NaN.
 """
 
 import torch
@@ -27,20 +31,20 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 __all__ = [
-    "filter_matrix",
-    "orthogonality_penalty",
-    "maso_orthogonality_penalty",
-    "filter_penalty",
-    "input_templates",
-    "template_penalty",
-    "penalty_loss",
-    "gram_schmidt",
-    "modified_gram_schmidt",
-    "qr_orthogonalize",
-    "orthogonalize",
     "OrthogonalFilters",
-    "register_orthogonal",
+    "filter_matrix",
+    "filter_penalty",
+    "gram_schmidt",
+    "input_templates",
+    "maso_orthogonality_penalty",
+    "modified_gram_schmidt",
     "orthogonal_layers",
+    "orthogonality_penalty",
+    "orthogonalize",
+    "penalty_loss",
+    "qr_orthogonalize",
+    "register_orthogonal",
+    "template_penalty",
 ]
 
 METHODS = ("gs", "mgs", "qr")
@@ -51,7 +55,10 @@ def _check_weight(W, name="W"):
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(W).__name__}")
     if W.ndim < 2:
-        raise ValueError(f"{name} must have shape (out, ...) with at least 2 dims, got {tuple(W.shape)}")
+        raise ValueError(
+            f"{name} must have shape (out, ...) with at least 2 dims, got "
+            f"{tuple(W.shape)}"
+        )
     if not W.is_floating_point():
         raise ValueError(f"{name} must be floating point, got dtype {W.dtype}")
     if W.numel() == 0:
@@ -59,19 +66,22 @@ def _check_weight(W, name="W"):
 
 
 def filter_matrix(W):
-    """The filters of a weight as rows, ``(out, fan_in)``: a Linear weight as is, a conv weight
+    """The filters of a weight as rows, ``(out, fan_in)``: a Linear weight as is, a conv
+    weight
     ``(out, in, kh, kw)`` flattened to ``(out, in * kh * kw)``: the slopes of Eq. (11)."""
     _check_weight(W)
     return W.reshape(W.shape[0], -1)
 
 
 def orthogonality_penalty(W, normalized=False):
-    """``sum_{k != k'} <w_k, w_k'>^2`` over the filters of ``W`` (Section 5, with lambda = 1).
+    """``sum_{k != k'} <w_k, w_k'>^2`` over the filters of ``W`` (Section 5, with lambda
+    = 1).
 
-    This is the paper's penalty ``sum_k sum_{k' != k} sum_{r, r'} <A[k,r], A[k',r']>^2`` for a
-    ReLU layer, whose slopes are ``(w_k, 0)``. ``normalized=True`` uses the cosines
-    ``<w_k, w_k'> / (||w_k|| ||w_k'||)`` instead, which does not push the filter norms down
-    (zero filters count as orthogonal to everything). Equals ``||W W^T||_F^2 - sum_k ||w_k||^4``.
+    This is the paper's penalty ``sum_k sum_{k' != k} sum_{r, r'} <A[k,r], A[k',r']>^2``
+    for a ReLU layer, whose slopes are ``(w_k, 0)``. ``normalized=True`` uses the
+    cosines ``<w_k, w_k'> / (||w_k|| ||w_k'||)`` instead, which does not push the filter
+    norms down (zero filters count as orthogonal to everything). Equals ``||W W^T||_F^2
+    - sum_k ||w_k||^4``.
     """
     F = filter_matrix(W)
     if normalized:
@@ -82,7 +92,8 @@ def orthogonality_penalty(W, normalized=False):
 
 
 def maso_orthogonality_penalty(A):
-    """The paper's penalty ``sum_k sum_{k' != k} sum_{r, r'} <A[k,r], A[k',r']>^2`` on MASO slopes
+    """The paper's penalty ``sum_k sum_{k' != k} sum_{r, r'} <A[k,r], A[k',r']>^2`` on
+    MASO slopes
     ``A`` (K, R, D) (Section 5, Table 2; zero iff Eq. (11) holds)."""
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
@@ -94,7 +105,8 @@ def maso_orthogonality_penalty(A):
 
 
 def orthogonal_layers(model):
-    """The ``nn.Linear`` and ``nn.Conv2d`` modules of ``model`` (in ``model.modules()`` order): the
+    """The ``nn.Linear`` and ``nn.Conv2d`` modules of ``model`` (in ``model.modules()``
+    order): the
     layers whose filters Eq. (11) constrains and the penalties / exact parametrisation act on."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -102,23 +114,26 @@ def orthogonal_layers(model):
 
 
 def filter_penalty(model, normalized=False):
-    """Sum of :func:`orthogonality_penalty` over every Linear/Conv2d weight of ``model`` (Section 5).
+    """Sum of :func:`orthogonality_penalty` over every Linear/Conv2d weight of ``model``
+    (Section 5).
 
     Uses ``module.weight``, i.e. the orthogonalised weight of a parametrised layer.
     """
     layers = orthogonal_layers(model)
     if not layers:
-        raise ValueError(f"model has no nn.Linear or nn.Conv2d layer to penalise: {model}")
+        raise ValueError(
+            f"model has no nn.Linear or nn.Conv2d layer to penalise: {model}"
+        )
     return sum(orthogonality_penalty(m.weight, normalized) for m in layers)
 
 
 def input_templates(model, x, create_graph=True):
     """Per-class input templates ``d f_c(x_n) / d x_n``, shape (N, C, *x.shape[1:]).
 
-    These are the rows of the region-specific affine map of the whole network (Eq. 15-16 applied
-    end to end). One backward pass per class; with ``create_graph=True`` the result can itself be
-    differentiated (double backprop). Per-sample templates need a model that treats samples
-    independently (no batch norm in training mode).
+    These are the rows of the region-specific affine map of the whole network (Eq. 15-16
+    applied end to end). One backward pass per class; with ``create_graph=True`` the
+    result can itself be differentiated (double backprop). Per-sample templates need a
+    model that treats samples independently (no batch norm in training mode).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -127,25 +142,32 @@ def input_templates(model, x, create_graph=True):
     x = x.detach().requires_grad_(True)
     out = model(x)
     if out.ndim != 2 or out.shape[0] != x.shape[0]:
-        raise ValueError(f"model must map (N, ...) inputs to (N, C) outputs, got {tuple(out.shape)} "
-                         f"for input {tuple(x.shape)}")
+        raise ValueError(
+            f"model must map (N, ...) inputs to (N, C) outputs, got {tuple(out.shape)} "
+            f"for input {tuple(x.shape)}"
+        )
     C = out.shape[1]
     eye = torch.eye(C, dtype=out.dtype, device=out.device)
-    grads = [torch.autograd.grad(out, x, eye[c].expand_as(out), create_graph=create_graph,
-                                 retain_graph=True)[0] for c in range(C)]
+    grads = [
+        torch.autograd.grad(
+            out, x, eye[c].expand_as(out), create_graph=create_graph, retain_graph=True
+        )[0]
+        for c in range(C)
+    ]
     return torch.stack(grads, dim=1)
 
 
 def template_penalty(model, x):
-    """The penalty the authors' released code trains with for the Table 2 experiment (Section 5),
-    applied to the templates instead of the slopes of Eq. (11): squared off-diagonal entries of each input's
-    template Gram matrix ``G_n[c, c'] = <d f_c / d x_n, d f_c' / d x_n>``, averaged like the code does:
+    """The penalty the authors' released code trains with for the Table 2 experiment
+    (Section 5), applied to the templates instead of the slopes of Eq. (11): squared
+    off-diagonal entries of each input's template Gram matrix ``G_n[c, c'] = <d f_c / d
+    x_n, d f_c' / d x_n>``, averaged like the code does:
 
         (1 / (N C^2)) sum_n sum_{c != c'} G_n[c, c']^2
 
-    (a mean over all ``C x C x N`` entries, with the diagonal set to zero). Differentiable in the
-    model's parameters (double backprop). For a linear model ``f(x) = W x + b`` it is
-    ``orthogonality_penalty(W) / C^2``.
+    (a mean over all ``C x C x N`` entries, with the diagonal set to zero).
+    Differentiable in the model's parameters (double backprop). For a linear model
+    ``f(x) = W x + b`` it is ``orthogonality_penalty(W) / C^2``.
     """
     T = input_templates(model, x).flatten(2)  # (N, C, D)
     G = T @ T.transpose(1, 2)
@@ -158,10 +180,11 @@ PENALTIES = ("filters", "filters_normalized", "templates")
 
 
 def penalty_loss(kind, lam=1.0):
-    """An ``extra_loss(model, x, y)`` for :func:`smaso.train.fit`: ``lam`` times one of the penalties.
+    """An ``extra_loss(model, x, y)`` for :func:`smaso.train.fit`: ``lam`` times one of
+    the penalties.
 
-    ``kind``: ``"filters"`` (the paper's, Section 5), ``"filters_normalized"`` (cosines), or
-    ``"templates"`` (the authors' code, :func:`template_penalty`).
+    ``kind``: ``"filters"`` (the paper's, Section 5), ``"filters_normalized"``
+    (cosines), or ``"templates"`` (the authors' code, :func:`template_penalty`).
     """
     if kind not in PENALTIES:
         raise ValueError(f"kind must be one of {PENALTIES}, got {kind!r}")
@@ -176,16 +199,22 @@ def penalty_loss(kind, lam=1.0):
     return extra_loss
 
 
-# ---------------------------------------------------------------- exact orthogonalisation
+# ---------------------------------------------------------------- exact
+# orthogonalisation
 
 
 def _check_rank(norms, M):
     """Refuse numerically dependent rows (a Gram-Schmidt norm / R diagonal ~ 0) instead of NaN."""
     n = norms.abs()
-    tol = max(M.shape) * torch.finfo(M.dtype).eps * torch.linalg.vector_norm(M, dim=1).max()
+    tol = (
+        max(M.shape)
+        * torch.finfo(M.dtype).eps
+        * torch.linalg.vector_norm(M, dim=1).max()
+    )
     if not bool(torch.isfinite(n).all()) or bool((n <= tol).any()):
         raise ValueError(
-            f"the {M.shape[0]} vectors to orthogonalise (matrix {tuple(M.shape)}) are linearly dependent "
+            f"the {M.shape[0]} vectors to orthogonalise (matrix {tuple(M.shape)}) are "
+            "linearly dependent "
             "(or not finite): they cannot be made orthonormal"
         )
 
@@ -200,16 +229,21 @@ def _wide(W, tall):
         return M, False
     if tall == "error":
         raise ValueError(
-            f"{out} filters in R^{fan_in} (weight {tuple(W.shape)}) cannot be mutually orthogonal "
+            f"{out} filters in R^{fan_in} (weight {tuple(W.shape)}) cannot be "
+            "mutually orthogonal "
             f"(out > in*kh*kw); use tall='columns' to get orthonormal columns instead"
         )
     return M.T, True
 
 
 def _gs_rows(M):
-    """Classical Gram-Schmidt on the rows of M (out <= fan_in): each row minus its projections on
+    """Classical Gram-Schmidt on the rows of M (out <= fan_in): each row minus its
+    projections on
     the previous orthonormal rows, computed from the original row, then normalised."""
-    Q, norms = M[:0], []  # the orthonormal rows so far, grown by concatenation (one autograd node per row)
+    Q, norms = (
+        M[:0],
+        [],
+    )  # the orthonormal rows so far, grown by concatenation (one autograd node per row)
     for k in range(M.shape[0]):
         u = M[k] - Q.T @ (Q @ M[k])
         nk = torch.linalg.vector_norm(u)
@@ -234,7 +268,8 @@ def _mgs_rows(M):
 
 
 def _qr_rows(M):
-    """Orthonormal rows by QR of M^T with the signs of R's diagonal folded into Q, so that R has a
+    """Orthonormal rows by QR of M^T with the signs of R's diagonal folded into Q, so
+    that R has a
     positive diagonal: the unique such factorisation, hence the same rows as Gram-Schmidt."""
     Q, Rm = torch.linalg.qr(M.T)
     d = Rm.diagonal()
@@ -246,15 +281,17 @@ _ROWS = {"gs": _gs_rows, "mgs": _mgs_rows, "qr": _qr_rows}
 
 
 def orthogonalize(W, method="qr", tall="columns", keep_norms=False):
-    """Exactly orthogonal filters (Eq. 11) from a raw weight ``W`` (out, ...) of the same shape.
+    """Exactly orthogonal filters (Eq. 11) from a raw weight ``W`` (out, ...) of the
+    same shape.
 
-    The filters (rows of :func:`filter_matrix`) are orthonormalised in order, ``w_1`` first, by
-    ``method``: ``"gs"`` classical Gram-Schmidt (the paper's reparametrisation, a Python loop),
-    ``"mgs"`` modified Gram-Schmidt (a loop, numerically more stable), or ``"qr"`` (one
-    ``torch.linalg.qr``). In exact arithmetic all three give the same rows, with the same gradients.
-    ``keep_norms=True`` rescales row ``k`` to ``||w_k||``. If ``out > fan_in``: with
-    ``tall="columns"`` the *columns* are orthonormalised instead (``W^T W = I``), with
-    ``tall="error"`` a ``ValueError``. Linearly dependent rows raise a ``ValueError``.
+    The filters (rows of :func:`filter_matrix`) are orthonormalised in order, ``w_1``
+    first, by ``method``: ``"gs"`` classical Gram-Schmidt (the paper's
+    reparametrisation, a Python loop), ``"mgs"`` modified Gram-Schmidt (a loop,
+    numerically more stable), or ``"qr"`` (one ``torch.linalg.qr``). In exact arithmetic
+    all three give the same rows, with the same gradients. ``keep_norms=True`` rescales
+    row ``k`` to ``||w_k||``. If ``out > fan_in``: with ``tall="columns"`` the *columns*
+    are orthonormalised instead (``W^T W = I``), with ``tall="error"`` a ``ValueError``.
+    Linearly dependent rows raise a ``ValueError``.
     """
     _check_weight(W)
     if method not in METHODS:
@@ -271,7 +308,8 @@ def orthogonalize(W, method="qr", tall="columns", keep_norms=False):
 
 
 def gram_schmidt(W, tall="columns", keep_norms=False):
-    """Classical Gram-Schmidt orthogonalisation of the filters, the paper's reparametrisation
+    """Classical Gram-Schmidt orthogonalisation of the filters, the paper's
+    reparametrisation
     (Section 5, after Table 2; :func:`orthogonalize` with ``method="gs"``)."""
     return orthogonalize(W, "gs", tall, keep_norms)
 
@@ -287,12 +325,14 @@ def qr_orthogonalize(W, tall="columns", keep_norms=False):
 
 
 class OrthogonalFilters(nn.Module):
-    """A ``torch.nn.utils.parametrize`` parametrization: ``weight = orthogonalize(original, ...)``.
+    """A ``torch.nn.utils.parametrize`` parametrization: ``weight =
+    orthogonalize(original, ...)``.
 
     Orthogonalises whole flattened filters, Eq. (11). (PyTorch's
-    ``nn.utils.parametrizations.orthogonal`` on a 4-D conv weight orthogonalises each ``kh x kw``
-    slice instead.) The raw weight stays the trainable parameter (``parametrizations.weight.original``),
-    so gradients flow through the orthogonalisation, as in the paper.
+    ``nn.utils.parametrizations.orthogonal`` on a 4-D conv weight orthogonalises each
+    ``kh x kw`` slice instead.) The raw weight stays the trainable parameter
+    (``parametrizations.weight.original``), so gradients flow through the
+    orthogonalisation, as in the paper.
     """
 
     def __init__(self, method="qr", tall="columns", keep_norms=False):
@@ -307,27 +347,37 @@ class OrthogonalFilters(nn.Module):
         return orthogonalize(weight, self.method, self.tall, self.keep_norms)
 
     def extra_repr(self):
-        return f"method={self.method!r}, tall={self.tall!r}, keep_norms={self.keep_norms}"
+        return (
+            f"method={self.method!r}, tall={self.tall!r}, keep_norms={self.keep_norms}"
+        )
 
 
 def register_orthogonal(model, method="qr", tall="columns", keep_norms=False):
-    """Make every ``nn.Linear`` / ``nn.Conv2d`` weight of ``model`` exactly orthogonal (Eq. 11) by
-    registering :class:`OrthogonalFilters` on it; returns the parametrised modules.
+    """Make every ``nn.Linear`` / ``nn.Conv2d`` weight of ``model`` exactly orthogonal
+    (Eq. 11) by registering :class:`OrthogonalFilters` on it; returns the parametrised
+    modules.
 
-    Refuses grouped convolutions (their weight mixes groups) and layers already parametrised.
-    With ``tall="error"``, layers with ``out > fan_in`` are refused before anything is registered.
+    Refuses grouped convolutions (their weight mixes groups) and layers already
+    parametrised. With ``tall="error"``, layers with ``out > fan_in`` are refused before
+    anything is registered.
     """
     layers = orthogonal_layers(model)
     if not layers:
-        raise ValueError(f"model has no nn.Linear or nn.Conv2d layer to orthogonalise: {model}")
+        raise ValueError(
+            f"model has no nn.Linear or nn.Conv2d layer to orthogonalise: {model}"
+        )
     OrthogonalFilters(method, tall, keep_norms)  # validates the arguments
     for m in layers:
         if isinstance(m, nn.Conv2d) and m.groups != 1:
-            raise ValueError(f"{m}: grouped convolutions (groups={m.groups}) are not supported")
+            raise ValueError(
+                f"{m}: grouped convolutions (groups={m.groups}) are not supported"
+            )
         if parametrize.is_parametrized(m, "weight"):
             raise ValueError(f"{m}: weight is already parametrised")
         with torch.no_grad():
             _wide(m.weight, tall)  # raises early for tall='error'
     for m in layers:
-        parametrize.register_parametrization(m, "weight", OrthogonalFilters(method, tall, keep_norms))
+        parametrize.register_parametrization(
+            m, "weight", OrthogonalFilters(method, tall, keep_norms)
+        )
     return layers

@@ -1,30 +1,36 @@
-"""VQ with a Tsallis α-entropy penalty: the paper's future work 2 (Section 6), for any MASO.
+"""VQ with a Tsallis α-entropy penalty: the paper's future work 2 (Section 6), for any
+MASO.
 
-Section 6 of the paper proposes to replace the Shannon entropy in Eq. (7)–(8) by another penalty.
-Here the penalty is the Tsallis α-entropy, scaled as
+Section 6 of the paper proposes to replace the Shannon entropy in Eq. (7)–(8) by another
+penalty. Here the penalty is the Tsallis α-entropy, scaled as
 
     H_α(t) = Σ_r (t_r − t_r^α) / (α (α − 1))     (α > 1),     H_1(t) = −Σ_r t_r log t_r,
 
-which tends to the Shannon entropy as α → 1 and is half the Gini index 1 − Σ_r t_r² at α = 2.
-The α-entropy VQ of a unit with region scores s_r = <A_r, z> + B_r is
+which tends to the Shannon entropy as α → 1 and is half the Gini index 1 − Σ_r t_r² at α
+= 2. The α-entropy VQ of a unit with region scores s_r = <A_r, z> + B_r is
 
-    T_{α,β} = argmax_{t ∈ Δ_R}  β <t, s> + (1 − β) H_α(t)                              (Eq. T1)
+    T_{α,β} = argmax_{t ∈ Δ_R}  β <t, s> + (1 − β) H_α(t)
+    (Eq. T1)
 
-(Eq. 8 with H replaced by H_α). For β < 1, dividing by 1 − β leaves <t, η s> + H_α(t) with the
-same η = β / (1 − β) as Theorem 3. Its KKT conditions give the unique maximiser
+(Eq. 8 with H replaced by H_α). For β < 1, dividing by 1 − β leaves <t, η s> + H_α(t)
+with the same η = β / (1 − β) as Theorem 3. Its KKT conditions give the unique maximiser
 
-    t_r = [ (α − 1) η s_r − τ ]_+^{1 / (α − 1)},   τ such that Σ_r t_r = 1,               (Eq. T2)
+    t_r = [ (α − 1) η s_r − τ ]_+^{1 / (α − 1)},   τ such that Σ_r t_r = 1,
+    (Eq. T2)
 
-the α-entmax of η s: softmax at α = 1 (Theorem 3 again), sparsemax (the Euclidean projection of
-η s onto the simplex) at α = 2. β = 1 gives the hard VQ and β = 0 the uniform 1/R, for every α.
+the α-entmax of η s: softmax at α = 1 (Theorem 3 again), sparsemax (the Euclidean
+projection of η s onto the simplex) at α = 2. β = 1 gives the hard VQ and β = 0 the
+uniform 1/R, for every α.
 
-For two regions the maximiser depends only on the score difference d = η (s_1 − s_2); the weight of
-region 1 is :func:`tsallis_sigmoid` (the logistic sigmoid at α = 1, the "hard sigmoid"
-clip((d + 1)/2, 0, 1) at α = 2). Hence the α-entropy VQ of the ReLU MASO is x · tsallis_sigmoid(η x),
-which at α = 2, η = 1/3 (β = 1/4) is exactly hard-swish x · relu6(x + 3) / 6.
+For two regions the maximiser depends only on the score difference d = η (s_1 − s_2);
+the weight of region 1 is :func:`tsallis_sigmoid` (the logistic sigmoid at α = 1, the
+"hard sigmoid" clip((d + 1)/2, 0, 1) at α = 2). Hence the α-entropy VQ of the ReLU MASO
+is x · tsallis_sigmoid(η x), which at α = 2, η = 1/3 (β = 1/4) is exactly hard-swish x ·
+relu6(x + 3) / 6.
 
-Shapes follow :mod:`smaso.maso`: ``A`` (K, R, D), ``B`` (K, R), ``z`` (N, D) or (D,); β is a number
-or a tensor of shape () or (K,); α is a Python number ≥ 1 (a fixed hyper-parameter).
+Shapes follow :mod:`smaso.maso`: ``A`` (K, R, D), ``B`` (K, R), ``z`` (N, D) or (D,); β
+is a number or a tensor of shape () or (K,); α is a Python number ≥ 1 (a fixed
+hyper-parameter).
 """
 
 from __future__ import annotations
@@ -32,28 +38,27 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .maso import apply_vq, check_params, scores
 from .vq import _as_beta, beta_select, beta_softmax, entropy
 
 __all__ = [
     "HARD_SWISH_ETA",
-    "tsallis_entropy",
-    "tsallis_objective",
-    "entmax",
-    "sparsemax",
-    "entmax_kkt_residual",
     "beta_entmax",
-    "tsallis_vq",
-    "tsallis_maso",
+    "entmax",
+    "entmax_kkt_residual",
     "scalar_tsallis_maso",
-    "tsallis_sigmoid",
-    "tsallis_vq_relu",
-    "tsallis_vq_leaky_relu",
-    "tsallis_vq_abs",
     "sparse_pool_closed_form",
+    "sparsemax",
+    "tsallis_entropy",
+    "tsallis_maso",
+    "tsallis_objective",
     "tsallis_pool2d",
+    "tsallis_sigmoid",
+    "tsallis_vq",
+    "tsallis_vq_abs",
+    "tsallis_vq_leaky_relu",
+    "tsallis_vq_relu",
 ]
 
 #: The scale η (β = η / (1 + η) = 1/4) at which the Gini-VQ (α = 2) of the ReLU is hard-swish.
@@ -62,10 +67,16 @@ HARD_SWISH_ETA = 1.0 / 3.0
 
 def _check_alpha(alpha) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a Python number >= 1 (the Tsallis index), got {type(alpha).__name__}")
+        raise TypeError(
+            "alpha must be a Python number >= 1 (the Tsallis index), got "
+            f"{type(alpha).__name__}"
+        )
     alpha = float(alpha)
     if not math.isfinite(alpha) or alpha < 1:
-        raise ValueError(f"alpha must be a finite number >= 1 (alpha = 1: Shannon, 2: Gini), got {alpha}")
+        raise ValueError(
+            "alpha must be a finite number >= 1 (alpha = 1: Shannon, 2: Gini), got "
+            f"{alpha}"
+        )
     return alpha
 
 
@@ -75,10 +86,12 @@ def _check_float_tensor(x, name):
 
 
 def tsallis_entropy(t: torch.Tensor, alpha: float = 2.0, dim: int = -1) -> torch.Tensor:
-    """Tsallis α-entropy H_α(t) = Σ_r (t_r − t_r^α) / (α(α − 1)) along ``dim``; Shannon at α = 1 (Eq. T1).
+    """Tsallis α-entropy H_α(t) = Σ_r (t_r − t_r^α) / (α(α − 1)) along ``dim``; Shannon
+    at α = 1 (Eq. T1).
 
-    This is Tsallis's entropy divided by α, the scaling under which α = 2 gives sparsemax exactly.
-    It is continuous in α at 1 and equals (1 − Σ t_r²)/2, half the Gini index, at α = 2.
+    This is Tsallis's entropy divided by α, the scaling under which α = 2 gives
+    sparsemax exactly. It is continuous in α at 1 and equals (1 − Σ t_r²)/2, half the
+    Gini index, at α = 2.
     """
     _check_float_tensor(t, "t")
     alpha = _check_alpha(alpha)
@@ -87,7 +100,9 @@ def tsallis_entropy(t: torch.Tensor, alpha: float = 2.0, dim: int = -1) -> torch
     return (t - t.clamp(min=0) ** alpha).sum(dim=dim) / (alpha * (alpha - 1))
 
 
-def tsallis_objective(t: torch.Tensor, s: torch.Tensor, beta=0.5, alpha: float = 2.0) -> torch.Tensor:
+def tsallis_objective(
+    t: torch.Tensor, s: torch.Tensor, beta=0.5, alpha: float = 2.0
+) -> torch.Tensor:
     """The α-entropy VQ objective β <t, s> + (1 − β) H_α(t) of Eq. (T1) (Eq. 8 with H → H_α)."""
     beta = _as_beta(beta, s)
     return beta * (t * s).sum(-1) + (1 - beta) * tsallis_entropy(t, alpha)
@@ -102,17 +117,21 @@ def _sparsemax_last(x: torch.Tensor) -> torch.Tensor:
     xs, _ = torch.sort(x, dim=-1, descending=True)
     k = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype, device=x.device)
     cums = xs.cumsum(-1)
-    support = (1 + k * xs > cums).sum(-1, keepdim=True)  # >= 1: the top entry always qualifies
+    support = (1 + k * xs > cums).sum(
+        -1, keepdim=True
+    )  # >= 1: the top entry always qualifies
     tau = (cums.gather(-1, support - 1) - 1) / support.to(x.dtype)
     return (x - tau).clamp(min=0)
 
 
 def _entmax_bisect_last(x: torch.Tensor, alpha: float, n_iter: int) -> torch.Tensor:
-    """α-entmax along the last dim of ``x`` = (α−1)(u − max u) (so max x = 0), by bisection on τ.
+    """α-entmax along the last dim of ``x`` = (α−1)(u − max u) (so max x = 0), by
+    bisection on τ.
 
-    f(τ) = Σ_r [x_r − τ]_+^{1/(α−1)} decreases in τ; f(−1) ≥ 1 (the top entry alone gives 1) and
-    f(−R^{1−α}) ≤ 1 (every entry is at most 1/R), so τ lies in that bracket. The result is
-    normalised, which removes the bisection's residual error in Σ t.
+    f(τ) = Σ_r [x_r − τ]_+^{1/(α−1)} decreases in τ; f(−1) ≥ 1 (the top entry alone
+    gives 1) and f(−R^{1−α}) ≤ 1 (every entry is at most 1/R), so τ lies in that
+    bracket. The result is normalised, which removes the bisection's residual error in Σ
+    t.
     """
     p = 1.0 / (alpha - 1)
     R = x.shape[-1]
@@ -131,14 +150,21 @@ def _entmax_bisect_last(x: torch.Tensor, alpha: float, n_iter: int) -> torch.Ten
 class _Entmax(torch.autograd.Function):
     """α-entmax along the last dim with the exact backward (α > 1).
 
-    Jacobian of Eq. (T2): dt/du = diag(g) − g gᵀ / Σ g with g_r = t_r^{2−α} on the support, 0 off it.
+    Jacobian of Eq. (T2): dt/du = diag(g) − g gᵀ / Σ g with g_r = t_r^{2−α} on the
+    support, 0 off it.
     """
 
     @staticmethod
     def forward(ctx, u, alpha, n_iter):
         x = (u - u.amax(-1, keepdim=True)) * (alpha - 1)
-        x = x.clamp(min=-2.0)  # entries with x <= -1 are never in the support (τ >= -1); -inf -> -2
-        t = _sparsemax_last(x) if alpha == 2.0 else _entmax_bisect_last(x, alpha, n_iter)
+        x = x.clamp(
+            min=-2.0
+        )  # entries with x <= -1 are never in the support (τ >= -1); -inf -> -2
+        t = (
+            _sparsemax_last(x)
+            if alpha == 2.0
+            else _entmax_bisect_last(x, alpha, n_iter)
+        )
         ctx.alpha = alpha
         ctx.save_for_backward(t)
         return t
@@ -147,20 +173,28 @@ class _Entmax(torch.autograd.Function):
     def backward(ctx, v):
         (t,) = ctx.saved_tensors
         alpha = ctx.alpha
-        g = (t > 0).to(t.dtype) if alpha == 2.0 else torch.where(t > 0, t.clamp(min=0) ** (2 - alpha), 0.0)
+        g = (
+            (t > 0).to(t.dtype)
+            if alpha == 2.0
+            else torch.where(t > 0, t.clamp(min=0) ** (2 - alpha), 0.0)
+        )
         gv = g * v
         grad = gv - g * gv.sum(-1, keepdim=True) / g.sum(-1, keepdim=True)
         return grad, None, None
 
 
-def entmax(u: torch.Tensor, alpha: float = 1.5, dim: int = -1, n_iter: int | None = None) -> torch.Tensor:
-    """α-entmax of ``u`` along ``dim``: the maximiser of <t, u> + H_α(t) over the simplex (Eq. T2).
+def entmax(
+    u: torch.Tensor, alpha: float = 1.5, dim: int = -1, n_iter: int | None = None
+) -> torch.Tensor:
+    """α-entmax of ``u`` along ``dim``: the maximiser of <t, u> + H_α(t) over the
+    simplex (Eq. T2).
 
-    α = 1: softmax (Proposition 2); α = 2: sparsemax, computed exactly by sorting; other α > 1: the
-    threshold τ of Eq. (T2) by ``n_iter`` bisection steps (default: enough for the dtype's precision,
-    60 for float64, 30 otherwise), then normalised. Gradients w.r.t. ``u`` are exact (Jacobian of
-    Eq. T2). Entries equal to -inf get weight 0 (at least one entry per slice must be finite); NaN
-    or +inf are errors. In float32, α within ~1e-3 of 1 loses accuracy: use float64 or α = 1.
+    α = 1: softmax (Proposition 2); α = 2: sparsemax, computed exactly by sorting; other
+    α > 1: the threshold τ of Eq. (T2) by ``n_iter`` bisection steps (default: enough
+    for the dtype's precision, 60 for float64, 30 otherwise), then normalised. Gradients
+    w.r.t. ``u`` are exact (Jacobian of Eq. T2). Entries equal to -inf get weight 0 (at
+    least one entry per slice must be finite); NaN or +inf are errors. In float32, α
+    within ~1e-3 of 1 loses accuracy: use float64 or α = 1.
     """
     _check_float_tensor(u, "u")
     alpha = _check_alpha(alpha)
@@ -181,26 +215,34 @@ def entmax(u: torch.Tensor, alpha: float = 1.5, dim: int = -1, n_iter: int | Non
 
 
 def sparsemax(u: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Sparsemax of ``u`` along ``dim``: the Gini (α = 2) case of :func:`entmax`, Eq. (T2).
+    """Sparsemax of ``u`` along ``dim``: the Gini (α = 2) case of :func:`entmax`, Eq.
+    (T2).
 
-    The Euclidean projection of ``u`` onto the simplex, [u − τ]_+ (Martins & Astudillo, 2016).
+    The Euclidean projection of ``u`` onto the simplex, [u − τ]_+ (Martins & Astudillo,
+    2016).
     """
     return entmax(u, 2.0, dim=dim)
 
 
-def entmax_kkt_residual(t: torch.Tensor, u: torch.Tensor, alpha: float = 1.5) -> torch.Tensor:
-    """Largest violation of the KKT conditions certifying t = argmax_{Δ} <t, u> + H_α(t) (Eq. T2), last dim.
+def entmax_kkt_residual(
+    t: torch.Tensor, u: torch.Tensor, alpha: float = 1.5
+) -> torch.Tensor:
+    """Largest violation of the KKT conditions certifying t = argmax_{Δ} <t, u> + H_α(t)
+    (Eq. T2), last dim.
 
-    The problem is strictly concave, so these conditions are necessary and sufficient: t ≥ 0,
-    Σ t = 1, and with c_r = (α−1) u_r − t_r^{α−1} (for α > 1; c_r = u_r − log t_r for α = 1),
-    c_r = τ on the support and (α−1) u_r ≤ τ off it. Returns one number per slice; 0 means
-    optimal. Independent of how ``t`` was computed.
+    The problem is strictly concave, so these conditions are necessary and sufficient: t
+    ≥ 0, Σ t = 1, and with c_r = (α−1) u_r − t_r^{α−1} (for α > 1; c_r = u_r − log t_r
+    for α = 1), c_r = τ on the support and (α−1) u_r ≤ τ off it. Returns one number per
+    slice; 0 means optimal. Independent of how ``t`` was computed.
     """
     _check_float_tensor(t, "t")
     _check_float_tensor(u, "u")
     alpha = _check_alpha(alpha)
     if t.shape != u.shape:
-        raise ValueError(f"t and u must have the same shape, got {tuple(t.shape)} and {tuple(u.shape)}")
+        raise ValueError(
+            f"t and u must have the same shape, got {tuple(t.shape)} and "
+            f"{tuple(u.shape)}"
+        )
     feas = torch.maximum((t.sum(-1) - 1).abs(), (-t).clamp(min=0).amax(-1))
     if alpha == 1.0:
         c = u - torch.log(t)
@@ -218,12 +260,16 @@ def entmax_kkt_residual(t: torch.Tensor, u: torch.Tensor, alpha: float = 1.5) ->
 # The α-entropy VQ of a MASO (Eq. T1/T2) and its output (Eq. 2)
 
 
-def beta_entmax(s: torch.Tensor, beta, alpha: float = 2.0, dim: int = -1) -> torch.Tensor:
-    """The α-entropy β-VQ of scores ``s`` along ``dim``: α-entmax(η s), η = β/(1−β), Eq. (T2).
+def beta_entmax(
+    s: torch.Tensor, beta, alpha: float = 2.0, dim: int = -1
+) -> torch.Tensor:
+    """The α-entropy β-VQ of scores ``s`` along ``dim``: α-entmax(η s), η = β/(1−β), Eq.
+    (T2).
 
-    The Tsallis counterpart of :func:`smaso.vq.beta_softmax` (which it returns at α = 1). β = 1
-    gives the hard VQ (ties split evenly, the limit η → ∞), β = 0 exactly the uniform 1/R. ``beta``
-    broadcasts against ``s`` with ``dim`` removed. Gradients flow to ``s`` and β.
+    The Tsallis counterpart of :func:`smaso.vq.beta_softmax` (which it returns at α =
+    1). β = 1 gives the hard VQ (ties split evenly, the limit η → ∞), β = 0 exactly the
+    uniform 1/R. ``beta`` broadcasts against ``s`` with ``dim`` removed. Gradients flow
+    to ``s`` and β.
     """
     _check_float_tensor(s, "s")
     alpha = _check_alpha(alpha)
@@ -232,21 +278,27 @@ def beta_entmax(s: torch.Tensor, beta, alpha: float = 2.0, dim: int = -1) -> tor
     soft = beta_select(s, beta, dim, lambda logits: entmax(logits, alpha, dim=dim))
     b = _as_beta(beta, s)
     b = b.unsqueeze(dim) if b.ndim else b
-    if (b == 0).any():  # exactly uniform (the bisection would leave rounding-level differences)
+    if (
+        b == 0
+    ).any():  # exactly uniform (the bisection would leave rounding-level differences)
         soft = torch.where(b == 0, torch.full_like(soft, 1.0 / s.shape[dim]), soft)
     return soft
 
 
 def tsallis_vq(A, B, z, beta, alpha: float = 2.0):
-    """α-entropy VQ selection matrix T_{α,β} (N, K, R) of a MASO (A, B) at input z, Eq. (T1)–(T2).
+    """α-entropy VQ selection matrix T_{α,β} (N, K, R) of a MASO (A, B) at input z, Eq.
+    (T1)–(T2).
 
-    α = 1 is the β-VQ of Theorem 3 (:func:`smaso.vq.beta_vq`); α = 2 the Gini-VQ, sparsemax(η s).
-    ``beta`` a number or (K,) tensor in [0, 1].
+    α = 1 is the β-VQ of Theorem 3 (:func:`smaso.vq.beta_vq`); α = 2 the Gini-VQ,
+    sparsemax(η s). ``beta`` a number or (K,) tensor in [0, 1].
     """
     K, _, _ = check_params(A, B, z)
     b = _as_beta(beta, A)
     if b.ndim not in (0, 1) or (b.ndim == 1 and b.shape[0] != K):
-        raise ValueError(f"beta must be a number or a tensor of shape (K,) = ({K},), got shape {tuple(b.shape)}")
+        raise ValueError(
+            f"beta must be a number or a tensor of shape (K,) = ({K},), got shape "
+            f"{tuple(b.shape)}"
+        )
     return beta_entmax(scores(A, B, z), b, alpha, dim=-1)
 
 
@@ -255,29 +307,41 @@ def tsallis_maso(A, B, z, beta, alpha: float = 2.0):
     return apply_vq(A, B, z, tsallis_vq(A, B, z, beta, alpha))
 
 
-def scalar_tsallis_maso(A, B, x: torch.Tensor, beta, alpha: float = 2.0) -> torch.Tensor:
-    """Apply a scalar MASO unit (A (1, R, 1), B (1, R)) elementwise to ``x`` under the α-entropy VQ (Eq. T2, Eq. 2).
+def scalar_tsallis_maso(
+    A, B, x: torch.Tensor, beta, alpha: float = 2.0
+) -> torch.Tensor:
+    """Apply a scalar MASO unit (A (1, R, 1), B (1, R)) elementwise to ``x`` under the
+    α-entropy VQ (Eq. T2, Eq. 2).
 
-    The Tsallis counterpart of :func:`smaso.activations.scalar_beta_maso` (equal at α = 1).
+    The Tsallis counterpart of :func:`smaso.activations.scalar_beta_maso` (equal at α =
+    1).
     """
     if A.ndim != 3 or A.shape[0] != 1 or A.shape[2] != 1 or B.shape != A.shape[:2]:
-        raise ValueError(f"expected a scalar MASO unit A (1, R, 1), B (1, R); got {tuple(A.shape)}, {tuple(B.shape)}")
+        raise ValueError(
+            "expected a scalar MASO unit A (1, R, 1), B (1, R); got "
+            f"{tuple(A.shape)}, {tuple(B.shape)}"
+        )
     s = x.unsqueeze(-1) * A[0, :, 0].to(x) + B[0].to(x)
     beta = _as_beta(beta, x)
-    return (beta_entmax(s, beta.unsqueeze(-1) if beta.ndim else beta, alpha, dim=-1) * s).sum(-1)
+    return (
+        beta_entmax(s, beta.unsqueeze(-1) if beta.ndim else beta, alpha, dim=-1) * s
+    ).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------
-# Two regions: the α-sigmoid, and closed forms of the ReLU, leaky-ReLU and absolute value
+# Two regions: the α-sigmoid, and closed forms of the ReLU, leaky-ReLU and absolute
+# value
 
 
 def tsallis_sigmoid(x: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
-    """α-entmax([x, 0])_1: the weight of region 1 of a two-region unit with score difference ``x`` (Eq. T2).
+    """α-entmax([x, 0])_1: the weight of region 1 of a two-region unit with score
+    difference ``x`` (Eq. T2).
 
-    The α-entropy counterpart of Proposition 5 (the soft DN layer's output). Closed forms:
-    α = 1: sigmoid(x); α = 2: clip((x + 1)/2, 0, 1), a "sparse sigmoid" (at x/3 it is MobileNetV3's
-    hard-sigmoid relu6(x + 3)/6); α = 1.5: ((d + √(2 − d²))/2)² with d = clip(x/2, −1, 1), which is
-    0 for x ≤ −2 and 1 for x ≥ 2. Other α use :func:`entmax` on the pair.
+    The α-entropy counterpart of Proposition 5 (the soft DN layer's output). Closed
+    forms: α = 1: sigmoid(x); α = 2: clip((x + 1)/2, 0, 1), a "sparse sigmoid" (at x/3
+    it is MobileNetV3's hard-sigmoid relu6(x + 3)/6); α = 1.5: ((d + √(2 − d²))/2)² with
+    d = clip(x/2, −1, 1), which is 0 for x ≤ −2 and 1 for x ≥ 2. Other α use
+    :func:`entmax` on the pair.
     """
     _check_float_tensor(x, "x")
     alpha = _check_alpha(alpha)
@@ -298,30 +362,42 @@ def _check_eta(eta, x):
     return eta
 
 
-def tsallis_vq_relu(x: torch.Tensor, eta=HARD_SWISH_ETA, alpha: float = 2.0) -> torch.Tensor:
-    """α-entropy VQ of the ReLU MASO (pieces x and 0): x · tsallis_sigmoid(η x) (Eq. T2, Eq. 2).
+def tsallis_vq_relu(
+    x: torch.Tensor, eta=HARD_SWISH_ETA, alpha: float = 2.0
+) -> torch.Tensor:
+    """α-entropy VQ of the ReLU MASO (pieces x and 0): x · tsallis_sigmoid(η x) (Eq. T2,
+    Eq. 2).
 
-    α = 1: swish (Proposition 7). α = 2 (Gini-VQ): x · clip((η x + 1)/2, 0, 1), i.e. 0 for
-    x ≤ −1/η, x for x ≥ 1/η and (η x² + x)/2 between; at η = 1/3 (β = 1/4) this is hard-swish
-    x · relu6(x + 3)/6 exactly. η → ∞ gives the ReLU, η = 0 the linear x/2.
+    α = 1: swish (Proposition 7). α = 2 (Gini-VQ): x · clip((η x + 1)/2, 0, 1), i.e. 0
+    for x ≤ −1/η, x for x ≥ 1/η and (η x² + x)/2 between; at η = 1/3 (β = 1/4) this is
+    hard-swish x · relu6(x + 3)/6 exactly. η → ∞ gives the ReLU, η = 0 the linear x/2.
     """
     _check_float_tensor(x, "x")
     return x * tsallis_sigmoid(_check_eta(eta, x) * x, alpha)
 
 
-def tsallis_vq_leaky_relu(x: torch.Tensor, eta=1.0, alpha: float = 2.0, negative_slope: float = 0.01) -> torch.Tensor:
+def tsallis_vq_leaky_relu(
+    x: torch.Tensor, eta=1.0, alpha: float = 2.0, negative_slope: float = 0.01
+) -> torch.Tensor:
     """α-entropy VQ of the leaky-ReLU MASO (pieces x, s x; s ≤ 1): s x + (1 − s) x · tsallis_sigmoid(η (1 − s) x)."""
     _check_float_tensor(x, "x")
     if not negative_slope <= 1:
-        raise ValueError(f"leaky-ReLU with negative_slope = {negative_slope} > 1 is concave, not a MASO")
+        raise ValueError(
+            f"leaky-ReLU with negative_slope = {negative_slope} > 1 is concave, not a "
+            "MASO"
+        )
     s = negative_slope
-    return s * x + (1 - s) * x * tsallis_sigmoid(_check_eta(eta, x) * (1 - s) * x, alpha)
+    return s * x + (1 - s) * x * tsallis_sigmoid(
+        _check_eta(eta, x) * (1 - s) * x, alpha
+    )
 
 
 def tsallis_vq_abs(x: torch.Tensor, eta=1.0, alpha: float = 2.0) -> torch.Tensor:
-    """α-entropy VQ of the absolute-value MASO (pieces ±x): x · (2 tsallis_sigmoid(2 η x) − 1).
+    """α-entropy VQ of the absolute-value MASO (pieces ±x): x · (2 tsallis_sigmoid(2 η
+    x) − 1).
 
-    α = 1: x · tanh(η x); α = 2: x · clip(2 η x, −1, 1), equal to 2 η x² for |x| ≤ 1/(2η) and |x| beyond.
+    α = 1: x · tanh(η x); α = 2: x · clip(2 η x, −1, 1), equal to 2 η x² for |x| ≤
+    1/(2η) and |x| beyond.
     """
     _check_float_tensor(x, "x")
     return x * (2 * tsallis_sigmoid(2 * _check_eta(eta, x) * x, alpha) - 1)
@@ -332,12 +408,14 @@ def tsallis_vq_abs(x: torch.Tensor, eta=1.0, alpha: float = 2.0) -> torch.Tensor
 
 
 def sparse_pool_closed_form(u: torch.Tensor, eta=1.0) -> torch.Tensor:
-    """Gini-VQ (α = 2) of max-pooling over the last dim, in closed form: mean_S(u) + η |S| var_S(u).
+    """Gini-VQ (α = 2) of max-pooling over the last dim, in closed form: mean_S(u) + η
+    |S| var_S(u).
 
-    S is the support of sparsemax(η u) (the top-k entries, k the largest with 1 + k η u_(k) >
-    η Σ_{j≤k} u_(j)) and var_S the population variance over it. Follows from Eq. (T2): on S,
-    t_i = η u_i − τ with τ = (η Σ_S u − 1)/|S|, so Σ t_i u_i = η (Σ_S u² − (Σ_S u)²/|S|) + mean_S u.
-    |S| = 1 gives the max, η → 0 the mean (average pooling). Written without :func:`sparsemax`.
+    S is the support of sparsemax(η u) (the top-k entries, k the largest with 1 + k η
+    u_(k) > η Σ_{j≤k} u_(j)) and var_S the population variance over it. Follows from Eq.
+    (T2): on S, t_i = η u_i − τ with τ = (η Σ_S u − 1)/|S|, so Σ t_i u_i = η (Σ_S u² −
+    (Σ_S u)²/|S|) + mean_S u. |S| = 1 gives the max, η → 0 the mean (average pooling).
+    Written without :func:`sparsemax`.
     """
     _check_float_tensor(u, "u")
     eta = _check_eta(eta, u)
@@ -358,17 +436,29 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def tsallis_pool2d(x: torch.Tensor, eta=1.0, alpha: float = 2.0, kernel_size=2, stride=None, padding=0) -> torch.Tensor:
-    """α-entropy VQ pooling of (N, C, H, W) ``x``: Σ_i α-entmax(η u)_i u_i over each window (Eq. T2).
+def tsallis_pool2d(
+    x: torch.Tensor, eta=1.0, alpha: float = 2.0, kernel_size=2, stride=None, padding=0
+) -> torch.Tensor:
+    """α-entropy VQ pooling of (N, C, H, W) ``x``: Σ_i α-entmax(η u)_i u_i over each
+    window (Eq. T2).
 
-    The α-entropy VQ of the max-pooling MASO whose pieces are the window's entries. α = 1 is
-    β-softmax pooling (:func:`smaso.activations.beta_softmax_pool2d`), α = 2 sparse pooling (see
-    :func:`sparse_pool_closed_form`). ``eta`` a number or a (C,) tensor; zero-padding positions are
-    excluded from the window, as max-pooling excludes them.
+    The α-entropy VQ of the max-pooling MASO whose pieces are the window's entries. α =
+    1 is β-softmax pooling (:func:`smaso.activations.beta_softmax_pool2d`), α = 2 sparse
+    pooling (see :func:`sparse_pool_closed_form`). ``eta`` a number or a (C,) tensor;
+    zero-padding positions are excluded from the window, as max-pooling excludes them.
     """
     _check_float_tensor(x, "x")
     alpha = _check_alpha(alpha)
-    from .activations import window_pool  # smaso.activations imports this module at load time
+    from .activations import (
+        window_pool,
+    )  # smaso.activations imports this module at load time
 
-    return window_pool(x, eta, kernel_size, stride, padding, lambda logits: entmax(logits, alpha, dim=2),
-                       "tsallis_pool2d")
+    return window_pool(
+        x,
+        eta,
+        kernel_size,
+        stride,
+        padding,
+        lambda logits: entmax(logits, alpha, dim=2),
+        "tsallis_pool2d",
+    )

@@ -1,17 +1,19 @@
-"""Soft and β-VQ inference for any MASO (Sections 3.3 and 4, Eq. 6–9, Proposition 2, Theorem 3).
+"""Soft and β-VQ inference for any MASO (Sections 3.3 and 4, Eq. 6–9, Proposition 2,
+Theorem 3).
 
-A MASO unit picks a region with the hard VQ of Eq. (2). Here that choice is replaced by a point of
-the probability simplex that solves an entropy-penalised problem:
+A MASO unit picks a region with the hard VQ of Eq. (2). Here that choice is replaced by
+a point of the probability simplex that solves an entropy-penalised problem:
 
 * soft VQ, Eq. (6)/(7):  T_S = argmax_t  <t, s> + H(t)                 = softmax(s);
-* β-VQ,   Eq. (8)/(9):  T_β = argmax_t  β <t, s> + (1 − β) H(t)        = softmax(η s),  η = β / (1 − β);
+* β-VQ,   Eq. (8)/(9):  T_β = argmax_t  β <t, s> + (1 − β) H(t)        = softmax(η s),
+  η = β / (1 − β);
 
-where s_r = <A_r, z> + B_r are the unit's region scores (:func:`smaso.maso.scores`). β = 1 gives the
-hard VQ, β = ½ the soft VQ, β = 0 the uniform 1/R ("linear MASO"). The MASO output for any of these
-matrices is Eq. (2), :func:`smaso.maso.apply_vq`.
+where s_r = <A_r, z> + B_r are the unit's region scores (:func:`smaso.maso.scores`). β =
+1 gives the hard VQ, β = ½ the soft VQ, β = 0 the uniform 1/R ("linear MASO"). The MASO
+output for any of these matrices is Eq. (2), :func:`smaso.maso.apply_vq`.
 
-Shapes follow :mod:`smaso.maso`: ``A`` (K, R, D), ``B`` (K, R), ``z`` (N, D) or (D,); β is a number
-or a tensor of shape () or (K,) (one β per unit).
+Shapes follow :mod:`smaso.maso`: ``A`` (K, R, D), ``B`` (K, R), ``z`` (N, D) or (D,); β
+is a number or a tensor of shape () or (K,) (one β per unit).
 """
 
 from __future__ import annotations
@@ -21,17 +23,17 @@ import torch
 from .maso import apply_vq, check_params, scores
 
 __all__ = [
-    "eta_from_beta",
     "beta_from_eta",
-    "beta_softmax",
-    "beta_select",
-    "soft_vq",
-    "beta_vq",
-    "soft_maso",
     "beta_maso",
+    "beta_select",
+    "beta_softmax",
+    "beta_vq",
     "entropy",
-    "vq_objective",
+    "eta_from_beta",
     "maximise_on_simplex",
+    "soft_maso",
+    "soft_vq",
+    "vq_objective",
 ]
 
 
@@ -42,46 +44,60 @@ def _as_beta(beta, like: torch.Tensor) -> torch.Tensor:
     beta = torch.as_tensor(beta, dtype=like.dtype, device=like.device)
     if torch.isnan(beta).any() or (beta < 0).any() or (beta > 1).any():
         bad = beta[torch.isnan(beta) | (beta < 0) | (beta > 1)]
-        raise ValueError(f"beta must lie in [0, 1] (Eq. 8), got {bad.flatten()[:4].tolist()}")
+        raise ValueError(
+            f"beta must lie in [0, 1] (Eq. 8), got {bad.flatten()[:4].tolist()}"
+        )
     return beta
 
 
 def eta_from_beta(beta):
     """η = β / (1 − β) of Theorem 3 / Proposition 7 (β = 1 gives η = inf)."""
-    like = beta if isinstance(beta, torch.Tensor) else torch.empty((), dtype=torch.get_default_dtype())
+    like = (
+        beta
+        if isinstance(beta, torch.Tensor)
+        else torch.empty((), dtype=torch.get_default_dtype())
+    )
     beta = _as_beta(beta, like)
     return beta / (1 - beta)
 
 
 def beta_from_eta(eta):
     """β = η / (1 + η), the inverse of :func:`eta_from_beta` (η ≥ 0, η = inf gives β = 1)."""
-    eta = torch.as_tensor(eta, dtype=eta.dtype if isinstance(eta, torch.Tensor) else torch.get_default_dtype())
+    eta = torch.as_tensor(
+        eta,
+        dtype=eta.dtype if isinstance(eta, torch.Tensor) else torch.get_default_dtype(),
+    )
     if torch.isnan(eta).any() or (eta < 0).any():
         raise ValueError(f"eta must be >= 0, got {eta.flatten()[:4].tolist()}")
     return torch.where(torch.isinf(eta), torch.ones_like(eta), eta / (1 + eta))
 
 
 def beta_softmax(s: torch.Tensor, beta, dim: int = -1) -> torch.Tensor:
-    """The β-VQ of scores ``s`` along ``dim``: softmax(η s) with η = β/(1−β), Eq. (9), Theorem 3.
+    """The β-VQ of scores ``s`` along ``dim``: softmax(η s) with η = β/(1−β), Eq. (9),
+    Theorem 3.
 
-    ``beta`` broadcasts against ``s`` with ``dim`` removed (a number, or e.g. one β per unit).
-    The limits are exact and finite, with no NaN or inf for any finite scores:
+    ``beta`` broadcasts against ``s`` with ``dim`` removed (a number, or e.g. one β per
+    unit). The limits are exact and finite, with no NaN or inf for any finite scores:
 
-    * β = 1 (η = ∞): the hard VQ; at ties the mass is split evenly over the tied maxima, which is
-      the limit of softmax(η s) as η → ∞ (the MASO output is the same for any split of a tie);
+    * β = 1 (η = ∞): the hard VQ; at ties the mass is split evenly over the tied maxima,
+      which is the limit of softmax(η s) as η → ∞ (the MASO output is the same for any
+      split of a tie);
     * β = 0 (η = 0): the uniform 1/R;
-    * 0 < β < 1: softmax(η s), computed with the max subtracted (log-sum-exp), so large scores or
-      η close to ∞ do not overflow. Gradients w.r.t. ``s`` and β are those of this expression.
+    * 0 < β < 1: softmax(η s), computed with the max subtracted (log-sum-exp), so large
+      scores or η close to ∞ do not overflow. Gradients w.r.t. ``s`` and β are those of
+      this expression.
     """
     return beta_select(s, beta, dim, lambda logits: torch.softmax(logits, dim=dim))
 
 
 def beta_select(s: torch.Tensor, beta, dim: int, weights) -> torch.Tensor:
-    """Shared body of the β-VQ maps: ``weights(η (s − max s))`` for 0 ≤ β < 1, the exact hard VQ at β = 1.
+    """Shared body of the β-VQ maps: ``weights(η (s − max s))`` for 0 ≤ β < 1, the exact
+    hard VQ at β = 1.
 
-    ``weights`` maps logits to the simplex along ``dim`` (softmax for Eq. (9); α-entmax for the
-    Tsallis VQ of :mod:`smaso.tsallis`). The logits are shifted by the maximum and clamped to be
-    finite, so η·gap is never NaN; at β = 1 the mass is split evenly over the tied maxima.
+    ``weights`` maps logits to the simplex along ``dim`` (softmax for Eq. (9); α-entmax
+    for the Tsallis VQ of :mod:`smaso.tsallis`). The logits are shifted by the maximum
+    and clamped to be finite, so η·gap is never NaN; at β = 1 the mass is split evenly
+    over the tied maxima.
     """
     if not isinstance(s, torch.Tensor) or not s.is_floating_point():
         raise TypeError("s must be a floating-point tensor of scores")
@@ -93,7 +109,9 @@ def beta_select(s: torch.Tensor, beta, dim: int, weights) -> torch.Tensor:
     hard = beta == 1
     eta = beta / torch.where(hard, torch.ones_like(beta), 1 - beta)  # finite everywhere
     top_score = s.amax(dim=dim, keepdim=True)
-    gap = (s - top_score).clamp(min=torch.finfo(s.dtype).min)  # <= 0 and finite; 0 at the maximum
+    gap = (s - top_score).clamp(
+        min=torch.finfo(s.dtype).min
+    )  # <= 0 and finite; 0 at the maximum
     soft = weights(eta * gap)  # η·gap may reach -inf (weight 0), never NaN
     if hard.any():
         top = s == top_score
@@ -103,23 +121,28 @@ def beta_select(s: torch.Tensor, beta, dim: int, weights) -> torch.Tensor:
 
 
 def soft_vq(A, B, z):
-    """Soft-VQ selection matrix T_S (N, K, R), Eq. (6): p(t_k = r | z) = softmax_r(<A_kr, z> + B_kr).
+    """Soft-VQ selection matrix T_S (N, K, R), Eq. (6): p(t_k = r | z) =
+    softmax_r(<A_kr, z> + B_kr).
 
-    This is the posterior of the GMM of Theorem 2 at σ² = 1 (:func:`smaso.gmm.posterior`), and the
-    maximiser of Eq. (7) (Proposition 2).
+    This is the posterior of the GMM of Theorem 2 at σ² = 1
+    (:func:`smaso.gmm.posterior`), and the maximiser of Eq. (7) (Proposition 2).
     """
     return torch.softmax(scores(A, B, z), dim=-1)
 
 
 def beta_vq(A, B, z, beta):
-    """β-VQ selection matrix T_β (N, K, R), Eq. (9), Theorem 3; ``beta`` a number or (K,) tensor in [0, 1].
+    """β-VQ selection matrix T_β (N, K, R), Eq. (9), Theorem 3; ``beta`` a number or
+    (K,) tensor in [0, 1].
 
     β = 1: hard VQ (ties split evenly); β = ½: soft VQ (Eq. 6); β = 0: uniform 1/R.
     """
     K, _, _ = check_params(A, B, z)
     beta = _as_beta(beta, A)
     if beta.ndim not in (0, 1) or (beta.ndim == 1 and beta.shape[0] != K):
-        raise ValueError(f"beta must be a number or a tensor of shape (K,) = ({K},), got shape {tuple(beta.shape)}")
+        raise ValueError(
+            f"beta must be a number or a tensor of shape (K,) = ({K},), got shape "
+            f"{tuple(beta.shape)}"
+        )
     return beta_softmax(scores(A, B, z), beta, dim=-1)
 
 
@@ -147,20 +170,29 @@ def vq_objective(t: torch.Tensor, s: torch.Tensor, beta=0.5) -> torch.Tensor:
     return beta * (t * s).sum(-1) + (1 - beta) * entropy(t)
 
 
-def maximise_on_simplex(s: torch.Tensor, beta=0.5, steps: int = 200, step_size: float = 0.5) -> torch.Tensor:
-    """Maximise :func:`vq_objective` over the simplex numerically, by mirror (exponentiated-gradient) ascent.
+def maximise_on_simplex(
+    s: torch.Tensor, beta=0.5, steps: int = 200, step_size: float = 0.5
+) -> torch.Tensor:
+    """Maximise :func:`vq_objective` over the simplex numerically, by mirror
+    (exponentiated-gradient) ascent.
 
-    Independent of the closed form: starts from the uniform point and iterates
-    ``t ← t · exp(lr · ∇f(t))`` followed by normalisation, with ∇f = β s − (1 − β)(log t + 1) and
-    ``lr = step_size / (1 − β)`` (the entropy term's curvature sets the scale; the error shrinks by
-    a factor ``1 − step_size`` per step). Used to check Proposition 2 and Theorem 3 (the closed
-    forms are the optima). For 0 ≤ β < 1 and 0 < step_size < 2.
+    Independent of the closed form: starts from the uniform point and iterates ``t ← t ·
+    exp(lr · ∇f(t))`` followed by normalisation, with ∇f = β s − (1 − β)(log t + 1) and
+    ``lr = step_size / (1 − β)`` (the entropy term's curvature sets the scale; the error
+    shrinks by a factor ``1 − step_size`` per step). Used to check Proposition 2 and
+    Theorem 3 (the closed forms are the optima). For 0 ≤ β < 1 and 0 < step_size < 2.
     """
     beta = _as_beta(beta, s)
     if (beta >= 1).any():
-        raise ValueError("maximise_on_simplex needs beta < 1 (at beta = 1 the maximiser is the hard VQ)")
+        raise ValueError(
+            "maximise_on_simplex needs beta < 1 (at beta = 1 the maximiser is the "
+            "hard VQ)"
+        )
     if not 0 < step_size < 2:
-        raise ValueError(f"step_size must lie in (0, 2) for the iteration to converge, got {step_size}")
+        raise ValueError(
+            "step_size must lie in (0, 2) for the iteration to converge, got "
+            f"{step_size}"
+        )
     lr = step_size / (1 - beta)
     log_t = torch.full_like(s, -torch.log(torch.tensor(float(s.shape[-1]))).item())
     for _ in range(steps):

@@ -1,14 +1,19 @@
 """Tests of the "Beyond the paper" activations (BetaVQMaxout, TsallisVQReLU) and of experiments/beyond.py."""
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from smaso.activations import BetaVQMaxout, BetaVQReLU, TsallisVQReLU, convex_maso, scalar_beta_maso
+from smaso.activations import (
+    BetaVQMaxout,
+    BetaVQReLU,
+    TsallisVQReLU,
+    convex_maso,
+    scalar_beta_maso,
+)
 from smaso.data import TensorData
 from smaso.tsallis import scalar_tsallis_maso
 
@@ -17,7 +22,9 @@ D64 = torch.float64
 
 
 def _load_beyond():
-    spec = importlib.util.spec_from_file_location("beyond_study", ROOT / "experiments" / "beyond.py")
+    spec = importlib.util.spec_from_file_location(
+        "beyond_study", ROOT / "experiments" / "beyond.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -36,7 +43,8 @@ def _maxout(C=3, R=4, alpha=1.0, seed=0):
     return m
 
 
-# ------------------------------------------------------------------------------------------ BetaVQMaxout
+# ------------------------------------------------------------------------------------------
+# BetaVQMaxout
 
 
 def test_maxout_init_is_relu_when_hard():
@@ -54,14 +62,23 @@ def test_maxout_is_the_beta_vq_of_its_pieces(alpha):
     for c in range(3):
         A, B = convex_maso(m.slopes[c].detach(), m.offsets[c].detach())
         beta = m.beta[c].item()
-        ref = scalar_beta_maso(A, B, x[:, c], beta) if alpha == 1.0 else scalar_tsallis_maso(A, B, x[:, c], beta, alpha)
+        ref = (
+            scalar_beta_maso(A, B, x[:, c], beta)
+            if alpha == 1.0
+            else scalar_tsallis_maso(A, B, x[:, c], beta, alpha)
+        )
         assert torch.allclose(y[:, c], ref, atol=1e-12)
     assert m(x[:, :, 0, 0]).shape == (4, 3)  # (N, C) inputs too
 
 
 def test_maxout_limits_and_convexity():
     m = _maxout()
-    x = torch.linspace(-4, 4, 801, dtype=D64).view(1, 1, -1).expand(1, 3, -1).contiguous()
+    x = (
+        torch.linspace(-4, 4, 801, dtype=D64)
+        .view(1, 1, -1)
+        .expand(1, 3, -1)
+        .contiguous()
+    )
     with torch.no_grad():
         m.rho.fill_(40.0)  # beta -> 1: the hard VQ
     assert torch.allclose(m(x), m.hard(x), atol=1e-9)
@@ -76,9 +93,17 @@ def test_maxout_gradcheck_and_learnable():
     m = _maxout(C=2, R=3)
     x = torch.randn(2, 2, 3, dtype=D64, requires_grad=True)
     params = (m.slopes, m.offsets, m.rho)
-    assert torch.autograd.gradcheck(lambda x, a, b, r: _functional_maxout(x, a, b, r, 1.0), (x, *params))
-    assert torch.autograd.gradcheck(lambda x, a, b, r: _functional_maxout(x, a, b, r, 1.5), (x, *params))
-    assert {n for n, p in m.named_parameters() if p.requires_grad} == {"slopes", "offsets", "rho"}
+    assert torch.autograd.gradcheck(
+        lambda x, a, b, r: _functional_maxout(x, a, b, r, 1.0), (x, *params)
+    )
+    assert torch.autograd.gradcheck(
+        lambda x, a, b, r: _functional_maxout(x, a, b, r, 1.5), (x, *params)
+    )
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == {
+        "slopes",
+        "offsets",
+        "rho",
+    }
     assert not BetaVQMaxout(2, learnable=False).rho.requires_grad
 
 
@@ -89,11 +114,16 @@ def _functional_maxout(x, a, b, r, alpha):
     return m(x)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(num_channels=None), "num_channels"), (dict(num_channels=0), "num_channels"),
-    (dict(num_channels=2, pieces=1), "pieces"), (dict(num_channels=2, alpha=0.5), "alpha"),
-    (dict(num_channels=2, beta_init=1.0), "beta_init"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_channels=None), "num_channels"),
+        (dict(num_channels=0), "num_channels"),
+        (dict(num_channels=2, pieces=1), "pieces"),
+        (dict(num_channels=2, alpha=0.5), "alpha"),
+        (dict(num_channels=2, beta_init=1.0), "beta_init"),
+    ],
+)
 def test_maxout_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BetaVQMaxout(**kwargs)
@@ -104,14 +134,18 @@ def test_maxout_wrong_channels():
         BetaVQMaxout(3)(torch.randn(2, 4, 5))
 
 
-# ------------------------------------------------------------------------------------------ TsallisVQReLU
+# ------------------------------------------------------------------------------------------
+# TsallisVQReLU
 
 
 def test_tsallis_relu_starts_as_hard_swish_and_alpha_one_is_swish():
     x = torch.randn(3, 4, 5, 5, dtype=D64)
     assert torch.allclose(TsallisVQReLU(4).double()(x), F.hardswish(x), atol=1e-14)
-    assert torch.allclose(TsallisVQReLU(4, alpha=1.0, beta_init=0.3).double()(x), BetaVQReLU(4, beta_init=0.3).double()(x),
-                          atol=1e-14)
+    assert torch.allclose(
+        TsallisVQReLU(4, alpha=1.0, beta_init=0.3).double()(x),
+        BetaVQReLU(4, beta_init=0.3).double()(x),
+        atol=1e-14,
+    )
     m = TsallisVQReLU(4, alpha=1.5, beta_init=0.5).double()
     assert torch.allclose(m(x)[x >= 2], x[x >= 2]) and (m(x)[x <= -2] == 0).all()
 
@@ -129,7 +163,8 @@ def test_tsallis_relu_gradcheck_and_errors():
     assert "alpha=2.0" in repr(TsallisVQReLU())
 
 
-# ------------------------------------------------------------------------------------------ experiments/beyond.py
+# ------------------------------------------------------------------------------------------
+# experiments/beyond.py
 
 
 def test_every_arm_builds_and_runs():
@@ -153,12 +188,16 @@ def _tiny_data():
 
 
 def test_run_one_records_beta_trajectory(monkeypatch):
-    monkeypatch.setitem(beyond.DATASETS, "digits", dict(beyond.DATASETS["digits"], epochs=2))
+    monkeypatch.setitem(
+        beyond.DATASETS, "digits", dict(beyond.DATASETS["digits"], epochs=2)
+    )
     out = beyond.run_one("digits", "bvq-maxout3", 0, data=_tiny_data())
     assert out["config"] == beyond.config_of("digits", "bvq-maxout3", 0)
     res = out["result"]
     assert len(res["history"]) == 2 and 0 <= res["test_acc"] <= 1
-    assert len(res["beta_per_epoch"]) == 3 and [len(b) for b in res["beta_per_epoch"][0]] == [16, 32, 64]
+    assert len(res["beta_per_epoch"]) == 3 and [
+        len(b) for b in res["beta_per_epoch"][0]
+    ] == [16, 32, 64]
     assert res["beta_per_epoch"][0][0][0] == 0.5 and len(res["maxout_pieces"]) == 3
     again = beyond.run_one("digits", "bvq-maxout3", 0, data=_tiny_data())
     assert again["result"]["history"] == res["history"]  # seeded: reproducible
@@ -171,25 +210,64 @@ def test_results_are_written_atomically_and_never_overwritten(tmp_path, capsys):
     beyond.write_atomic(path, {"config": config, "result": {"test_acc": 0.5}})
     assert beyond.existing_status(path, config) == "same"
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
-    # a stored run with the same config is skipped (no training happens: the file is unchanged)
+    # a stored run with the same config is skipped (no training happens: the file is
+    # unchanged)
     before = path.read_text()
-    assert beyond.main(["run", "--datasets", "digits", "--arms", "relu", "--seeds", "0", "--out", str(tmp_path)]) == 0
+    assert (
+        beyond.main(
+            [
+                "run",
+                "--datasets",
+                "digits",
+                "--arms",
+                "relu",
+                "--seeds",
+                "0",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert path.read_text() == before and "skipped" in capsys.readouterr().out
     # a different stored result is refused without --force
     other = dict(config, lr=1.0)
     beyond.write_atomic(path, {"config": other, "result": {"test_acc": 0.1}})
     assert beyond.existing_status(path, config) == "different"
     before = path.read_text()
-    assert beyond.main(["run", "--datasets", "digits", "--arms", "relu", "--seeds", "0", "--out", str(tmp_path)]) == 1
+    assert (
+        beyond.main(
+            [
+                "run",
+                "--datasets",
+                "digits",
+                "--arms",
+                "relu",
+                "--seeds",
+                "0",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 1
+    )
     assert path.read_text() == before and "refusing" in capsys.readouterr().err
     path.write_text("{not json")
     assert beyond.existing_status(path, config) == "different"
 
 
 def test_summarize():
-    runs = [{"config": beyond.config_of("digits", "swish", s),
-             "result": {"test_acc": a, "beta_per_epoch": [[[0.5, 0.5]], [[b, b]]], "wall_s": 1.0}}
-            for s, a, b in ((0, 0.9, 0.6), (1, 0.8, 0.4), (2, 0.7, 0.5))]
+    runs = [
+        {
+            "config": beyond.config_of("digits", "swish", s),
+            "result": {
+                "test_acc": a,
+                "beta_per_epoch": [[[0.5, 0.5]], [[b, b]]],
+                "wall_s": 1.0,
+            },
+        }
+        for s, a, b in ((0, 0.9, 0.6), (1, 0.8, 0.4), (2, 0.7, 0.5))
+    ]
     row = beyond.summarize(runs)["digits", "swish"]
     assert row["n"] == 3 and row["accs"] == [0.9, 0.8, 0.7]
     assert row["mean"] == pytest.approx(0.8) and row["std"] == pytest.approx(0.1)
@@ -203,7 +281,9 @@ def test_committed_results_are_consistent():
     seen = {}
     for r in results:
         c = r["config"]
-        assert c == beyond.config_of(c["dataset"], c["arm"], c["seed"]), f"stale result {c}"
+        assert c == beyond.config_of(c["dataset"], c["arm"], c["seed"]), (
+            f"stale result {c}"
+        )
         assert len(r["result"]["history"]) == c["epochs"]
         seen.setdefault((c["dataset"], c["arm"]), set()).add(c["seed"])
     for key, seeds in seen.items():

@@ -1,11 +1,13 @@
 """Checks of the book's sources that nbval alone cannot make.
 
-* every chapter in ``_toc.yml`` exists, and every notebook chapter (``book/NAME.md`` in MyST
-  notebook format) has its paired, committed ``book/NAME.ipynb`` holding the same cells;
-* every committed notebook is fully executed, top to bottom (nbval silently skips code cells whose
-  ``execution_count`` is null, so an unexecuted cell would never be checked);
-* stored outputs hold nothing that varies from run to run (memory addresses), which would make the
-  strict nbval comparison flaky.
+* every chapter in ``_toc.yml`` exists, and every notebook chapter (``book/NAME.md`` in
+  MyST notebook format) has its paired, committed ``book/NAME.ipynb`` holding the same
+  cells;
+* every committed notebook is fully executed, top to bottom (nbval silently skips code
+  cells whose ``execution_count`` is null, so an unexecuted cell would never be
+  checked);
+* stored outputs hold nothing that varies from run to run (memory addresses), which
+  would make the strict nbval comparison flaky.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ def _cells(nb) -> list[tuple[str, str, tuple[str, ...]]]:
 
 def test_toc_chapters_exist():
     for name in _toc_files():
-        assert (ROOT / f"{name}.md").exists(), f"_toc.yml lists {name}, but {name}.md does not exist"
+        assert (ROOT / f"{name}.md").exists(), (
+            f"_toc.yml lists {name}, but {name}.md does not exist"
+        )
 
 
 def test_there_are_notebook_chapters():
@@ -59,7 +63,9 @@ def test_there_are_notebook_chapters():
 @pytest.mark.parametrize("md", NOTEBOOK_CHAPTERS, ids=lambda p: p.name)
 def test_chapter_pair_holds_the_same_cells(md: Path):
     ipynb = md.with_suffix(".ipynb")
-    assert ipynb.exists(), f"{md.name} has no paired {ipynb.name}: run `make notebook NB=book/{md.name}`"
+    assert ipynb.exists(), (
+        f"{md.name} has no paired {ipynb.name}: run `make notebook NB=book/{md.name}`"
+    )
     from_md = _cells(jupytext.read(md))
     from_ipynb = _cells(jupytext.read(ipynb))
     assert len(from_md) == len(from_ipynb), (
@@ -67,12 +73,17 @@ def test_chapter_pair_holds_the_same_cells(md: Path):
         f"run `make notebook NB=book/{md.name}`"
     )
     for i, (a, b) in enumerate(zip(from_md, from_ipynb)):
-        assert a == b, f"cell {i} differs between {md.name} and {ipynb.name}: run `make notebook NB=book/{md.name}`"
+        assert a == b, (
+            f"cell {i} differs between {md.name} and {ipynb.name}: run `make notebook "
+            f"NB=book/{md.name}`"
+        )
 
 
 @pytest.mark.parametrize("ipynb", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_paired(ipynb: Path):
-    assert ipynb.with_suffix(".md").exists(), f"{ipynb.name} has no source {ipynb.with_suffix('.md').name}"
+    assert ipynb.with_suffix(".md").exists(), (
+        f"{ipynb.name} has no source {ipynb.with_suffix('.md').name}"
+    )
 
 
 @pytest.mark.parametrize("ipynb", NOTEBOOKS, ids=lambda p: p.name)
@@ -82,9 +93,13 @@ def test_notebook_is_fully_executed(ipynb: Path):
     assert code, f"{ipynb.name} has no code cells"
     counts = [c.execution_count for c in code]
     missing = [i for i, n in enumerate(counts) if n is None]
-    assert not missing, f"{ipynb.name}: code cells {missing} were never executed (nbval would skip them)"
+    assert not missing, (
+        f"{ipynb.name}: code cells {missing} were never executed (nbval would skip "
+        "them)"
+    )
     assert counts == list(range(1, len(code) + 1)), (
-        f"{ipynb.name} was not executed once from top to bottom (execution counts {counts})"
+        f"{ipynb.name} was not executed once from top to bottom (execution counts "
+        f"{counts})"
     )
 
 
@@ -97,11 +112,14 @@ def test_outputs_hold_no_memory_addresses(ipynb: Path):
     for i, cell in enumerate(nb.cells):
         for out in cell.get("outputs", []):
             texts = [out.get("text", "")] + [
-                v for k, v in out.get("data", {}).items() if k.startswith("text/") and isinstance(v, str)
+                v
+                for k, v in out.get("data", {}).items()
+                if k.startswith("text/") and isinstance(v, str)
             ]
             for text in texts:
                 assert not ADDRESS.search(text), (
-                    f"{ipynb.name} cell {i} prints a memory address ({ADDRESS.search(text).group()}): "
+                    f"{ipynb.name} cell {i} prints a memory address "
+                    f"({ADDRESS.search(text).group()}): "
                     "end the plotting line with ';' or print something stable"
                 )
 

@@ -1,25 +1,31 @@
-"""The built book as a reader sees it: every page of ``_build/html`` in a real headless Chromium.
+"""The built book as a reader sees it: every page of ``_build/html`` in a real headless
+Chromium.
 
-``make test`` builds the book first (``make book``), then pytest runs these tests. They serve
-``_build/html`` on 127.0.0.1 (a free port) and load each page in Debian's Chromium through
-Playwright (the ``playwright`` package drives ``/usr/bin/chromium``; it downloads no browser of
-its own). For every page of the book (the pages ``_toc.yml`` lists and every other HTML page in
-the built site):
+``make test`` builds the book first (``make book``), then pytest runs these tests. They
+serve ``_build/html`` on 127.0.0.1 (a free port) and load each page in Debian's Chromium
+through Playwright (the ``playwright`` package drives ``/usr/bin/chromium``; it
+downloads no browser of its own). For every page of the book (the pages ``_toc.yml``
+lists and every other HTML page in the built site):
 
-* no JavaScript error, failed request or HTTP error, and nothing fetched from outside the book;
-* MathJax (bundled, see ``book/_ext/smaso_mathjax.py``) finished, every equation rendered without
-  a TeX error, and no raw ``$$``, ``\\(`` or ``\\[`` left in the text;
-* every ``<img>`` loaded (``naturalWidth > 0``), sits in a captioned figure and has alt text;
-* every link inside the site resolves to a file, and its ``#anchor`` to an id on that page;
-  ``{eq}``/``{numref}`` links show the number their target has, and a numbered chapter numbers its
-  equations and figures N.1, N.2, ... after its own chapter number N;
-* a full-page screenshot goes to ``_build/screenshots/NAME.png`` for a person to look at.
+* no JavaScript error, failed request or HTTP error, and nothing fetched from outside
+  the book;
+* MathJax (bundled, see ``book/_ext/smaso_mathjax.py``) finished, every equation
+  rendered without a TeX error, and no raw ``$$``, ``\\(`` or ``\\[`` left in the text;
+* every ``<img>`` loaded (``naturalWidth > 0``), sits in a captioned figure and has alt
+  text;
+* every link inside the site resolves to a file, and its ``#anchor`` to an id on that
+  page; ``{eq}``/``{numref}`` links show the number their target has, and a numbered
+  chapter numbers its equations and figures N.1, N.2, ... after its own chapter number
+  N;
+* a full-page screenshot goes to ``_build/screenshots/NAME.png`` for a person to look
+  at.
 
 Also: the search page finds "swish", the light/dark toggle switches the theme, and
-``_build/html/index.html`` opened from disk with the network switched off renders its equations.
+``_build/html/index.html`` opened from disk with the network switched off renders its
+equations.
 
-Without Chromium these tests FAIL and say what to install; set ``SMASO_SKIP_BROWSER=1`` to skip
-them instead (for a machine where you cannot install a browser).
+Without Chromium these tests FAIL and say what to install; set ``SMASO_SKIP_BROWSER=1``
+to skip them instead (for a machine where you cannot install a browser).
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ SITE = ROOT / "_build" / "html"
 SHOTS = ROOT / "_build" / "screenshots"
 SKIP_VAR = "SMASO_SKIP_BROWSER"
 SEARCH_TERM = "swish"
-# Chromium's own background traffic (updates, sync, field trials) would try the network: off.
+# Chromium's own background traffic (updates, sync, field trials) would try the network:
+# off.
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -54,8 +61,10 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 INSTALL_HINT = (
-    "the browser tests need Debian's Chromium: `apt-get install chromium` (as root; .ci/run does it), "
-    "or point SMASO_CHROMIUM at a Chromium/Chrome binary; and the Python driver `playwright` "
+    "the browser tests need Debian's Chromium: `apt-get install chromium` (as root; "
+    ".ci/run does it), "
+    "or point SMASO_CHROMIUM at a Chromium/Chrome binary; and the Python driver "
+    "`playwright` "
     "(`make env` installs it from requirements/constraints.txt). "
     f"To skip these tests instead, set {SKIP_VAR}=1."
 )
@@ -84,15 +93,23 @@ def toc_files() -> list[str]:
 
 
 def _is_page(rel: Path) -> bool:
-    return rel.parts[0] not in {"_static", "_sources", "_images"} and rel.name != "index.html"
+    return (
+        rel.parts[0] not in {"_static", "_sources", "_images"}
+        and rel.name != "index.html"
+    )
 
 
 def site_pages() -> list[str]:
-    """Every HTML page of the book: the toc's pages and whatever else the build holds (genindex,
+    """Every HTML page of the book: the toc's pages and whatever else the build holds
+    (genindex,
     search), but not ``index.html``, which only redirects (``test_opens_offline_from_disk``)."""
     pages = {f"{name}.html" for name in toc_files()}
     if SITE.is_dir():
-        pages |= {p.relative_to(SITE).as_posix() for p in SITE.rglob("*.html") if _is_page(p.relative_to(SITE))}
+        pages |= {
+            p.relative_to(SITE).as_posix()
+            for p in SITE.rglob("*.html")
+            if _is_page(p.relative_to(SITE))
+        }
     return sorted(pages)
 
 
@@ -104,7 +121,21 @@ def shot_name(page: str) -> str:
 # What a page holds, read from the built files (for resolving links into other pages).
 
 
-VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+VOID = {
+    "area",
+    "base",
+    "br",
+    "col",
+    "embed",
+    "hr",
+    "img",
+    "input",
+    "link",
+    "meta",
+    "source",
+    "track",
+    "wbr",
+}
 
 
 class _Anchors(html.parser.HTMLParser):
@@ -114,7 +145,9 @@ class _Anchors(html.parser.HTMLParser):
         super().__init__(convert_charrefs=True)
         self.ids: set[str] = set()
         self.numbers: dict[str, str] = {}
-        self._open: list[tuple[str, str | None]] = []  # (tag, id) of elements not yet closed
+        self._open: list[
+            tuple[str, str | None]
+        ] = []  # (tag, id) of elements not yet closed
         self._grab: tuple[str, list[str]] | None = None  # (target id, text so far)
         self._grab_depth = 0
 
@@ -169,7 +202,9 @@ NUMBER = re.compile(r"\d+(?:\.\d+)*")
 @pytest.fixture(scope="session")
 def site() -> Path:
     if not (SITE / "index.html").is_file():
-        pytest.fail(f"no built book in {SITE}: run `make book` first (`make test` does)")
+        pytest.fail(
+            f"no built book in {SITE}: run `make book` first (`make test` does)"
+        )
     return SITE
 
 
@@ -191,7 +226,13 @@ def server(site: Path):
 
 def _chromium() -> str | None:
     candidates = [os.environ.get("SMASO_CHROMIUM")] + [
-        shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+        shutil.which(name)
+        for name in (
+            "chromium",
+            "chromium-browser",
+            "google-chrome",
+            "google-chrome-stable",
+        )
     ]
     return next((c for c in candidates if c and Path(c).is_file()), None)
 
@@ -206,31 +247,51 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("the Python package playwright is not installed: " + INSTALL_HINT, pytrace=False)
+        pytest.fail(
+            "the Python package playwright is not installed: " + INSTALL_HINT,
+            pytrace=False,
+        )
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         # Playwright starts it with a new, empty profile (--user-data-dir) of its own.
-        chromium = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        chromium = playwright.chromium.launch(
+            executable_path=executable, args=CHROMIUM_ARGS
+        )
         yield chromium
         chromium.close()
 
 
 class Visit:
-    """One page in a fresh browser context (empty storage, as for a first-time reader), with
-    everything that went wrong while it loaded: console errors, uncaught exceptions, failed or
+    """One page in a fresh browser context (empty storage, as for a first-time reader),
+    with everything that went wrong while it loaded: console errors, uncaught
+    exceptions, failed or
     HTTP-error requests, and requests that left the book (aborted: the book must read offline)."""
 
     def __init__(self, browser, base: str, **context_options) -> None:
         self.base = base
-        self.context = browser.new_context(viewport={"width": 1280, "height": 900}, **context_options)
+        self.context = browser.new_context(
+            viewport={"width": 1280, "height": 900}, **context_options
+        )
         self.errors: list[str] = []
         self.external: list[str] = []
         self.context.route("**/*", self._route)
         self.page = self.context.new_page()
-        self.page.on("console", lambda m: m.type == "error" and self.errors.append(f"console error: {m.text}"))
-        self.page.on("pageerror", lambda e: self.errors.append(f"uncaught exception: {e}"))
+        self.page.on(
+            "console",
+            lambda m: (
+                m.type == "error" and self.errors.append(f"console error: {m.text}")
+            ),
+        )
+        self.page.on(
+            "pageerror", lambda e: self.errors.append(f"uncaught exception: {e}")
+        )
         self.page.on("requestfailed", self._failed)
-        self.page.on("response", lambda r: r.status >= 400 and self.errors.append(f"HTTP {r.status}: {r.url}"))
+        self.page.on(
+            "response",
+            lambda r: (
+                r.status >= 400 and self.errors.append(f"HTTP {r.status}: {r.url}")
+            ),
+        )
 
     def _route(self, route):
         url = route.request.url
@@ -265,50 +326,52 @@ def visit(browser, server):
 # In-page checks (JavaScript evaluated in the loaded page).
 
 MATH_JS = """async () => {
-  const math = [...document.querySelectorAll('div.math, span.math')];
-  const out = {math: math.length, mathjax: !!(window.MathJax && window.MathJax.startup)};
-  out.errors = [];
+  const math = [...document.querySelectorAll('div.math, span.math')]; const out = {math:
+  math.length, mathjax: !!(window.MathJax && window.MathJax.startup)}; out.errors = [];
   if (out.mathjax) {
-    await window.MathJax.startup.promise;
-    // A TeX error shows as <merror>; an undefined macro (MathJax's noundefined package) as its name in red.
-    for (const item of window.MathJax.startup.document.math) {
-      const mml = window.MathJax.startup.toMML(item.root);
-      const what = /<merror/.test(mml) ? 'a TeX error' : /<mtext mathcolor="red">\\\\/.test(mml) ? 'an undefined macro' : null;
-      if (what) out.errors.push(`${what}: ${item.math.trim().slice(0, 100)}`);
+    await window.MathJax.startup.promise; // A TeX error shows as <merror>; an undefined
+    macro (MathJax's noundefined package) as its name in red. for (const item of
+    window.MathJax.startup.document.math) {
+      const mml = window.MathJax.startup.toMML(item.root); const what =
+      /<merror/.test(mml) ? 'a TeX error' : /<mtext mathcolor="red">\\\\/.test(mml) ?
+      'an undefined macro' : null; if (what) out.errors.push(`${what}:
+      ${item.math.trim().slice(0, 100)}`);
     }
-  }
-  out.unrendered = math.filter(e => !e.querySelector('mjx-container')).map(e => e.textContent.trim().slice(0, 80));
-  out.containers = document.querySelectorAll('mjx-container').length;
-  const body = document.body.cloneNode(true);
-  body.querySelectorAll('pre, code, script, style, textarea, mjx-container, .highlight').forEach(e => e.remove());
-  out.text = body.textContent;
-  return out;
+  } out.unrendered = math.filter(e => !e.querySelector('mjx-container')).map(e =>
+  e.textContent.trim().slice(0, 80)); out.containers =
+  document.querySelectorAll('mjx-container').length; const body =
+  document.body.cloneNode(true); body.querySelectorAll('pre, code, script, style,
+  textarea, mjx-container, .highlight').forEach(e => e.remove()); out.text =
+  body.textContent; return out;
 }"""
 
 IMAGES_JS = """async () => {
   const imgs = [...document.images];
   await Promise.all(imgs.map(img => img.complete ? null :
-    new Promise(done => { img.addEventListener('load', done); img.addEventListener('error', done); })));
+    new Promise(done => { img.addEventListener('load', done);
+    img.addEventListener('error', done); })));
   const article = document.querySelector('article') || document.body;
   return imgs.map(img => ({
-    src: img.getAttribute('src'), ok: img.complete && img.naturalWidth > 0,
-    content: article.contains(img), alt: (img.getAttribute('alt') || '').trim(),
-    caption: ((img.closest('figure') || {querySelector: () => null}).querySelector('figcaption') || {textContent: ''})
+    src: img.getAttribute('src'), ok: img.complete && img.naturalWidth > 0, content:
+    article.contains(img), alt: (img.getAttribute('alt') || '').trim(), caption:
+    ((img.closest('figure') || {querySelector: () => null}).querySelector('figcaption')
+    || {textContent: ''})
       .textContent.trim(),
   }));
 }"""
 
 LINKS_JS = """() => [...document.querySelectorAll('a[href], link[rel="next"], link[rel="prev"]')].map(a => ({
-  href: a.href, raw: a.getAttribute('href'), text: a.textContent.trim().replace(/\\s+/g, ' '),
-  cls: a.className,
+  href: a.href, raw: a.getAttribute('href'), text: a.textContent.trim().replace(/\\s+/g,
+  ' '), cls: a.className,
 }))"""
 
 NUMBERS_JS = """() => {
-  const h1 = document.querySelector('article h1 .section-number, main h1 .section-number');
-  return {
-    chapter: h1 ? h1.textContent.trim() : null,
-    equations: [...document.querySelectorAll('.eqno')].map(e => e.firstChild.textContent.trim()),
-    figures: [...document.querySelectorAll('figure .caption-number')].map(e => e.textContent.trim()),
+  const h1 = document.querySelector('article h1 .section-number, main h1
+  .section-number'); return {
+    chapter: h1 ? h1.textContent.trim() : null, equations:
+    [...document.querySelectorAll('.eqno')].map(e => e.firstChild.textContent.trim()),
+    figures: [...document.querySelectorAll('figure .caption-number')].map(e =>
+    e.textContent.trim()),
   };
 }"""
 
@@ -330,7 +393,9 @@ def check_math(page) -> list[str]:
     problems += [f"equation shows {t}" for t in m["errors"]]
     for pattern, what in RAW_TEX:
         for hit in pattern.finditer(m["text"]):
-            context = m["text"][max(0, hit.start() - 40) : hit.end() + 40].replace("\n", " ")
+            context = m["text"][max(0, hit.start() - 40) : hit.end() + 40].replace(
+                "\n", " "
+            )
             problems.append(f"raw TeX ({what}) left in the text: ...{context}...")
     return problems
 
@@ -374,13 +439,26 @@ def check_links(page, base: str) -> list[str]:
             continue
         found = anchors(target)
         if fragment not in found.ids:
-            problems.append(f"{label}: no id {fragment!r} in {target.relative_to(SITE)}")
+            problems.append(
+                f"{label}: no id {fragment!r} in {target.relative_to(SITE)}"
+            )
             continue
-        # {eq} and {numref} links show the number of their target: it must be the target's number.
-        if fragment in found.numbers and NUMBER.search(link["text"]) and "headerlink" not in link["cls"]:
-            shown, actual = NUMBER.search(link["text"]).group(), NUMBER.search(found.numbers[fragment])
+        # {eq} and {numref} links show the number of their target: it must be the
+        # target's number.
+        if (
+            fragment in found.numbers
+            and NUMBER.search(link["text"])
+            and "headerlink" not in link["cls"]
+        ):
+            shown, actual = (
+                NUMBER.search(link["text"]).group(),
+                NUMBER.search(found.numbers[fragment]),
+            )
             if actual is None or shown != actual.group():
-                problems.append(f"{label} shows {shown}, but its target is numbered {found.numbers[fragment]!r}")
+                problems.append(
+                    f"{label} shows {shown}, but its target is numbered "
+                    f"{found.numbers[fragment]!r}"
+                )
     return problems
 
 
@@ -388,14 +466,20 @@ def check_numbers(page) -> list[str]:
     n = page.evaluate(NUMBERS_JS)
     problems = []
     for kind, labels in (("equation", n["equations"]), ("figure", n["figures"])):
-        numbers = [NUMBER.search(label).group() if NUMBER.search(label) else label for label in labels]
+        numbers = [
+            NUMBER.search(label).group() if NUMBER.search(label) else label
+            for label in labels
+        ]
         if len(set(numbers)) != len(numbers):
             problems.append(f"{kind} numbers repeat on this page: {labels}")
         if n["chapter"]:
             chapter = n["chapter"].rstrip(".")
             expected = [f"{chapter}.{i}" for i in range(1, len(numbers) + 1)]
             if numbers != expected:
-                problems.append(f"chapter {chapter} numbers its {kind}s {numbers}, expected {expected}")
+                problems.append(
+                    f"chapter {chapter} numbers its {kind}s {numbers}, expected "
+                    f"{expected}"
+                )
     return problems
 
 
@@ -411,11 +495,18 @@ def test_every_toc_page_is_built_and_current(site: Path):
     """Every page of _toc.yml is in the build, and no newer than its source (else `make book`)."""
     for name in toc_files():
         html_file = site / f"{name}.html"
-        assert html_file.is_file(), f"{name} is in _toc.yml but not in {site}: run `make book`"
-        sources = [ROOT / f"{name}{ext}" for ext in (".md", ".ipynb", ".rst") if (ROOT / f"{name}{ext}").is_file()]
+        assert html_file.is_file(), (
+            f"{name} is in _toc.yml but not in {site}: run `make book`"
+        )
+        sources = [
+            ROOT / f"{name}{ext}"
+            for ext in (".md", ".ipynb", ".rst")
+            if (ROOT / f"{name}{ext}").is_file()
+        ]
         if sources:
             assert html_file.stat().st_mtime >= sources[0].stat().st_mtime, (
-                f"{html_file.relative_to(ROOT)} is older than {sources[0].relative_to(ROOT)}: run `make book`"
+                f"{html_file.relative_to(ROOT)} is older than "
+                f"{sources[0].relative_to(ROOT)}: run `make book`"
             )
 
 
@@ -424,9 +515,16 @@ def test_page(visit, server, page_path: str):
     assert (SITE / page_path).is_file(), f"{page_path} was not built: run `make book`"
     v = visit()
     load(v, server + page_path)
-    problems = check_math(v.page) + check_images(v.page) + check_links(v.page, server) + check_numbers(v.page)
+    problems = (
+        check_math(v.page)
+        + check_images(v.page)
+        + check_links(v.page, server)
+        + check_numbers(v.page)
+    )
     v.page.screenshot(path=str(SHOTS / f"{shot_name(page_path)}.png"), full_page=True)
-    problems += v.errors + [f"tried to load from outside the book: {url}" for url in v.external]
+    problems += v.errors + [
+        f"tried to load from outside the book: {url}" for url in v.external
+    ]
     assert not problems, f"{page_path}:\n  " + "\n  ".join(problems)
 
 
@@ -435,13 +533,20 @@ def test_search_finds_the_term(visit, server):
     load(v, f"{server}search.html?q={SEARCH_TERM}")
     v.page.wait_for_function(
         "() => document.querySelectorAll('#search-results ul.search li').length > 0"
-        " || /did not match|no results/i.test((document.querySelector('#search-results') || {}).textContent || '')",
+        " || /did not match|no "
+        "results/i.test((document.querySelector('#search-results') || {}).textContent "
+        "|| '')",
         timeout=30_000,
     )
     results = v.page.locator("#search-results ul.search li")
     assert results.count() > 0, f"searching the book for {SEARCH_TERM!r} found nothing"
-    hits = [results.nth(i).locator("a").first.get_attribute("href") for i in range(results.count())]
-    assert any(h and ".html" in h for h in hits), f"search results link to no page: {hits}"
+    hits = [
+        results.nth(i).locator("a").first.get_attribute("href")
+        for i in range(results.count())
+    ]
+    assert any(h and ".html" in h for h in hits), (
+        f"search results link to no page: {hits}"
+    )
     v.page.screenshot(path=str(SHOTS / "search-results.png"), full_page=True)
     assert not v.errors and not v.external, v.errors + v.external
 
@@ -454,19 +559,31 @@ def test_dark_mode_toggle(visit, server):
     button = v.page.locator(".theme-switch-button:visible").first
     background = "() => getComputedStyle(document.body).backgroundColor"
     seen = {html.get_attribute("data-theme"): v.page.evaluate(background)}
-    for _ in range(3):  # the button cycles auto -> light -> dark (from wherever it starts)
+    for _ in range(
+        3
+    ):  # the button cycles auto -> light -> dark (from wherever it starts)
         button.click()
         seen[html.get_attribute("data-theme")] = v.page.evaluate(background)
-    assert {"light", "dark"} <= set(seen), f"the theme switch gave data-theme values {sorted(seen)}"
-    assert seen["light"] != seen["dark"], f"dark and light mode have the same background {seen['dark']}"
+    assert {"light", "dark"} <= set(seen), (
+        f"the theme switch gave data-theme values {sorted(seen)}"
+    )
+    assert seen["light"] != seen["dark"], (
+        f"dark and light mode have the same background {seen['dark']}"
+    )
     for _ in range(3):
         if html.get_attribute("data-theme") == "dark":
             break
         button.click()
     v.page.reload(wait_until="load")  # the reader's choice is kept
-    assert html.get_attribute("data-theme") == "dark", "dark mode was not kept across a reload"
-    v.page.evaluate("() => window.MathJax && MathJax.startup ? MathJax.startup.promise : null")
-    v.page.screenshot(path=str(SHOTS / f"{shot_name(first + '.html')}-dark.png"), full_page=True)
+    assert html.get_attribute("data-theme") == "dark", (
+        "dark mode was not kept across a reload"
+    )
+    v.page.evaluate(
+        "() => window.MathJax && MathJax.startup ? MathJax.startup.promise : null"
+    )
+    v.page.screenshot(
+        path=str(SHOTS / f"{shot_name(first + '.html')}-dark.png"), full_page=True
+    )
     assert not v.errors and not v.external, v.errors + v.external
 
 
@@ -475,10 +592,14 @@ def test_opens_offline_from_disk(visit, site: Path):
     v = visit(offline=True)
     v.page.goto((site / "index.html").as_uri(), wait_until="load")
     first = toc_files()[0]
-    v.page.wait_for_url(f"**/{first}.html", timeout=15_000)  # index.html redirects to the front page
+    v.page.wait_for_url(
+        f"**/{first}.html", timeout=15_000
+    )  # index.html redirects to the front page
     v.page.wait_for_load_state("load")
     problems = check_math(v.page) + check_images(v.page)
     count = v.page.evaluate("() => document.querySelectorAll('mjx-container').length")
     assert count > 0, f"{first}.html from disk shows no rendered equation"
-    problems += v.errors + [f"tried to load from outside the book: {url}" for url in v.external]
+    problems += v.errors + [
+        f"tried to load from outside the book: {url}" for url in v.external
+    ]
     assert not problems, "opened from disk, offline:\n  " + "\n  ".join(problems)

@@ -1,4 +1,5 @@
-"""Tests for the command line ``python -m smaso run | sweep table2 | table`` (called in-process; the
+"""Tests for the command line ``python -m smaso run | sweep table2 | table`` (called
+in-process; the
 module entry point itself runs in tests/test_experiment.py::test_a_real_kill_leaves_a_readable_checkpoint)."""
 
 import json
@@ -9,11 +10,46 @@ import torch
 from smaso.__main__ import main
 from smaso.experiment import load_results
 
-TINY = ["--dataset", "digits", "--model", "small-cnn", "--upsample", "2", "--limit-train", "200", "--limit-test",
-        "50", "--epochs", "1", "--threads", "1"]
-SWEEP = ["sweep", "table2", "--datasets", "digits", "--lrs", "1e-3,1e-4", "--seeds", "1", "--model", "small-cnn",
-         "--upsample", "3", "--limit-train", "150", "--limit-test", "50", "--epochs", "1", "--threads", "1",
-         "--bn-momentum", "0.1"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--model",
+    "small-cnn",
+    "--upsample",
+    "2",
+    "--limit-train",
+    "200",
+    "--limit-test",
+    "50",
+    "--epochs",
+    "1",
+    "--threads",
+    "1",
+]
+SWEEP = [
+    "sweep",
+    "table2",
+    "--datasets",
+    "digits",
+    "--lrs",
+    "1e-3,1e-4",
+    "--seeds",
+    "1",
+    "--model",
+    "small-cnn",
+    "--upsample",
+    "3",
+    "--limit-train",
+    "150",
+    "--limit-test",
+    "50",
+    "--epochs",
+    "1",
+    "--threads",
+    "1",
+    "--bn-momentum",
+    "0.1",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +67,9 @@ def test_run_then_skip(tmp_path, capsys):
     assert res["config"]["dataset"] == "digits" and res["config"]["limit_train"] == 200
     assert main(["run", *TINY, "--out", str(tmp_path), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "epoch 1/1" not in out and "final test accuracy" in out  # finished already: skipped
+    assert (
+        "epoch 1/1" not in out and "final test accuracy" in out
+    )  # finished already: skipped
     assert len(load_results(tmp_path)) == 1
 
 
@@ -39,20 +77,28 @@ def test_sweep_shards_list_and_table(tmp_path, capsys):
     out = ["--out", str(tmp_path)]
     assert main([*SWEEP, *out, "--list"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert listed[0] == "table2: 6 runs in all; shard 0/1: 6 runs"  # 2 lrs x (baseline, penalty, exact)
+    assert (
+        listed[0] == "table2: 6 runs in all; shard 0/1: 6 runs"
+    )  # 2 lrs x (baseline, penalty, exact)
     runs = [line.split()[1] for line in listed[1:]]
     assert all(line.startswith("todo") for line in listed[1:])
     halves = []
     for i in range(2):
         assert main([*SWEEP, *out, "--shard", f"{i}/2", "--list"]) == 0
-        halves.append([line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]])
-    assert sorted(halves[0] + halves[1]) == sorted(runs) and not set(halves[0]) & set(halves[1])
+        halves.append(
+            [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]]
+        )
+    assert sorted(halves[0] + halves[1]) == sorted(runs) and not set(halves[0]) & set(
+        halves[1]
+    )
     assert main([*SWEEP, *out, "--shard", "1/2", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "3 to train" in text and "epoch 1/1" not in text
     assert main([*SWEEP, *out, "--list"]) == 0
     status = capsys.readouterr().out.splitlines()[1:]
-    assert sorted(line.split()[1] for line in status if line.startswith("done")) == sorted(halves[1])
+    assert sorted(
+        line.split()[1] for line in status if line.startswith("done")
+    ) == sorted(halves[1])
     assert main(["table", str(tmp_path), "--json", str(tmp_path / "table.json")]) == 0
     table = capsys.readouterr().out
     assert table.startswith("| Setting | LR = 0.001 | LR = 0.0001 |")
@@ -65,13 +111,48 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["run", "--dataset", "mnist", "--out", str(tmp_path)])
     assert e.value.code == 2 and "invalid choice: 'mnist'" in capsys.readouterr().err
-    assert main(["run", *TINY, "--orthogonality", "filters", "--lam", "-1", "--out", str(tmp_path)]) == 2
-    assert "lam (the penalty weight) must be a finite number >= 0" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "run",
+                *TINY,
+                "--orthogonality",
+                "filters",
+                "--lam",
+                "-1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert (
+        "lam (the penalty weight) must be a finite number >= 0"
+        in capsys.readouterr().err
+    )
     monkeypatch.delenv("SMASO_DATA", raising=False)
-    assert main(["run", "--dataset", "svhn", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "--dataset",
+                "svhn",
+                "--data-root",
+                str(tmp_path / "none"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert "train_32x32.mat not found" in err and "--download" in err  # offline, download is off by default
-    assert main(["sweep", "table2", "--shard", "5/2", "--out", str(tmp_path), "--list"]) == 2
+    assert (
+        "train_32x32.mat not found" in err and "--download" in err
+    )  # offline, download is off by default
+    assert (
+        main(["sweep", "table2", "--shard", "5/2", "--out", str(tmp_path), "--list"])
+        == 2
+    )
     assert "0 <= i < n" in capsys.readouterr().err
     (tmp_path / "broken.json").write_text("{")
     assert main(["table", str(tmp_path)]) == 2

@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smaso.factorial import (
     configurations,
@@ -35,7 +36,12 @@ def orthogonal_slopes(K, R, D, seed=0, zero_region=False):
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=F64))
     b = D // K
-    A = torch.stack([2 * torch.randn(R, b, generator=g, dtype=F64) @ Q[k * b:(k + 1) * b] for k in range(K)])
+    A = torch.stack(
+        [
+            2 * torch.randn(R, b, generator=g, dtype=F64) @ Q[k * b : (k + 1) * b]
+            for k in range(K)
+        ]
+    )
     if zero_region:  # ReLU-like: the last region has slope 0
         A[:, -1] = 0
     B = torch.randn(K, R, generator=g, dtype=F64)
@@ -66,12 +72,16 @@ def test_joint_posterior_matches_explicit_gaussian_mixture():
     logs = []
     for t in itertools.product(range(R), repeat=K):
         mu = sum(A[k, t[k]] for k in range(K))
-        log_lik = -0.5 * D * math.log(2 * math.pi * sigma2) - ((z - mu) ** 2).sum(-1) / (2 * sigma2)
+        log_lik = -0.5 * D * math.log(2 * math.pi * sigma2) - ((z - mu) ** 2).sum(
+            -1
+        ) / (2 * sigma2)
         logs.append(log_lik + sum(math.log(pi[k, t[k]]) for k in range(K)))
     expected = torch.softmax(torch.stack(logs, dim=-1), dim=-1)
     got = joint_posterior(A, B, z, sigma2)
     assert torch.allclose(got, expected, rtol=0, atol=1e-13)
-    assert torch.allclose(joint_posterior(A, B, z[0], sigma2), expected[0], rtol=0, atol=1e-13)
+    assert torch.allclose(
+        joint_posterior(A, B, z[0], sigma2), expected[0], rtol=0, atol=1e-13
+    )
 
 
 @pytest.mark.parametrize("sigma2", [1.0, 0.3, 2.5])
@@ -80,24 +90,33 @@ def test_theorem4_orthogonal_slopes_factorise(sigma2, zero_region):
     K, R, D = 4, 3, 12
     A, B = orthogonal_slopes(K, R, D, seed=1, zero_region=zero_region)
     assert mutual_coherence(A) < 1e-12
-    z, _ = sample_factorial(A, B, 500, sigma2, generator=torch.Generator().manual_seed(2))
+    z, _ = sample_factorial(
+        A, B, 500, sigma2, generator=torch.Generator().manual_seed(2)
+    )
     P = joint_posterior(A, B, z, sigma2)
     per_unit = posterior(A, B, z, sigma2)
-    assert torch.allclose(P, product_posterior(per_unit), rtol=0, atol=1e-12)  # Theorem 4
+    assert torch.allclose(
+        P, product_posterior(per_unit), rtol=0, atol=1e-12
+    )  # Theorem 4
     assert torch.allclose(joint_marginals(P, K, R), per_unit, rtol=0, atol=1e-12)
     jm = joint_map(A, B, z, sigma2)
     assert torch.equal(jm, factorised_map(A, B, z, sigma2))  # Corollary 1, Eq. (12)
     if sigma2 == 1.0:
         assert torch.equal(jm, vq_codes(A, B, z))  # ... = the MASO hard VQ (Theorem 2)
     d = disagreement(A, B, z, sigma2)
-    assert d["map_mismatch"] == 0 and max(d["tv_factorised"], d["tv_marginals"], d["coupling"]) < 1e-10
+    assert (
+        d["map_mismatch"] == 0
+        and max(d["tv_factorised"], d["tv_marginals"], d["coupling"]) < 1e-10
+    )
 
 
 @settings(max_examples=15, deadline=None)
 @given(K=st.integers(1, 3), R=st.integers(1, 3), seed=st.integers(0, 10_000))
 def test_theorem4_property(K, R, seed):
     A, B = orthogonal_slopes(K, R, 2 * K, seed=seed)
-    z = 2 * torch.randn(50, 2 * K, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    z = 2 * torch.randn(
+        50, 2 * K, generator=torch.Generator().manual_seed(seed), dtype=F64
+    )
     P = joint_posterior(A, B, z)
     assert torch.allclose(P, product_posterior(posterior(A, B, z)), rtol=0, atol=1e-11)
 
@@ -105,17 +124,24 @@ def test_theorem4_property(K, R, seed):
 def test_non_orthogonal_slopes_do_not_factorise():
     K, R, D = 4, 3, 12
     A, B = orthogonal_slopes(K, R, D, seed=1)
-    A = 0.5 * (A + torch.randn(K, R, D, generator=torch.Generator().manual_seed(5), dtype=F64))
+    A = 0.5 * (
+        A + torch.randn(K, R, D, generator=torch.Generator().manual_seed(5), dtype=F64)
+    )
     z, _ = sample_factorial(A, B, 500, generator=torch.Generator().manual_seed(2))
     d = disagreement(A, B, z)
     assert d["coherence"] > 0.1 and d["coupling"] > 0.1
-    assert d["map_mismatch"] > 0.05 and d["tv_factorised"] > 0.05 and d["tv_marginals"] > 0.01
+    assert (
+        d["map_mismatch"] > 0.05
+        and d["tv_factorised"] > 0.05
+        and d["tv_marginals"] > 0.01
+    )
     assert not torch.equal(joint_map(A, B, z), vq_codes(A, B, z))
 
 
 def test_eq11_is_sufficient_not_necessary():
-    """A component shared by every slope makes the cross Gram blocks additive: the VQs stay
-    independent given z although the coherence is large. If the shared part is orthogonal to the
+    """A component shared by every slope makes the cross Gram blocks additive: the VQs
+    stay independent given z although the coherence is large. If the shared part is
+    orthogonal to the
     rest, the cross term is a constant and the factors are exactly the per-unit posteriors."""
     K, R, D = 3, 3, 12
     A, B = orthogonal_slopes(K, R, 9, seed=4)
@@ -139,19 +165,28 @@ def test_coupled_prior_breaks_theorem4():
     A, B = orthogonal_slopes(K, R, 4, seed=2)
     z = torch.randn(100, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
     t = configurations(K, R)
-    log_prior = torch.where(t[:, 0] == t[:, 1], 0.0, -3.0).to(F64)  # units prefer to agree
+    log_prior = torch.where(t[:, 0] == t[:, 1], 0.0, -3.0).to(
+        F64
+    )  # units prefer to agree
     P = joint_posterior(A, B, z, log_prior=log_prior)
     Pm = product_posterior(joint_marginals(P, K, R))
     assert 0.5 * (P - Pm).abs().sum(-1).mean() > 0.01
     # a product prior passed explicitly gives back the default
     lp = torch.log(region_prior(A, B))
     prod = lp[0, t[:, 0]] + lp[1, t[:, 1]]
-    assert torch.allclose(joint_posterior(A, B, z, log_prior=prod + 7.0), joint_posterior(A, B, z), atol=1e-14, rtol=0)
+    assert torch.allclose(
+        joint_posterior(A, B, z, log_prior=prod + 7.0),
+        joint_posterior(A, B, z),
+        atol=1e-14,
+        rtol=0,
+    )
 
 
 def test_joint_map_chunks_agree_with_posterior_argmax():
     g = torch.Generator().manual_seed(0)
-    A = torch.randn(6, 4, 5, generator=g, dtype=F64)  # 4096 configurations -> chunks of 1024 inputs
+    A = torch.randn(
+        6, 4, 5, generator=g, dtype=F64
+    )  # 4096 configurations -> chunks of 1024 inputs
     B = torch.randn(6, 4, generator=g, dtype=F64)
     z = torch.randn(1100, 5, generator=g, dtype=F64)
     t = configurations(6, 4)
@@ -172,9 +207,12 @@ def test_marginals_and_products_small_case():
 
 
 def test_mutual_coherence_and_coupling_hand_cases():
-    A = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [0.0, 0.0]]], dtype=F64)  # ReLU-like, zero slopes
+    A = torch.tensor(
+        [[[1.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [0.0, 0.0]]], dtype=F64
+    )  # ReLU-like, zero slopes
     assert math.isclose(mutual_coherence(A).item(), 1 / math.sqrt(2), rel_tol=1e-12)
-    # cross block G = [[1, 0], [0, 0]]: double-centred [[.25, -.25], [-.25, .25]], norm 0.5
+    # cross block G = [[1, 0], [0, 0]]: double-centred [[.25, -.25], [-.25, .25]], norm
+    # 0.5
     C = coupling(A)
     assert torch.allclose(C, torch.tensor([[0.0, 0.5], [0.5, 0.0]], dtype=F64))
     assert mutual_coherence(A[:1]).item() == 0.0
@@ -184,10 +222,22 @@ def test_mutual_coherence_and_coupling_hand_cases():
 
 def test_sample_factorial_reproducible_and_prior():
     A, B = orthogonal_slopes(2, 3, 4, seed=0)
-    z1, t1 = sample_factorial(A, B, 20000, 0.5, generator=torch.Generator().manual_seed(0))
-    z2, t2 = sample_factorial(A, B, 20000, 0.5, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(z1, z2) and torch.equal(t1, t2) and z1.shape == (20000, 4) and t1.shape == (20000, 2)
-    freq = torch.stack([torch.bincount(t1[:, k], minlength=3) for k in range(2)]).double() / 20000
+    z1, t1 = sample_factorial(
+        A, B, 20000, 0.5, generator=torch.Generator().manual_seed(0)
+    )
+    z2, t2 = sample_factorial(
+        A, B, 20000, 0.5, generator=torch.Generator().manual_seed(0)
+    )
+    assert (
+        torch.equal(z1, z2)
+        and torch.equal(t1, t2)
+        and z1.shape == (20000, 4)
+        and t1.shape == (20000, 2)
+    )
+    freq = (
+        torch.stack([torch.bincount(t1[:, k], minlength=3) for k in range(2)]).double()
+        / 20000
+    )
     assert torch.allclose(freq, region_prior(A, B), atol=0.02)
     resid = z1 - A[0, t1[:, 0]] - A[1, t1[:, 1]]
     assert abs(resid.var().item() - 0.5) < 0.03

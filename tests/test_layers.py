@@ -6,11 +6,21 @@ import pytest
 import torch
 from torch import nn
 
-from smaso.layers import Abs, Maxout, affine_params, layer_maso, region_affine_map, split_layers
+from smaso.layers import (
+    Abs,
+    Maxout,
+    affine_params,
+    layer_maso,
+    region_affine_map,
+    split_layers,
+)
 from smaso.maso import hard_vq, maso
 
 DTYPES = [torch.float32, torch.float64]
-TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}
+TOL = {
+    torch.float32: dict(atol=1e-6, rtol=1e-5),
+    torch.float64: dict(atol=1e-12, rtol=1e-12),
+}
 
 
 def _randomise_bn(m, g):
@@ -23,19 +33,26 @@ def _randomise_bn(m, g):
     return m.eval()
 
 
-# Each case: rng -> (modules, input_shape, expected R). Shapes are drawn from a seeded rng.
+# Each case: rng -> (modules, input_shape, expected R). Shapes are drawn from a seeded
+# rng.
 def _lin(act, R, out_mult=1):
     def build(rng, g):
         d, k = rng.randint(3, 8), rng.randint(2, 6) * out_mult
         return [nn.Linear(d, k), act()], (d,), R
+
     return build
 
 
 def _conv(act, R, **kw):
     def build(rng, g):
         groups = kw.get("groups", 1)
-        c, o, h = rng.randint(1, 3) * groups, rng.randint(1, 3) * groups, rng.randint(6, 8)
+        c, o, h = (
+            rng.randint(1, 3) * groups,
+            rng.randint(1, 3) * groups,
+            rng.randint(6, 8),
+        )
         return [nn.Conv2d(c, o, **kw), act()], (c, h, h + 1), R
+
     return build
 
 
@@ -43,6 +60,7 @@ def _case(mods_fn, R):
     def build(rng, g):
         c, h = rng.randint(1, 3), rng.randint(6, 8)
         return mods_fn(c, g), (c, h, h), R
+
     return build
 
 
@@ -54,31 +72,90 @@ CASES = {
     "linear-abs": _lin(Abs, 2),
     "linear-identity": _lin(nn.Identity, 1),
     "linear-maxout3": _lin(lambda: Maxout(3), 3, out_mult=3),
-    "linear-nobias-relu": lambda rng, g: ([nn.Linear(5, 4, bias=False), nn.ReLU()], (5,), 2),
-    "linear-bn1d-abs": lambda rng, g: ([nn.Linear(5, 6), _randomise_bn(nn.BatchNorm1d(6), g), Abs()], (5,), 2),
-    "flatten-linear-relu": lambda rng, g: ([nn.Flatten(), nn.Linear(12, 5), nn.ReLU()], (3, 2, 2), 2),
+    "linear-nobias-relu": lambda rng, g: (
+        [nn.Linear(5, 4, bias=False), nn.ReLU()],
+        (5,),
+        2,
+    ),
+    "linear-bn1d-abs": lambda rng, g: (
+        [nn.Linear(5, 6), _randomise_bn(nn.BatchNorm1d(6), g), Abs()],
+        (5,),
+        2,
+    ),
+    "flatten-linear-relu": lambda rng, g: (
+        [nn.Flatten(), nn.Linear(12, 5), nn.ReLU()],
+        (3, 2, 2),
+        2,
+    ),
     "conv-relu": _conv(nn.ReLU, 2, kernel_size=3),
     "conv-s2p1-abs": _conv(Abs, 2, kernel_size=3, stride=2, padding=1),
-    "conv-dil-groups-nobias-leaky": _conv(lambda: nn.LeakyReLU(0.2), 2, kernel_size=3,
-                                          padding=2, dilation=2, groups=2, bias=False),
-    "conv-rect-reflect-relu": _conv(nn.ReLU, 2, kernel_size=(3, 2), stride=(2, 1),
-                                    padding=(1, 0), padding_mode="reflect"),
+    "conv-dil-groups-nobias-leaky": _conv(
+        lambda: nn.LeakyReLU(0.2),
+        2,
+        kernel_size=3,
+        padding=2,
+        dilation=2,
+        groups=2,
+        bias=False,
+    ),
+    "conv-rect-reflect-relu": _conv(
+        nn.ReLU,
+        2,
+        kernel_size=(3, 2),
+        stride=(2, 1),
+        padding=(1, 0),
+        padding_mode="reflect",
+    ),
     "conv-depthwise-abs": _conv(Abs, 2, kernel_size=3, padding=1, groups=3),
-    "conv-relu-maxpool2": _case(lambda c, g: [nn.Conv2d(c, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)], 8),
-    "conv-relu-maxpool3s2p1": _case(lambda c, g: [nn.Conv2d(c, 2, 3, padding=1), nn.ReLU(),
-                                                  nn.MaxPool2d(3, stride=2, padding=1)], 18),
-    "conv-abs-maxpool2-ceil": _case(lambda c, g: [nn.Conv2d(c, 2, 2), Abs(), nn.MaxPool2d(2, ceil_mode=True)], 8),
-    "conv-maxpool-dilated": _case(lambda c, g: [nn.Conv2d(c, 2, 3), nn.MaxPool2d(2, stride=1, dilation=2)], 4),
-    "conv-avgpool2-affine": _case(lambda c, g: [nn.Conv2d(c, 3, 3, padding=1), nn.AvgPool2d(2)], 1),
-    "conv-relu-avgpool2": _case(lambda c, g: [nn.Conv2d(c, 2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)], 16),
-    "conv-leaky-avgpool2-pad-exclude": _case(lambda c, g: [nn.Conv2d(c, 2, 3), nn.LeakyReLU(0.3),
-                                                           nn.AvgPool2d(2, stride=2, padding=1,
-                                                                        count_include_pad=False)], 16),
-    "conv-bn2d-relu": _case(lambda c, g: [nn.Conv2d(c, 3, 3), _randomise_bn(nn.BatchNorm2d(3), g), nn.ReLU()], 2),
-    "conv-maxout2-maxpool2": _case(lambda c, g: [nn.Conv2d(c, 4, 3, padding=1), Maxout(2), nn.MaxPool2d(2)], 8),
-    "conv-relu-maxpool2-flatten": _case(lambda c, g: [nn.Conv2d(c, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()], 8),
+    "conv-relu-maxpool2": _case(
+        lambda c, g: [nn.Conv2d(c, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)], 8
+    ),
+    "conv-relu-maxpool3s2p1": _case(
+        lambda c, g: [
+            nn.Conv2d(c, 2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        ],
+        18,
+    ),
+    "conv-abs-maxpool2-ceil": _case(
+        lambda c, g: [nn.Conv2d(c, 2, 2), Abs(), nn.MaxPool2d(2, ceil_mode=True)], 8
+    ),
+    "conv-maxpool-dilated": _case(
+        lambda c, g: [nn.Conv2d(c, 2, 3), nn.MaxPool2d(2, stride=1, dilation=2)], 4
+    ),
+    "conv-avgpool2-affine": _case(
+        lambda c, g: [nn.Conv2d(c, 3, 3, padding=1), nn.AvgPool2d(2)], 1
+    ),
+    "conv-relu-avgpool2": _case(
+        lambda c, g: [nn.Conv2d(c, 2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)], 16
+    ),
+    "conv-leaky-avgpool2-pad-exclude": _case(
+        lambda c, g: [
+            nn.Conv2d(c, 2, 3),
+            nn.LeakyReLU(0.3),
+            nn.AvgPool2d(2, stride=2, padding=1, count_include_pad=False),
+        ],
+        16,
+    ),
+    "conv-bn2d-relu": _case(
+        lambda c, g: [
+            nn.Conv2d(c, 3, 3),
+            _randomise_bn(nn.BatchNorm2d(3), g),
+            nn.ReLU(),
+        ],
+        2,
+    ),
+    "conv-maxout2-maxpool2": _case(
+        lambda c, g: [nn.Conv2d(c, 4, 3, padding=1), Maxout(2), nn.MaxPool2d(2)], 8
+    ),
+    "conv-relu-maxpool2-flatten": _case(
+        lambda c, g: [nn.Conv2d(c, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()], 8
+    ),
     "maxpool-only": _case(lambda c, g: [nn.MaxPool2d(2)], 4),
-    "conv-relu-flatten": _case(lambda c, g: [nn.Conv2d(c, 2, 3), nn.ReLU(), nn.Flatten()], 2),
+    "conv-relu-flatten": _case(
+        lambda c, g: [nn.Conv2d(c, 2, 3), nn.ReLU(), nn.Flatten()], 2
+    ),
 }
 
 
@@ -109,7 +186,9 @@ def test_layer_maso_matches_torch(name, dtype):
 def test_relu_regions_are_active_then_inactive(dtype):
     lin = nn.Linear(4, 3).to(dtype)
     A, B = layer_maso([lin, nn.ReLU()], (4,))
-    assert torch.equal(A[:, 0], lin.weight.detach()) and torch.equal(B[:, 0], lin.bias.detach())
+    assert torch.equal(A[:, 0], lin.weight.detach()) and torch.equal(
+        B[:, 0], lin.bias.detach()
+    )
     assert not bool(A[:, 1].any()) and not bool(B[:, 1].any())
     x = torch.randn(100, 4, dtype=dtype)
     active = (lin(x) > 0).detach()
@@ -124,7 +203,9 @@ def test_affine_params(dtype):
     assert W.shape == (3 * 4 * 3, 2 * 7 * 6) and b.shape == (36,)
     assert W.dtype == dtype and not W.requires_grad
     x = torch.randn(5, 2, 7, 6, dtype=dtype)
-    torch.testing.assert_close(x.reshape(5, -1) @ W.T + b, conv(x).reshape(5, -1).detach(), **TOL[dtype])
+    torch.testing.assert_close(
+        x.reshape(5, -1) @ W.T + b, conv(x).reshape(5, -1).detach(), **TOL[dtype]
+    )
     # b is the bias broadcast over positions; no-bias conv gives b = 0
     assert torch.equal(b.reshape(3, 12), conv.bias.detach()[:, None].expand(3, 12))
     W0, b0 = affine_params(nn.Conv2d(2, 3, 3, bias=False).to(dtype), (2, 5, 5))
@@ -135,7 +216,11 @@ def test_affine_params(dtype):
     assert torch.equal(W, lin.weight.detach()) and torch.equal(b, lin.bias.detach())
     # parameter-free AvgPool2d uses the requested dtype
     W, b = affine_params(nn.AvgPool2d(2), (1, 4, 4), dtype=dtype)
-    assert W.dtype == dtype and torch.equal(W.sum(1), torch.ones(4, dtype=dtype)) and not bool(b.any())
+    assert (
+        W.dtype == dtype
+        and torch.equal(W.sum(1), torch.ones(4, dtype=dtype))
+        and not bool(b.any())
+    )
 
 
 def test_modules_abs_maxout():
@@ -156,31 +241,63 @@ def _mlp():
 
 
 def _convnet():
-    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(3, 4, 3), Abs(), nn.Flatten(), nn.Linear(16, 3))
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3),
+        Abs(),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    )
 
 
 def _poolnet():  # includes a parameter-free MASO layer [MaxPool2d, Flatten]
-    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.LeakyReLU(0.1), nn.AvgPool2d(2), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(8, 2))
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.LeakyReLU(0.1),
+        nn.AvgPool2d(2),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
 
 
 def test_split_layers():
     groups = split_layers(_convnet())
     assert [[type(m).__name__ for m in g] for g in groups] == [
-        ["Conv2d", "ReLU", "MaxPool2d"], ["Conv2d", "Abs", "Flatten"], ["Linear"]]
-    nested = nn.Sequential(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), nn.Linear(3, 3),
-                           nn.BatchNorm1d(3), nn.LeakyReLU(), nn.BatchNorm1d(3), nn.Linear(3, 2))
+        ["Conv2d", "ReLU", "MaxPool2d"],
+        ["Conv2d", "Abs", "Flatten"],
+        ["Linear"],
+    ]
+    nested = nn.Sequential(
+        nn.Sequential(nn.Linear(3, 3), nn.ReLU()),
+        nn.Linear(3, 3),
+        nn.BatchNorm1d(3),
+        nn.LeakyReLU(),
+        nn.BatchNorm1d(3),
+        nn.Linear(3, 2),
+    )
     assert [len(g) for g in split_layers(nested)] == [2, 3, 2]
     # AvgPool after a nonlinearity is pooling; a second pooling starts a new layer
-    seq = [nn.Conv2d(1, 1, 1), nn.ReLU(), nn.AvgPool2d(2), nn.MaxPool2d(2), nn.Conv2d(1, 1, 1), nn.AvgPool2d(2)]
+    seq = [
+        nn.Conv2d(1, 1, 1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.MaxPool2d(2),
+        nn.Conv2d(1, 1, 1),
+        nn.AvgPool2d(2),
+    ]
     assert [len(g) for g in split_layers(seq)] == [3, 1, 2]
     assert [len(g) for g in split_layers(_poolnet())] == [3, 2, 1]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("net,shape", [(_mlp, (6,)), (_convnet, (2, 8, 8)), (_poolnet, (1, 8, 8))],
-                         ids=["mlp", "convnet", "poolnet"])
+@pytest.mark.parametrize(
+    "net,shape",
+    [(_mlp, (6,)), (_convnet, (2, 8, 8)), (_poolnet, (1, 8, 8))],
+    ids=["mlp", "convnet", "poolnet"],
+)
 def test_region_affine_map(net, shape, dtype):
     torch.manual_seed(3)
     seq = net().to(dtype)
@@ -191,7 +308,9 @@ def test_region_affine_map(net, shape, dtype):
             y = seq(x[None]).reshape(-1)
         assert Ax.shape == (y.numel(), x.numel()) and Bx.shape == (y.numel(),)
         torch.testing.assert_close(Ax @ x.reshape(-1) + Bx, y, **TOL[dtype])
-        J = torch.func.jacrev(lambda v: seq(v.reshape((1,) + shape)).reshape(-1))(x.reshape(-1)).detach()
+        J = torch.func.jacrev(lambda v: seq(v.reshape((1,) + shape)).reshape(-1))(
+            x.reshape(-1)
+        ).detach()
         torch.testing.assert_close(Ax, J, **TOL[dtype])
         # the same affine map is valid on a small neighbourhood of x (same region)
         x2 = x + 1e-7 * torch.randn(shape, dtype=dtype)
@@ -204,7 +323,9 @@ def test_region_affine_map_is_piecewise():
     """Different inputs generally fall in different regions, hence different slopes."""
     torch.manual_seed(4)
     seq = _mlp().double()
-    maps = [region_affine_map(seq, torch.randn(6, dtype=torch.float64))[0] for _ in range(5)]
+    maps = [
+        region_affine_map(seq, torch.randn(6, dtype=torch.float64))[0] for _ in range(5)
+    ]
     assert any(not torch.allclose(maps[0], m) for m in maps[1:])
 
 
@@ -221,7 +342,9 @@ def test_errors():
     with pytest.raises(ValueError, match="training mode"):
         affine_params(nn.BatchNorm2d(2), (2, 3, 3))
     conv = nn.Conv2d(1, 1, 3, padding=1)
-    with pytest.raises(ValueError, match=r"R = 2\*\*9 = 512 regions per unit > max_regions = 100"):
+    with pytest.raises(
+        ValueError, match=r"R = 2\*\*9 = 512 regions per unit > max_regions = 100"
+    ):
         layer_maso([conv, nn.ReLU(), nn.AvgPool2d(3)], (1, 6, 6), max_regions=100)
     with pytest.raises(ValueError, match="max_regions"):
         layer_maso([conv, nn.ReLU(), nn.MaxPool2d(3)], (1, 6, 6), max_regions=10)

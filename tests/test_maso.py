@@ -16,7 +16,10 @@ from smaso.maso import (
 )
 
 DTYPES = [torch.float32, torch.float64]
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float64: dict(atol=1e-12, rtol=1e-12),
+}
 
 
 def rand_params(K, R, D, N, dtype, seed=0, bias_scale=1.0):
@@ -97,7 +100,9 @@ def test_ties_go_to_lowest_index():
     assert torch.equal(codes[:, 0], torch.zeros(5, dtype=torch.long))
     assert torch.equal(codes[:, 1], torch.ones(5, dtype=torch.long))
     T = hard_vq(A, B, z)
-    assert torch.equal(T[:, 1], torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64).expand(5, 4))
+    assert torch.equal(
+        T[:, 1], torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64).expand(5, 4)
+    )
     # duplicated pieces (e.g. ReLU written as [w, 0, w]) -> first copy wins
     w = torch.tensor([1.0, -2.0, 0.5])
     A2 = torch.stack([torch.zeros(3), w, w])[None]
@@ -116,7 +121,9 @@ def test_unbatched_input(dtype):
         assert torch.equal(vq_codes(A, B, z[n]), vq_codes(A, B, z)[n])
         assert scores(A, B, z[n]).shape == (3, 4)
         T = hard_vq(A, B, z[n])
-        torch.testing.assert_close(apply_vq(A, B, z[n], T), maso(A, B, z[n]), **TOL[dtype])
+        torch.testing.assert_close(
+            apply_vq(A, B, z[n], T), maso(A, B, z[n]), **TOL[dtype]
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -128,7 +135,9 @@ def test_apply_vq_with_soft_and_broadcast_T(dtype):
     torch.testing.assert_close(out, (T * s).sum(-1), **TOL[dtype])
     # Eq. (15)-(16) also hold for soft T (linearity)
     AT, BT = region_affine(A, B, T)
-    torch.testing.assert_close(out, torch.einsum("nkd,nd->nk", AT, z) + BT, **TOL[dtype])
+    torch.testing.assert_close(
+        out, torch.einsum("nkd,nd->nk", AT, z) + BT, **TOL[dtype]
+    )
     # a soft VQ gives at most the hard output (convex combination of the pieces)
     assert bool((out <= maso(A, B, z) + 1e-6).all())
     assert bool((out < maso(A, B, z) - 1e-3).any())
@@ -145,7 +154,9 @@ def test_proposition_1_kmeans(dtype):
     A = torch.randn(5, 4, 3, generator=g, dtype=dtype)
     z = 1.5 * torch.randn(4000, 3, generator=g, dtype=dtype)
     B = kmeans_offsets(A)
-    torch.testing.assert_close(B, -0.5 * torch.linalg.vector_norm(A, dim=-1) ** 2, **TOL[dtype])
+    torch.testing.assert_close(
+        B, -0.5 * torch.linalg.vector_norm(A, dim=-1) ** 2, **TOL[dtype]
+    )
     codes = vq_codes(A, B, z)
     nc = nearest_centroid(A, z)
     assert nc.shape == (4000, 5) and nc.dtype == torch.long
@@ -166,7 +177,10 @@ def test_proposition_1_kmeans(dtype):
 def test_kmeans_without_offsets_differs():
     """Prop. 1 needs its offsets: with B = 0 the VQ is not nearest-centroid."""
     g = torch.Generator().manual_seed(2)
-    A = torch.randn(3, 4, 2, generator=g, dtype=torch.float64) * torch.tensor([0.2, 1.0, 2.0, 3.0])[:, None].double()
+    A = (
+        torch.randn(3, 4, 2, generator=g, dtype=torch.float64)
+        * torch.tensor([0.2, 1.0, 2.0, 3.0])[:, None].double()
+    )
     z = torch.randn(1000, 2, generator=g, dtype=torch.float64)
     B = torch.zeros(3, 4, dtype=torch.float64)
     assert bool((vq_codes(A, B, z) != nearest_centroid(A, z)).any())
@@ -179,29 +193,96 @@ def _bad_inputs():
     inf_z = z.clone()
     inf_z[1, 0] = float("inf")
     return [
-        ("A ndim", lambda: maso(A[0], B, z), ValueError, r"A must have shape \(K, R, D\)"),
-        ("B shape", lambda: maso(A, B[:, :3], z), ValueError, r"B must have shape \(K, R\) = \(3, 4\)"),
+        (
+            "A ndim",
+            lambda: maso(A[0], B, z),
+            ValueError,
+            r"A must have shape \(K, R, D\)",
+        ),
+        (
+            "B shape",
+            lambda: maso(A, B[:, :3], z),
+            ValueError,
+            r"B must have shape \(K, R\) = \(3, 4\)",
+        ),
         ("B ndim", lambda: maso(A, B[0], z), ValueError, r"B must have shape \(K, R\)"),
         ("z dim", lambda: maso(A, B, z[:, :4]), ValueError, r"last dimension 4.*D = 5"),
-        ("z ndim", lambda: maso(A, B, z[None]), ValueError, r"z must have shape \(N, D\) or \(D,\)"),
+        (
+            "z ndim",
+            lambda: maso(A, B, z[None]),
+            ValueError,
+            r"z must have shape \(N, D\) or \(D,\)",
+        ),
         ("R = 0", lambda: maso(A[:, :0], B[:, :0], z), ValueError, r"R = 0 regions"),
         ("K = 0", lambda: maso(A[:0], B[:0], z), ValueError, r"K = 0 units"),
         ("nan", lambda: maso(A, B, nan_z), ValueError, r"NaN"),
         ("inf", lambda: hard_vq(A, B, inf_z), ValueError, r"NaN or inf"),
-        ("dtype z", lambda: maso(A, B, z.double()), ValueError, r"dtype mismatch: z is torch.float64"),
-        ("dtype B", lambda: maso(A, B.double(), z), ValueError, r"dtype mismatch: A is torch.float32 but B is torch.float64"),
-        ("int z", lambda: maso(A, B, z.long()), ValueError, r"z must be floating point"),
-        ("int A", lambda: maso(A.long(), B.long(), z), ValueError, r"A must be floating point"),
-        ("T shape", lambda: apply_vq(A, B, z, torch.ones(2, 3, 3)), ValueError, r"T must have shape .*\(3, 4\).*got \(2, 3, 3\)"),
-        ("T batch", lambda: apply_vq(A, B, z, torch.ones(5, 3, 4)), ValueError, r"T has batch size 5"),
-        ("T dtype", lambda: apply_vq(A, B, z, torch.ones(2, 3, 4, dtype=torch.float64)), ValueError, r"dtype mismatch: T"),
-        ("T region_affine", lambda: region_affine(A, B, torch.ones(3, 5)), ValueError, r"T must have shape"),
-        ("not tensor", lambda: maso(A.numpy(), B, z), TypeError, r"A must be a torch.Tensor"),
-        ("not tensor z", lambda: maso(A, B, [1.0] * 5), TypeError, r"z must be a torch.Tensor"),
+        (
+            "dtype z",
+            lambda: maso(A, B, z.double()),
+            ValueError,
+            r"dtype mismatch: z is torch.float64",
+        ),
+        (
+            "dtype B",
+            lambda: maso(A, B.double(), z),
+            ValueError,
+            r"dtype mismatch: A is torch.float32 but B is torch.float64",
+        ),
+        (
+            "int z",
+            lambda: maso(A, B, z.long()),
+            ValueError,
+            r"z must be floating point",
+        ),
+        (
+            "int A",
+            lambda: maso(A.long(), B.long(), z),
+            ValueError,
+            r"A must be floating point",
+        ),
+        (
+            "T shape",
+            lambda: apply_vq(A, B, z, torch.ones(2, 3, 3)),
+            ValueError,
+            r"T must have shape .*\(3, 4\).*got \(2, 3, 3\)",
+        ),
+        (
+            "T batch",
+            lambda: apply_vq(A, B, z, torch.ones(5, 3, 4)),
+            ValueError,
+            r"T has batch size 5",
+        ),
+        (
+            "T dtype",
+            lambda: apply_vq(A, B, z, torch.ones(2, 3, 4, dtype=torch.float64)),
+            ValueError,
+            r"dtype mismatch: T",
+        ),
+        (
+            "T region_affine",
+            lambda: region_affine(A, B, torch.ones(3, 5)),
+            ValueError,
+            r"T must have shape",
+        ),
+        (
+            "not tensor",
+            lambda: maso(A.numpy(), B, z),
+            TypeError,
+            r"A must be a torch.Tensor",
+        ),
+        (
+            "not tensor z",
+            lambda: maso(A, B, [1.0] * 5),
+            TypeError,
+            r"z must be a torch.Tensor",
+        ),
     ]
 
 
-@pytest.mark.parametrize("name,fn,exc,match", _bad_inputs(), ids=[c[0] for c in _bad_inputs()])
+@pytest.mark.parametrize(
+    "name,fn,exc,match", _bad_inputs(), ids=[c[0] for c in _bad_inputs()]
+)
 def test_bad_inputs(name, fn, exc, match):
     with pytest.raises(exc, match=match):
         fn()

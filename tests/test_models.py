@@ -9,20 +9,33 @@ from smaso.models import large_cnn, num_parameters
 from smaso.orthogonal import orthogonal_layers, register_orthogonal
 
 # (in, out, kernel, stride, padding) of the nine convolutions listed in Appendix D
-LISTING = [(3, 96, 3, 1, 1), (96, 96, 3, 1, 1), (96, 96, 3, 2, 1), (96, 192, 3, 1, 1), (192, 192, 3, 1, 1),
-           (192, 192, 3, 2, 1), (192, 192, 3, 1, 0), (192, 192, 1, 1, 0), (192, 10, 1, 1, 0)]
+LISTING = [
+    (3, 96, 3, 1, 1),
+    (96, 96, 3, 1, 1),
+    (96, 96, 3, 2, 1),
+    (96, 192, 3, 1, 1),
+    (192, 192, 3, 1, 1),
+    (192, 192, 3, 2, 1),
+    (192, 192, 3, 1, 0),
+    (192, 192, 1, 1, 0),
+    (192, 10, 1, 1, 0),
+]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
 
 
 def test_large_cnn_matches_appendix_d():
     model = large_cnn()
     assert isinstance(model, nn.Sequential)
     convs = [m for m in model if isinstance(m, nn.Conv2d)]
-    got = [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0]) for c in convs]
+    got = [
+        (c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0])
+        for c in convs
+    ]
     assert got == LISTING
-    assert all(c.bias is not None and c.kernel_size[0] == c.kernel_size[1] for c in convs)
+    assert all(
+        c.bias is not None and c.kernel_size[0] == c.kernel_size[1] for c in convs
+    )
     kinds = [type(m).__name__ for m in model]
     assert kinds == ["Conv2d", "ReLU"] * 8 + ["Conv2d", "AdaptiveAvgPool2d", "Flatten"]
     expected = sum(cout * (cin * k * k + 1) for cin, cout, k, _, _ in LISTING)
@@ -37,7 +50,10 @@ def test_large_cnn_shapes_and_options():
     feats = model[:-3](x)
     assert feats.shape == (2, 192, 6, 6)  # 32 -> 16 -> 8 -> 6 (valid 3x3)
     assert model(x).shape == (2, 100)
-    assert model(torch.randn(1, 1, 9, 9)).shape == (1, 100)  # the smallest input it accepts
+    assert model(torch.randn(1, 1, 9, 9)).shape == (
+        1,
+        100,
+    )  # the smallest input it accepts
     assert num_parameters(model) == 1_369_738 - 2 * 96 * 9 - 10 * 193 + 100 * 193
 
 
@@ -49,7 +65,9 @@ def test_large_cnn_exactly_orthogonal():
     for m in layers:
         F = m.weight.detach().reshape(m.out_channels, -1)
         small = min(F.shape)
-        gram = F @ F.T if F.shape[0] <= F.shape[1] else F.T @ F  # first conv: 96 filters in R^27
+        gram = (
+            F @ F.T if F.shape[0] <= F.shape[1] else F.T @ F
+        )  # first conv: 96 filters in R^27
         assert (gram - torch.eye(small)).abs().max() < 1e-5
     assert num_parameters(model) == 1_369_738  # the raw weights are the parameters
 
@@ -65,22 +83,38 @@ def test_large_cnn_bad_arguments():
         num_parameters("model")
 
 
-# ------------------------------------------------------------------ the authors' code: smallCNN, largeCNN
+# ------------------------------------------------------------------ the authors' code:
+# smallCNN, largeCNN
+
+from torch.nn.utils import parametrize
 
 from smaso.activations import BetaVQReLU
 from smaso.models import ORTHOGONALITY, extra_loss, large_cnn_code, small_cnn
-from torch.nn.utils import parametrize
 
 # (in, out, kernel, padding) of the convolutions, and whether a 2x2 max-pool follows
-SMALL = {1: [(3, 32, 3, 0, True), (32, 64, 3, 0, True), (64, 128, 1, 0, False)],
-         2: [(3, 32, 5, 0, True), (32, 64, 3, 0, True), (64, 128, 3, 0, False)]}
-LARGE_TAIL = [(96, 96, 3, 2, False), (96, 96, 3, 2, True), (96, 192, 3, 0, False), (192, 192, 3, 2, False),
-              (192, 192, 3, 0, True), (192, 192, 3, 0, False), (192, 192, 1, 0, False)]
-LARGE = {1: [(3, 96, 3, 1, False)] + LARGE_TAIL, 2: [(3, 64, 5, 2, False), (64, 96, 3, 2, False)] + LARGE_TAIL[1:]}
+SMALL = {
+    1: [(3, 32, 3, 0, True), (32, 64, 3, 0, True), (64, 128, 1, 0, False)],
+    2: [(3, 32, 5, 0, True), (32, 64, 3, 0, True), (64, 128, 3, 0, False)],
+}
+LARGE_TAIL = [
+    (96, 96, 3, 2, False),
+    (96, 96, 3, 2, True),
+    (96, 192, 3, 0, False),
+    (192, 192, 3, 2, False),
+    (192, 192, 3, 0, True),
+    (192, 192, 3, 0, False),
+    (192, 192, 1, 0, False),
+]
+LARGE = {
+    1: [(3, 96, 3, 1, False)] + LARGE_TAIL,
+    2: [(3, 64, 5, 2, False), (64, 96, 3, 2, False)] + LARGE_TAIL[1:],
+}
 
 
 def _count(spec, classes, dense_bias):
-    convs = sum(cout * (cin * k * k + 1) + 2 * cout for cin, cout, k, _, _ in spec)  # weights, biases, BN affine
+    convs = sum(
+        cout * (cin * k * k + 1) + 2 * cout for cin, cout, k, _, _ in spec
+    )  # weights, biases, BN affine
     return convs + spec[-1][1] * classes + (classes if dense_bias else 0)
 
 
@@ -89,8 +123,10 @@ def _conv_spec(model):
     out = []
     for i, m in enumerate(mods):
         if isinstance(m, nn.Conv2d):
-            pool = any(isinstance(n, nn.MaxPool2d) for n in mods[i + 1:i + 4])
-            out.append((m.in_channels, m.out_channels, m.kernel_size[0], m.padding[0], pool))
+            pool = any(isinstance(n, nn.MaxPool2d) for n in mods[i + 1 : i + 4])
+            out.append(
+                (m.in_channels, m.out_channels, m.kernel_size[0], m.padding[0], pool)
+            )
     return out
 
 
@@ -103,7 +139,9 @@ def test_small_cnn_matches_the_authors_code(version):
     assert kinds[-3:] == ["AdaptiveAvgPool2d", "Flatten", "Linear"]
     assert (model[-1].bias is not None) == (version == 2)
     n = num_parameters(model)
-    assert n == _count(SMALL[version], 10, version == 2) == {1: 29_440, 2: 96_522}[version]
+    assert (
+        n == _count(SMALL[version], 10, version == 2) == {1: 29_440, 2: 96_522}[version]
+    )
     print(f"smallCNN version {version}: {n:,} parameters")
     torch.manual_seed(0)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
@@ -119,25 +157,49 @@ def test_large_cnn_code_matches_the_authors_code(version):
     model = large_cnn_code(version=version, num_classes=100)
     assert _conv_spec(model) == LARGE[version]
     bns = [m for m in model if isinstance(m, nn.BatchNorm2d)]
-    assert len(bns) == 8 and all(b.eps == 1e-3 and b.momentum == 0.01 for b in bns)  # TensorFlow's defaults
+    assert len(bns) == 8 and all(
+        b.eps == 1e-3 and b.momentum == 0.01 for b in bns
+    )  # TensorFlow's defaults
     n = num_parameters(model)
     assert n == _count(LARGE[version], 100, version == 2)
-    assert num_parameters(large_cnn_code(version=version)) == {1: 1_372_224, 2: 1_346_698}[version]
-    print(f"largeCNN (authors' code) version {version}: {n:,} parameters with 100 classes")
+    assert (
+        num_parameters(large_cnn_code(version=version))
+        == {1: 1_372_224, 2: 1_346_698}[version]
+    )
+    print(
+        f"largeCNN (authors' code) version {version}: {n:,} parameters with 100 classes"
+    )
     sizes = []
-    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1])) for m in model if isinstance(m, nn.Conv2d)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+        for m in model
+        if isinstance(m, nn.Conv2d)
+    ]
     torch.manual_seed(0)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
-    assert sizes == [32, 34, 36, 16, 18, 16, 6, 6]  # 'full' grows, max-pool halves (36 -> 18, 16 -> 8)
+    assert sizes == [
+        32,
+        34,
+        36,
+        16,
+        18,
+        16,
+        6,
+        6,
+    ]  # 'full' grows, max-pool halves (36 -> 18, 16 -> 8)
     for h in hooks:
         h.remove()
     conv = [m for m in model if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert all(float(m.bias.detach().abs().max()) == 0 for m in conv if m.bias is not None)  # zero-initialised biases
+    assert all(
+        float(m.bias.detach().abs().max()) == 0 for m in conv if m.bias is not None
+    )  # zero-initialised biases
 
 
 def test_version_2_is_the_one_gram_schmidt_can_orthogonalise():
     for build in (small_cnn, large_cnn_code):
-        register_orthogonal(build(version=2), "gs", tall="error")  # every layer: out <= fan_in
+        register_orthogonal(
+            build(version=2), "gs", tall="error"
+        )  # every layer: out <= fan_in
         with pytest.raises(ValueError, match="cannot be mutually orthogonal"):
             register_orthogonal(build(version=1), "qr", tall="error")
 
@@ -146,23 +208,38 @@ def test_activation_and_orthogonality_options():
     torch.manual_seed(0)
     m = small_cnn(activation="swish", version=2)
     betas = [a for a in m if isinstance(a, BetaVQReLU)]
-    assert [b.rho.numel() for b in betas] == [32, 64, 128] and all(b.rho.requires_grad for b in betas)
-    assert torch.allclose(betas[0].eta, torch.ones(32))  # starts at the SiLU (beta = 1/2)
+    assert [b.rho.numel() for b in betas] == [32, 64, 128] and all(
+        b.rho.requires_grad for b in betas
+    )
+    assert torch.allclose(
+        betas[0].eta, torch.ones(32)
+    )  # starts at the SiLU (beta = 1/2)
     assert any(isinstance(a, nn.SiLU) for a in small_cnn(activation="silu"))
     assert extra_loss(small_cnn()) is None
     pen = small_cnn(orthogonality="filters", lam=0.5)
     x, y = torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long)
     from smaso.orthogonal import filter_penalty
+
     assert torch.allclose(extra_loss(pen)(pen, x, y), 0.5 * filter_penalty(pen))
     assert extra_loss(small_cnn(orthogonality="templates"))(pen, x, y).ndim == 0
     ex = large_cnn_code(version=2, orthogonality="qr", activation="swish")
     layers = orthogonal_layers(ex)
-    assert len(layers) == 9 and all(parametrize.is_parametrized(m, "weight") for m in layers)
+    assert len(layers) == 9 and all(
+        parametrize.is_parametrized(m, "weight") for m in layers
+    )
     assert extra_loss(ex) is None
     for m in layers:
         F = m.weight.detach().reshape(m.weight.shape[0], -1)
         assert (F @ F.T - torch.eye(F.shape[0])).abs().max() < 1e-5
-    assert set(ORTHOGONALITY) == {"none", "filters", "filters_normalized", "templates", "qr", "gs", "mgs"}
+    assert set(ORTHOGONALITY) == {
+        "none",
+        "filters",
+        "filters_normalized",
+        "templates",
+        "qr",
+        "gs",
+        "mgs",
+    }
 
 
 def test_code_models_bad_arguments():

@@ -1,4 +1,5 @@
-"""Tests for smaso.orthogonal: penalties (Section 5, the authors' template penalty) and exact
+"""Tests for smaso.orthogonal: penalties (Section 5, the authors' template penalty) and
+exact
 orthogonal filters by Gram-Schmidt / modified Gram-Schmidt / QR (Eq. 11)."""
 
 import math
@@ -30,9 +31,10 @@ METHODS = ["gs", "mgs", "qr"]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-
 def rand(*shape, seed=0, dtype=F64):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64).to(dtype)
+    return torch.randn(
+        *shape, generator=torch.Generator().manual_seed(seed), dtype=F64
+    ).to(dtype)
 
 
 # ------------------------------------------------------------------ penalties
@@ -40,15 +42,26 @@ def rand(*shape, seed=0, dtype=F64):
 
 def test_penalty_hand_computed():
     W = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]], dtype=F64)
-    # Gram off-diagonal entries: <w0,w1> = 1, <w0,w2> = 0, <w1,w2> = 2 -> 2 * (1 + 0 + 4)
+    # Gram off-diagonal entries: <w0,w1> = 1, <w0,w2> = 0, <w1,w2> = 2 -> 2 * (1 + 0 +
+    # 4)
     assert orthogonality_penalty(W).item() == 10.0
     # cosines 1/sqrt2, 0, 1/sqrt2 -> 2 * (1/2 + 0 + 1/2)
-    assert math.isclose(orthogonality_penalty(W, normalized=True).item(), 2.0, rel_tol=1e-12)
-    # scale-free variant does not change with the filter norms; the paper's one scales with ||w||^4
-    assert math.isclose(orthogonality_penalty(3 * W, normalized=True).item(), 2.0, rel_tol=1e-12)
+    assert math.isclose(
+        orthogonality_penalty(W, normalized=True).item(), 2.0, rel_tol=1e-12
+    )
+    # scale-free variant does not change with the filter norms; the paper's one scales
+    # with ||w||^4
+    assert math.isclose(
+        orthogonality_penalty(3 * W, normalized=True).item(), 2.0, rel_tol=1e-12
+    )
     assert orthogonality_penalty(3 * W).item() == 810.0
     # a zero filter counts as orthogonal to everything
-    assert orthogonality_penalty(torch.tensor([[0.0, 0.0], [1.0, 1.0]]), normalized=True).item() == 0.0
+    assert (
+        orthogonality_penalty(
+            torch.tensor([[0.0, 0.0], [1.0, 1.0]]), normalized=True
+        ).item()
+        == 0.0
+    )
 
 
 def test_penalty_of_conv_weight_uses_flattened_filters():
@@ -64,16 +77,27 @@ def test_maso_penalty_relu_and_abs():
     W = rand(4, 6, seed=1)
     relu_A = torch.stack([W, torch.zeros_like(W)], dim=1)  # slopes (w_k, 0)
     abs_A = torch.stack([W, -W], dim=1)  # slopes (w_k, -w_k)
-    assert torch.allclose(maso_orthogonality_penalty(relu_A), orthogonality_penalty(W), rtol=1e-12, atol=0)
-    assert torch.allclose(maso_orthogonality_penalty(abs_A), 4 * orthogonality_penalty(W), rtol=1e-12, atol=0)
+    assert torch.allclose(
+        maso_orthogonality_penalty(relu_A), orthogonality_penalty(W), rtol=1e-12, atol=0
+    )
+    assert torch.allclose(
+        maso_orthogonality_penalty(abs_A),
+        4 * orthogonality_penalty(W),
+        rtol=1e-12,
+        atol=0,
+    )
     A = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[0.0, 1.0], [2.0, 0.0]]], dtype=F64)
     # cross inner products <A0r, A1s>: [[0, 2], [1, 2]] -> 2 * (0 + 4 + 1 + 4)
     assert maso_orthogonality_penalty(A).item() == 18.0
 
 
 def test_filter_penalty_sums_over_layers():
-    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3)).double()
-    expected = orthogonality_penalty(model[0].weight) + orthogonality_penalty(model[3].weight)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3)
+    ).double()
+    expected = orthogonality_penalty(model[0].weight) + orthogonality_penalty(
+        model[3].weight
+    )
     assert torch.allclose(filter_penalty(model), expected)
     with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d"):
         filter_penalty(nn.ReLU())
@@ -86,23 +110,35 @@ def test_template_penalty_linear_model_hand_case():
     T = input_templates(lin, x)
     assert T.shape == (5, 4, 7)
     assert torch.allclose(T, lin.weight.expand(5, 4, 7), rtol=0, atol=1e-15)
-    assert torch.allclose(template_penalty(lin, x), orthogonality_penalty(lin.weight) / 16, rtol=1e-12, atol=0)
+    assert torch.allclose(
+        template_penalty(lin, x),
+        orthogonality_penalty(lin.weight) / 16,
+        rtol=1e-12,
+        atol=0,
+    )
 
 
 def test_templates_match_autograd_jacobian_and_penalty_gradient():
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)
+    ).double()
     x = rand(4, 1, 2, 3, seed=3)
     T = input_templates(model, x)
     assert T.shape == (4, 3, 1, 2, 3)
     for n in range(4):
-        J = torch.autograd.functional.jacobian(lambda v: model(v[None])[0], x[n])  # (3, 1, 2, 3)
+        J = torch.autograd.functional.jacobian(
+            lambda v: model(v[None])[0], x[n]
+        )  # (3, 1, 2, 3)
         assert torch.allclose(T[n], J, rtol=0, atol=1e-13)
-    # the penalty from the autograd Jacobians, and its gradient in the parameters (double backprop)
+    # the penalty from the autograd Jacobians, and its gradient in the parameters
+    # (double backprop)
     Tf = T.flatten(2)
     G = Tf @ Tf.transpose(1, 2)
     expected = (G**2).sum() - (G.diagonal(dim1=1, dim2=2) ** 2).sum()
-    assert torch.allclose(template_penalty(model, x), expected / (4 * 9), rtol=1e-12, atol=0)
+    assert torch.allclose(
+        template_penalty(model, x), expected / (4 * 9), rtol=1e-12, atol=0
+    )
     # gradcheck of the parameters -> penalty map, through the double backward
     ps = tuple(p.detach().clone().requires_grad_(True) for p in model.parameters())
     assert torch.autograd.gradcheck(lambda *ps: _penalty_functional(model, x, ps), ps)
@@ -123,19 +159,28 @@ def test_penalty_loss_kinds():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
     x = rand(2, 1, 2, 2)
-    assert torch.allclose(penalty_loss("filters", 2.0)(model, x, None), 2 * filter_penalty(model))
-    assert torch.allclose(penalty_loss("filters_normalized")(model, x, None), filter_penalty(model, True))
-    assert torch.allclose(penalty_loss("templates", 0.5)(model, x, None), 0.5 * template_penalty(model, x))
+    assert torch.allclose(
+        penalty_loss("filters", 2.0)(model, x, None), 2 * filter_penalty(model)
+    )
+    assert torch.allclose(
+        penalty_loss("filters_normalized")(model, x, None), filter_penalty(model, True)
+    )
+    assert torch.allclose(
+        penalty_loss("templates", 0.5)(model, x, None), 0.5 * template_penalty(model, x)
+    )
     with pytest.raises(ValueError, match="kind must be one of"):
         penalty_loss("gram")
     with pytest.raises(ValueError, match="lam"):
         penalty_loss("filters", -1.0)
 
 
-# ------------------------------------------------------------------ exact orthogonalisation
+# ------------------------------------------------------------------ exact
+# orthogonalisation
 
 
-@pytest.mark.parametrize("shape", [(6, 10), (5, 2, 2, 2), (7, 7), (12, 5), (9, 1, 2, 2)])
+@pytest.mark.parametrize(
+    "shape", [(6, 10), (5, 2, 2, 2), (7, 7), (12, 5), (9, 1, 2, 2)]
+)
 def test_gs_mgs_qr_same_function_and_gradients_float64(shape):
     W = rand(*shape, seed=4).requires_grad_(True)
     up = rand(*shape, seed=5)
@@ -148,8 +193,11 @@ def test_gs_mgs_qr_same_function_and_gradients_float64(shape):
     small = min(M.shape)
     gram = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
     assert torch.allclose(gram, torch.eye(small, dtype=F64), rtol=0, atol=1e-13)
-    # same function as the wrappers; first filter is the normalised first raw filter (Gram-Schmidt order)
-    assert torch.equal(gram_schmidt(W), outs["gs"]) and torch.equal(modified_gram_schmidt(W), outs["mgs"])
+    # same function as the wrappers; first filter is the normalised first raw filter
+    # (Gram-Schmidt order)
+    assert torch.equal(gram_schmidt(W), outs["gs"]) and torch.equal(
+        modified_gram_schmidt(W), outs["mgs"]
+    )
     assert torch.equal(qr_orthogonalize(W), outs["qr"])
     if M.shape[0] <= M.shape[1]:
         w0 = filter_matrix(W)[0]
@@ -161,7 +209,9 @@ def test_keep_norms():
     Q = orthogonalize(W, "qr", keep_norms=True)
     assert torch.allclose(Q.norm(dim=1), W.norm(dim=1), rtol=1e-12, atol=0)
     G = Q @ Q.T
-    assert torch.allclose(G - torch.diag(G.diagonal()), torch.zeros(4, 4, dtype=F64), atol=1e-12)
+    assert torch.allclose(
+        G - torch.diag(G.diagonal()), torch.zeros(4, 4, dtype=F64), atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -170,16 +220,26 @@ def test_gradcheck_parametrisation(method):
         W = rand(*shape, seed=7).requires_grad_(True)
         assert torch.autograd.gradcheck(lambda w: OrthogonalFilters(method)(w), (W,))
     W = rand(3, 5, seed=8).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda w: orthogonalize(w, method, keep_norms=True), (W,))
+    assert torch.autograd.gradcheck(
+        lambda w: orthogonalize(w, method, keep_norms=True), (W,)
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_orthogonal_after_optimizer_steps_float32(method):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(16 * 3 * 3, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 3 * 3, 10),
+    )
     layers = register_orthogonal(model, method)
-    assert len(layers) == 3 and all(parametrize.is_parametrized(m, "weight") for m in layers)
+    assert len(layers) == 3 and all(
+        parametrize.is_parametrized(m, "weight") for m in layers
+    )
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     x, y = torch.randn(16, 3, 9, 9), torch.randint(0, 10, (16,))
     raw0 = layers[1].parametrizations.weight.original.detach().clone()
@@ -188,7 +248,9 @@ def test_orthogonal_after_optimizer_steps_float32(method):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert not torch.equal(raw0, layers[1].parametrizations.weight.original)  # it trained
+    assert not torch.equal(
+        raw0, layers[1].parametrizations.weight.original
+    )  # it trained
     for m in layers:
         F = filter_matrix(m.weight.detach())
         assert F.dtype == torch.float32
@@ -217,7 +279,9 @@ def test_more_filters_than_fan_in():
         assert torch.isfinite(Q).all() and Q.shape == (96, 3, 3, 3)
         F = filter_matrix(Q)
         assert (F.T @ F - torch.eye(27)).abs().max() < 1e-5  # W^T W = I
-    with pytest.raises(ValueError, match="96 filters in R\\^27 .*cannot be mutually orthogonal"):
+    with pytest.raises(
+        ValueError, match="96 filters in R\\^27 .*cannot be mutually orthogonal"
+    ):
         orthogonalize(conv.weight, "gs", tall="error")
     with pytest.raises(ValueError, match="cannot be mutually orthogonal"):
         register_orthogonal(nn.Sequential(conv), tall="error")

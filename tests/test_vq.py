@@ -60,7 +60,9 @@ def test_eq7_and_eq8_at_half_have_the_same_maximiser():
 
 def test_limits_hard_soft_linear():
     A, B, z = params()
-    assert torch.equal(beta_vq(A, B, z, 1.0), hard_vq(A, B, z))  # no ties in continuous data
+    assert torch.equal(
+        beta_vq(A, B, z, 1.0), hard_vq(A, B, z)
+    )  # no ties in continuous data
     assert torch.allclose(beta_vq(A, B, z, 0.5), soft_vq(A, B, z), atol=1e-15)
     assert torch.equal(beta_vq(A, B, z, 0.0), torch.full((200, 5, 4), 0.25, dtype=DT))
     assert torch.allclose(beta_maso(A, B, z, 1.0), maso(A, B, z), atol=1e-12)
@@ -73,7 +75,9 @@ def test_limits_hard_soft_linear():
 def test_ties_split_evenly_at_beta_one():
     s = torch.tensor([[2.0, 2.0, -1.0], [0.0, 0.0, 0.0]], dtype=DT)
     T = beta_softmax(s, 1.0)
-    assert torch.equal(T, torch.tensor([[0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]], dtype=DT))
+    assert torch.equal(
+        T, torch.tensor([[0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]], dtype=DT)
+    )
 
 
 def test_per_unit_beta():
@@ -89,7 +93,9 @@ def test_stable_at_extreme_scores_and_beta():
     s = torch.tensor([[1e300, 0.0, -1e300], [1e-300, 0.0, 5.0]], dtype=DT)
     for beta in (0.0, 1e-300, 0.5, 1 - 1e-16, 1.0):
         T = beta_softmax(s, beta)
-        assert torch.isfinite(T).all() and torch.allclose(T.sum(-1), torch.ones(2, dtype=DT))
+        assert torch.isfinite(T).all() and torch.allclose(
+            T.sum(-1), torch.ones(2, dtype=DT)
+        )
     s32 = torch.tensor([[1e38, -1e38]], dtype=torch.float32)
     assert torch.isfinite(beta_softmax(s32, 0.9)).all()
 
@@ -112,7 +118,9 @@ def test_gradcheck_beta_softmax():
 def test_eta_beta_round_trip():
     beta = torch.tensor([0.0, 0.25, 0.5, 0.9, 1.0], dtype=DT)
     eta = eta_from_beta(beta)
-    assert torch.allclose(eta[:4], torch.tensor([0.0, 1 / 3, 1.0, 9.0], dtype=DT)) and torch.isinf(eta[4])
+    assert torch.allclose(
+        eta[:4], torch.tensor([0.0, 1 / 3, 1.0, 9.0], dtype=DT)
+    ) and torch.isinf(eta[4])
     assert torch.allclose(beta_from_eta(eta), beta)
 
 

@@ -1,25 +1,28 @@
 """Two fixes to the book's HTML that the browser test (tests/test_browser.py) asks for.
 
 1. Offline MathJax: a copy of MathJax 3 inside ``_build/html/_static/mathjax``.
-2. Each inline script once: a page must not raise "Identifier 'THEBE_JS_URL' has already been
-   declared" in the reader's console.
+2. Each inline script once: a page must not raise "Identifier 'THEBE_JS_URL' has already
+   been declared" in the reader's console.
 
-**Offline MathJax.** Jupyter Book 1 (Sphinx's ``sphinx.ext.mathjax``) loads MathJax from a CDN by default, so a book
-opened without network shows raw TeX. This extension copies MathJax 3 from the PyPI package
-``django-static-mathjax`` (a plain copy of the MathJax release: Python module ``mathjax``, files in
-``mathjax/static/mathjax/es5``; it does not need Django) into the built site. ``_config.yml`` sets
-``mathjax_path: mathjax/tex-mml-chtml.js``, which Sphinx resolves against ``_static/``: the same
+**Offline MathJax.** Jupyter Book 1 (Sphinx's ``sphinx.ext.mathjax``) loads MathJax from
+a CDN by default, so a book opened without network shows raw TeX. This extension copies
+MathJax 3 from the PyPI package ``django-static-mathjax`` (a plain copy of the MathJax
+release: Python module ``mathjax``, files in ``mathjax/static/mathjax/es5``; it does not
+need Django) into the built site. ``_config.yml`` sets ``mathjax_path:
+mathjax/tex-mml-chtml.js``, which Sphinx resolves against ``_static/``: the same
 component Sphinx loads from the CDN by default, but from the book's own files.
 
-Copied: ``tex-mml-chtml.js`` and the folders it loads lazily (fonts in ``output/chtml``, TeX
-extensions in ``input/tex/extensions``, the menu in ``ui``, accessibility in ``a11y`` and ``sre``),
-about 10 MB; not the other prebuilt combinations (``tex-svg-full.js`` and friends).
+Copied: ``tex-mml-chtml.js`` and the folders it loads lazily (fonts in ``output/chtml``,
+TeX extensions in ``input/tex/extensions``, the menu in ``ui``, accessibility in
+``a11y`` and ``sre``), about 10 MB; not the other prebuilt combinations
+(``tex-svg-full.js`` and friends).
 
-**Each inline script once.** Sphinx 7.4 writes an inline ``<script>`` that an extension adds after
-the builder started (sphinx-thebe's ``const THEBE_JS_URL = ...``, sphinx-togglebutton's
-selector) twice: once as added (file name ``None``), once when ``prepare_writing`` adds the
-registry's assets again (file name ``''``), and the two do not compare equal. The second ``const``
-is a SyntaxError on every page. ``_dedupe_scripts`` keeps the first of each.
+**Each inline script once.** Sphinx 7.4 writes an inline ``<script>`` that an extension
+adds after the builder started (sphinx-thebe's ``const THEBE_JS_URL = ...``,
+sphinx-togglebutton's selector) twice: once as added (file name ``None``), once when
+``prepare_writing`` adds the registry's assets again (file name ``''``), and the two do
+not compare equal. The second ``const`` is a SyntaxError on every page.
+``_dedupe_scripts`` keeps the first of each.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def mathjax_source() -> Path:
     except ImportError as err:
         raise ExtensionError(
             f"offline MathJax needs the PyPI package {PACKAGE}: "
-            f"pip install -c requirements/constraints.txt {PACKAGE} (make env installs it)"
+            f"pip install -c requirements/constraints.txt {PACKAGE} (make env "
+            "installs it)"
         ) from err
     es5 = Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
     if not (es5 / COMPONENT).is_file():
@@ -59,10 +63,13 @@ def _check_config(app: Sphinx, config) -> None:
     path = config.mathjax_path
     if "://" in path or path.startswith("/"):
         raise ExtensionError(
-            f"mathjax_path is {path!r}: the book bundles MathJax, set mathjax_path: mathjax/{COMPONENT}"
+            f"mathjax_path is {path!r}: the book bundles MathJax, set mathjax_path: "
+            f"mathjax/{COMPONENT}"
         )
     if path != f"mathjax/{COMPONENT}":
-        raise ExtensionError(f"mathjax_path is {path!r}; this extension provides mathjax/{COMPONENT}")
+        raise ExtensionError(
+            f"mathjax_path is {path!r}; this extension provides mathjax/{COMPONENT}"
+        )
     mathjax_source()  # fail early, before executing any chapter, if the package is missing
 
 
@@ -73,7 +80,11 @@ def _copy(app: Sphinx, exc: Exception | None) -> None:
     version = mathjax_version(es5)
     dest = Path(app.outdir) / "_static" / "mathjax"
     stamp = dest / ".version"
-    if stamp.is_file() and stamp.read_text() == version and (dest / COMPONENT).is_file():
+    if (
+        stamp.is_file()
+        and stamp.read_text() == version
+        and (dest / COMPONENT).is_file()
+    ):
         return  # already there (an incremental rebuild)
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
@@ -90,7 +101,10 @@ def _dedupe_scripts(app: Sphinx, pagename, templatename, context, doctree) -> No
         return
     seen, unique = set(), []
     for js in scripts:
-        key = (getattr(js, "filename", js) or "", tuple(sorted(getattr(js, "attributes", {}).items())))
+        key = (
+            getattr(js, "filename", js) or "",
+            tuple(sorted(getattr(js, "attributes", {}).items())),
+        )
         if key not in seen:
             seen.add(key)
             unique.append(js)
@@ -100,5 +114,7 @@ def _dedupe_scripts(app: Sphinx, pagename, templatename, context, doctree) -> No
 def setup(app: Sphinx) -> dict:
     app.connect("config-inited", _check_config)
     app.connect("build-finished", _copy)
-    app.connect("html-page-context", _dedupe_scripts, priority=900)  # after the theme's handlers
+    app.connect(
+        "html-page-context", _dedupe_scripts, priority=900
+    )  # after the theme's handlers
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
