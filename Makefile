@@ -41,7 +41,7 @@ test: lint book
 	$(OTHER_NUMERICS) $(BIN)/python -m pytest book -p no:cacheprovider
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests -p no:nbval -q --ignore=tests/test_browser.py --ignore=tests/test_book.py
+	$(BIN)/python -m pytest tests -q --ignore=tests/test_browser.py --ignore=tests/test_book.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

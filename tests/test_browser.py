@@ -48,6 +48,9 @@ SITE = ROOT / "_build" / "html"
 SHOTS = ROOT / "_build" / "screenshots"
 SKIP_VAR = "SMASO_SKIP_BROWSER"
 SEARCH_TERM = "swish"
+# The window every page is read in: a laptop's. No code block, output or table may need
+# sideways scrolling at this width (check_overflow; book/_static/smaso.css, ruff at 88).
+VIEWPORT = {"width": 1280, "height": 800}
 # Chromium's own background traffic (updates, sync, field trials) would try the network:
 # off.
 CHROMIUM_ARGS = [
@@ -269,9 +272,7 @@ class Visit:
 
     def __init__(self, browser, base: str, **context_options) -> None:
         self.base = base
-        self.context = browser.new_context(
-            viewport={"width": 1280, "height": 900}, **context_options
-        )
+        self.context = browser.new_context(viewport=VIEWPORT, **context_options)
         self.errors: list[str] = []
         self.external: list[str] = []
         self.context.route("**/*", self._route)
@@ -326,52 +327,50 @@ def visit(browser, server):
 # In-page checks (JavaScript evaluated in the loaded page).
 
 MATH_JS = """async () => {
-  const math = [...document.querySelectorAll('div.math, span.math')]; const out = {math:
-  math.length, mathjax: !!(window.MathJax && window.MathJax.startup)}; out.errors = [];
+  const math = [...document.querySelectorAll('div.math, span.math')];
+  const out = {math: math.length, mathjax: !!(window.MathJax && window.MathJax.startup)};
+  out.errors = [];
   if (out.mathjax) {
-    await window.MathJax.startup.promise; // A TeX error shows as <merror>; an undefined
-    macro (MathJax's noundefined package) as its name in red. for (const item of
-    window.MathJax.startup.document.math) {
-      const mml = window.MathJax.startup.toMML(item.root); const what =
-      /<merror/.test(mml) ? 'a TeX error' : /<mtext mathcolor="red">\\\\/.test(mml) ?
-      'an undefined macro' : null; if (what) out.errors.push(`${what}:
-      ${item.math.trim().slice(0, 100)}`);
+    await window.MathJax.startup.promise;
+    // A TeX error shows as <merror>; an undefined macro (MathJax's noundefined package) as its name in red.
+    for (const item of window.MathJax.startup.document.math) {
+      const mml = window.MathJax.startup.toMML(item.root);
+      const what = /<merror/.test(mml) ? 'a TeX error' : /<mtext mathcolor="red">\\\\/.test(mml) ? 'an undefined macro' : null;
+      if (what) out.errors.push(`${what}: ${item.math.trim().slice(0, 100)}`);
     }
-  } out.unrendered = math.filter(e => !e.querySelector('mjx-container')).map(e =>
-  e.textContent.trim().slice(0, 80)); out.containers =
-  document.querySelectorAll('mjx-container').length; const body =
-  document.body.cloneNode(true); body.querySelectorAll('pre, code, script, style,
-  textarea, mjx-container, .highlight').forEach(e => e.remove()); out.text =
-  body.textContent; return out;
+  }
+  out.unrendered = math.filter(e => !e.querySelector('mjx-container')).map(e => e.textContent.trim().slice(0, 80));
+  out.containers = document.querySelectorAll('mjx-container').length;
+  const body = document.body.cloneNode(true);
+  body.querySelectorAll('pre, code, script, style, textarea, mjx-container, .highlight').forEach(e => e.remove());
+  out.text = body.textContent;
+  return out;
 }"""
 
 IMAGES_JS = """async () => {
   const imgs = [...document.images];
   await Promise.all(imgs.map(img => img.complete ? null :
-    new Promise(done => { img.addEventListener('load', done);
-    img.addEventListener('error', done); })));
+    new Promise(done => { img.addEventListener('load', done); img.addEventListener('error', done); })));
   const article = document.querySelector('article') || document.body;
   return imgs.map(img => ({
-    src: img.getAttribute('src'), ok: img.complete && img.naturalWidth > 0, content:
-    article.contains(img), alt: (img.getAttribute('alt') || '').trim(), caption:
-    ((img.closest('figure') || {querySelector: () => null}).querySelector('figcaption')
-    || {textContent: ''})
+    src: img.getAttribute('src'), ok: img.complete && img.naturalWidth > 0,
+    content: article.contains(img), alt: (img.getAttribute('alt') || '').trim(),
+    caption: ((img.closest('figure') || {querySelector: () => null}).querySelector('figcaption') || {textContent: ''})
       .textContent.trim(),
   }));
 }"""
 
 LINKS_JS = """() => [...document.querySelectorAll('a[href], link[rel="next"], link[rel="prev"]')].map(a => ({
-  href: a.href, raw: a.getAttribute('href'), text: a.textContent.trim().replace(/\\s+/g,
-  ' '), cls: a.className,
+  href: a.href, raw: a.getAttribute('href'), text: a.textContent.trim().replace(/\\s+/g, ' '),
+  cls: a.className,
 }))"""
 
 NUMBERS_JS = """() => {
-  const h1 = document.querySelector('article h1 .section-number, main h1
-  .section-number'); return {
-    chapter: h1 ? h1.textContent.trim() : null, equations:
-    [...document.querySelectorAll('.eqno')].map(e => e.firstChild.textContent.trim()),
-    figures: [...document.querySelectorAll('figure .caption-number')].map(e =>
-    e.textContent.trim()),
+  const h1 = document.querySelector('article h1 .section-number, main h1 .section-number');
+  return {
+    chapter: h1 ? h1.textContent.trim() : null,
+    equations: [...document.querySelectorAll('.eqno')].map(e => e.firstChild.textContent.trim()),
+    figures: [...document.querySelectorAll('figure .caption-number')].map(e => e.textContent.trim()),
   };
 }"""
 
@@ -483,6 +482,31 @@ def check_numbers(page) -> list[str]:
     return problems
 
 
+OVERFLOW_JS = """() => [...document.querySelectorAll('article pre, article table')]
+  .filter(e => e.scrollWidth > e.clientWidth && e.offsetParent !== null)
+  .map(e => ({tag: e.tagName.toLowerCase(), over: e.scrollWidth - e.clientWidth,
+              line: e.textContent.split('\\n').reduce((a, b) => a.length >= b.length ? a : b, '')
+                .trim().slice(0, 70)}))"""
+
+
+def check_overflow(page) -> list[str]:
+    """Every code block, output and table of the page fits its column (no sideways scroll).
+
+    Hidden cells (collapsed inputs) are measured once shown: a reader who opens them must
+    not have to scroll either."""
+    page.evaluate(
+        "() => document.querySelectorAll('details').forEach(d => d.open = true)"
+    )
+    page.evaluate(
+        "() => document.querySelectorAll('.toggle-hidden, .tag_hide-input .cell_input')"
+        ".forEach(e => { e.classList.remove('toggle-hidden'); e.style.display = ''; })"
+    )
+    return [
+        f"a <{o['tag']}> is {o['over']} px wider than its column: {o['line']!r}"
+        for o in page.evaluate(OVERFLOW_JS)
+    ]
+
+
 def load(v: Visit, url: str) -> None:
     v.page.goto(url, wait_until="load")
 
@@ -522,6 +546,7 @@ def test_page(visit, server, page_path: str):
         + check_numbers(v.page)
     )
     v.page.screenshot(path=str(SHOTS / f"{shot_name(page_path)}.png"), full_page=True)
+    problems += check_overflow(v.page)
     problems += v.errors + [
         f"tried to load from outside the book: {url}" for url in v.external
     ]
