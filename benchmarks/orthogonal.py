@@ -213,7 +213,8 @@ def main(argv=None):
     )
     exact = {r["mode"]: r["ratio_to_baseline"] for r in cnn}
     results = {
-        "description": "CPU cost of orthogonal filters: weight-level forward+backward, and largeCNN training steps; "
+        "description": "CPU cost of orthogonal filters: weight-level forward+backward, "
+        "and largeCNN training steps; "
         "times are medians of process CPU time (s, ms), ratios use them; wall-clock "
         "kept for reference",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(

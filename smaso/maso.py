@@ -125,7 +125,8 @@ def scores(A, B, z):
 
 
 def _scores(A, B, z2):
-    """Unchecked scores of a batch ``z2`` (N, D): the einsum shared by :func:`scores` and :func:`apply_vq`."""
+    """Unchecked scores of a batch ``z2`` (N, D): the einsum shared by :func:`scores`
+    and :func:`apply_vq`."""
     return torch.einsum("krd,nd->nkr", A, z2) + B
 
 

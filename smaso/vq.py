@@ -62,7 +62,8 @@ def eta_from_beta(beta):
 
 
 def beta_from_eta(eta):
-    """β = η / (1 + η), the inverse of :func:`eta_from_beta` (η ≥ 0, η = inf gives β = 1)."""
+    """β = η / (1 + η), the inverse of :func:`eta_from_beta` (η ≥ 0, η = inf gives β =
+    1)."""
     eta = torch.as_tensor(
         eta,
         dtype=eta.dtype if isinstance(eta, torch.Tensor) else torch.get_default_dtype(),
@@ -147,17 +148,20 @@ def beta_vq(A, B, z, beta):
 
 
 def soft_maso(A, B, z):
-    """MASO output under soft VQ: Eq. (2) with T = T_S (Section 3.4; ReLU gives SiLU, Prop. 3)."""
+    """MASO output under soft VQ: Eq. (2) with T = T_S (Section 3.4; ReLU gives SiLU,
+    Prop. 3)."""
     return apply_vq(A, B, z, soft_vq(A, B, z))
 
 
 def beta_maso(A, B, z, beta):
-    """MASO output under β-VQ: Eq. (2) with T = T_β (Section 4; ReLU gives swish, Prop. 7)."""
+    """MASO output under β-VQ: Eq. (2) with T = T_β (Section 4; ReLU gives swish, Prop.
+    7)."""
     return apply_vq(A, B, z, beta_vq(A, B, z, beta))
 
 
 def entropy(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Shannon entropy H(t) = −Σ_r t_r log t_r along ``dim`` (0 log 0 = 0), as in Eq. (7)–(8)."""
+    """Shannon entropy H(t) = −Σ_r t_r log t_r along ``dim`` (0 log 0 = 0), as in Eq.
+    (7)–(8)."""
     return -torch.special.xlogy(t, t).sum(dim=dim)
 
 

@@ -72,7 +72,7 @@ def test_chapter_pair_holds_the_same_cells(md: Path):
         f"{md.name} has {len(from_md)} cells, {ipynb.name} has {len(from_ipynb)}: "
         f"run `make notebook NB=book/{md.name}`"
     )
-    for i, (a, b) in enumerate(zip(from_md, from_ipynb)):
+    for i, (a, b) in enumerate(zip(from_md, from_ipynb, strict=True)):
         assert a == b, (
             f"cell {i} differs between {md.name} and {ipynb.name}: run `make notebook "
             f"NB=book/{md.name}`"

@@ -73,7 +73,7 @@ INSTALL_HINT = (
 )
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Which pages: from _toc.yml and from the built site, never a fixed list.
 
 
@@ -87,7 +87,8 @@ def _toc_entries(entries: list[dict]) -> list[str]:
 
 
 def toc_files() -> list[str]:
-    """Every document of ``_toc.yml`` (root, parts, chapters, sections), in reading order."""
+    """Every document of ``_toc.yml`` (root, parts, chapters, sections), in reading
+    order."""
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = [toc["root"]] + _toc_entries(toc.get("chapters", []))
     for part in toc.get("parts", []):
@@ -104,8 +105,8 @@ def _is_page(rel: Path) -> bool:
 
 def site_pages() -> list[str]:
     """Every HTML page of the book: the toc's pages and whatever else the build holds
-    (genindex,
-    search), but not ``index.html``, which only redirects (``test_opens_offline_from_disk``)."""
+    (genindex, search), but not ``index.html``, which only redirects
+    (``test_opens_offline_from_disk``)."""
     pages = {f"{name}.html" for name in toc_files()}
     if SITE.is_dir():
         pages |= {
@@ -120,7 +121,7 @@ def shot_name(page: str) -> str:
     return page.removesuffix(".html").replace("/", "-")
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # What a page holds, read from the built files (for resolving links into other pages).
 
 
@@ -142,7 +143,8 @@ VOID = {
 
 
 class _Anchors(html.parser.HTMLParser):
-    """ids (and names) of a page, and the number an equation or figure with an id shows."""
+    """ids (and names) of a page, and the number an equation or figure with an id
+    shows."""
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -198,7 +200,7 @@ def anchors(path: Path) -> _Anchors:
 NUMBER = re.compile(r"\d+(?:\.\d+)*")
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Fixtures: the built site, a local server, the browser.
 
 
@@ -267,8 +269,8 @@ def browser():
 class Visit:
     """One page in a fresh browser context (empty storage, as for a first-time reader),
     with everything that went wrong while it loaded: console errors, uncaught
-    exceptions, failed or
-    HTTP-error requests, and requests that left the book (aborted: the book must read offline)."""
+    exceptions, failed or HTTP-error requests, and requests that left the book (aborted:
+    the book must read offline)."""
 
     def __init__(self, browser, base: str, **context_options) -> None:
         self.base = base
@@ -323,26 +325,32 @@ def visit(browser, server):
         v.close()
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # In-page checks (JavaScript evaluated in the loaded page).
 
 MATH_JS = """async () => {
   const math = [...document.querySelectorAll('div.math, span.math')];
-  const out = {math: math.length, mathjax: !!(window.MathJax && window.MathJax.startup)};
+  const out = {
+    math: math.length, mathjax: !!(window.MathJax && window.MathJax.startup),
+  };
   out.errors = [];
   if (out.mathjax) {
     await window.MathJax.startup.promise;
-    // A TeX error shows as <merror>; an undefined macro (MathJax's noundefined package) as its name in red.
+    // A TeX error shows as <merror>; an undefined macro (MathJax's noundefined
+    // package) as its name in red.
     for (const item of window.MathJax.startup.document.math) {
       const mml = window.MathJax.startup.toMML(item.root);
-      const what = /<merror/.test(mml) ? 'a TeX error' : /<mtext mathcolor="red">\\\\/.test(mml) ? 'an undefined macro' : null;
+      const what = /<merror/.test(mml) ? 'a TeX error'
+        : /<mtext mathcolor="red">\\\\/.test(mml) ? 'an undefined macro' : null;
       if (what) out.errors.push(`${what}: ${item.math.trim().slice(0, 100)}`);
     }
   }
-  out.unrendered = math.filter(e => !e.querySelector('mjx-container')).map(e => e.textContent.trim().slice(0, 80));
+  out.unrendered = math.filter(e => !e.querySelector('mjx-container'))
+    .map(e => e.textContent.trim().slice(0, 80));
   out.containers = document.querySelectorAll('mjx-container').length;
   const body = document.body.cloneNode(true);
-  body.querySelectorAll('pre, code, script, style, textarea, mjx-container, .highlight').forEach(e => e.remove());
+  body.querySelectorAll('pre, code, script, style, textarea, mjx-container, .highlight')
+    .forEach(e => e.remove());
   out.text = body.textContent;
   return out;
 }"""
@@ -350,27 +358,34 @@ MATH_JS = """async () => {
 IMAGES_JS = """async () => {
   const imgs = [...document.images];
   await Promise.all(imgs.map(img => img.complete ? null :
-    new Promise(done => { img.addEventListener('load', done); img.addEventListener('error', done); })));
+    new Promise(done => {
+      img.addEventListener('load', done); img.addEventListener('error', done);
+    })));
   const article = document.querySelector('article') || document.body;
   return imgs.map(img => ({
     src: img.getAttribute('src'), ok: img.complete && img.naturalWidth > 0,
     content: article.contains(img), alt: (img.getAttribute('alt') || '').trim(),
-    caption: ((img.closest('figure') || {querySelector: () => null}).querySelector('figcaption') || {textContent: ''})
-      .textContent.trim(),
+    caption: ((img.closest('figure') || {querySelector: () => null})
+      .querySelector('figcaption') || {textContent: ''}).textContent.trim(),
   }));
 }"""
 
-LINKS_JS = """() => [...document.querySelectorAll('a[href], link[rel="next"], link[rel="prev"]')].map(a => ({
-  href: a.href, raw: a.getAttribute('href'), text: a.textContent.trim().replace(/\\s+/g, ' '),
+LINKS_JS = """() => [...document.querySelectorAll(
+    'a[href], link[rel="next"], link[rel="prev"]')].map(a => ({
+  href: a.href, raw: a.getAttribute('href'),
+  text: a.textContent.trim().replace(/\\s+/g, ' '),
   cls: a.className,
 }))"""
 
 NUMBERS_JS = """() => {
-  const h1 = document.querySelector('article h1 .section-number, main h1 .section-number');
+  const h1 = document.querySelector(
+    'article h1 .section-number, main h1 .section-number');
   return {
     chapter: h1 ? h1.textContent.trim() : null,
-    equations: [...document.querySelectorAll('.eqno')].map(e => e.firstChild.textContent.trim()),
-    figures: [...document.querySelectorAll('figure .caption-number')].map(e => e.textContent.trim()),
+    equations: [...document.querySelectorAll('.eqno')]
+      .map(e => e.firstChild.textContent.trim()),
+    figures: [...document.querySelectorAll('figure .caption-number')]
+      .map(e => e.textContent.trim()),
   };
 }"""
 
@@ -412,7 +427,8 @@ def check_images(page) -> list[str]:
 
 
 def resolve(url: str, base: str) -> tuple[Path, str] | None:
-    """The file and fragment an in-site URL points at (None for a URL outside the site)."""
+    """The file and fragment an in-site URL points at (None for a URL outside the
+    site)."""
     if not url.startswith(base):
         return None
     parts = urlsplit(url)
@@ -428,7 +444,8 @@ def check_links(page, base: str) -> list[str]:
     for link in page.evaluate(LINKS_JS):
         where = resolve(link["href"], base)
         if where is None:
-            continue  # another site (or mailto:, javascript:): not part of the offline book
+            # another site (or mailto:, javascript:): not part of the offline book
+            continue
         target, fragment = where
         label = f"link {link['raw']!r} ({link['text'][:40]!r})"
         if not target.is_file():
@@ -485,15 +502,16 @@ def check_numbers(page) -> list[str]:
 OVERFLOW_JS = """() => [...document.querySelectorAll('article pre, article table')]
   .filter(e => e.scrollWidth > e.clientWidth && e.offsetParent !== null)
   .map(e => ({tag: e.tagName.toLowerCase(), over: e.scrollWidth - e.clientWidth,
-              line: e.textContent.split('\\n').reduce((a, b) => a.length >= b.length ? a : b, '')
-                .trim().slice(0, 70)}))"""
+    line: e.textContent.split('\\n')
+      .reduce((a, b) => a.length >= b.length ? a : b, '').trim().slice(0, 70)}))"""
 
 
 def check_overflow(page) -> list[str]:
-    """Every code block, output and table of the page fits its column (no sideways scroll).
+    """Every code block, output and table of the page fits its column (no sideways
+    scroll).
 
-    Hidden cells (collapsed inputs) are measured once shown: a reader who opens them must
-    not have to scroll either."""
+    Hidden cells (collapsed inputs) are measured once shown: a reader who opens them
+    must not have to scroll either."""
     page.evaluate(
         "() => document.querySelectorAll('details').forEach(d => d.open = true)"
     )
@@ -511,12 +529,13 @@ def load(v: Visit, url: str) -> None:
     v.page.goto(url, wait_until="load")
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # The tests.
 
 
 def test_every_toc_page_is_built_and_current(site: Path):
-    """Every page of _toc.yml is in the build, and no newer than its source (else `make book`)."""
+    """Every page of _toc.yml is in the build, and no newer than its source (else `make
+    book`)."""
     for name in toc_files():
         html_file = site / f"{name}.html"
         assert html_file.is_file(), (
@@ -613,7 +632,8 @@ def test_dark_mode_toggle(visit, server):
 
 
 def test_opens_offline_from_disk(visit, site: Path):
-    """`_build/html/index.html` opened as a file, with the network off, renders its equations."""
+    """`_build/html/index.html` opened as a file, with the network off, renders its
+    equations."""
     v = visit(offline=True)
     v.page.goto((site / "index.html").as_uri(), wait_until="load")
     first = toc_files()[0]

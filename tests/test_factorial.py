@@ -1,4 +1,5 @@
-"""Tests for smaso.factorial: the factorial model Eq. (10), Theorem 4, Corollary 1 / Eq. (12)."""
+"""Tests for smaso.factorial: the factorial model Eq. (10), Theorem 4, Corollary 1 / Eq.
+(12)."""
 
 import itertools
 import math
@@ -31,7 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def orthogonal_slopes(K, R, D, seed=0, zero_region=False):
-    """Slopes satisfying Eq. (11): unit k's R slopes span a private block of a random rotation."""
+    """Slopes satisfying Eq. (11): unit k's R slopes span a private block of a random
+    rotation."""
     assert D % K == 0
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=F64))
@@ -141,8 +143,8 @@ def test_non_orthogonal_slopes_do_not_factorise():
 def test_eq11_is_sufficient_not_necessary():
     """A component shared by every slope makes the cross Gram blocks additive: the VQs
     stay independent given z although the coherence is large. If the shared part is
-    orthogonal to the
-    rest, the cross term is a constant and the factors are exactly the per-unit posteriors."""
+    orthogonal to the rest, the cross term is a constant and the factors are exactly the
+    per-unit posteriors."""
     K, R, D = 3, 3, 12
     A, B = orthogonal_slopes(K, R, 9, seed=4)
     A = torch.cat([A, torch.zeros(K, R, 3, dtype=F64)], dim=-1)
@@ -160,7 +162,8 @@ def test_eq11_is_sufficient_not_necessary():
 
 
 def test_coupled_prior_breaks_theorem4():
-    """Theorem 4 needs a factorised prior: with a prior that couples the units it fails."""
+    """Theorem 4 needs a factorised prior: with a prior that couples the units it
+    fails."""
     K, R = 2, 2
     A, B = orthogonal_slopes(K, R, 4, seed=2)
     z = torch.randn(100, 4, generator=torch.Generator().manual_seed(1), dtype=F64)

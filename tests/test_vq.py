@@ -39,7 +39,8 @@ def test_soft_vq_is_eq6_and_the_gmm_posterior():
 
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 0.999])
 def test_closed_forms_maximise_the_entropy_penalised_objective(beta):
-    """Proposition 2 (β = ½) and Theorem 3: the closed form is the optimum found numerically."""
+    """Proposition 2 (β = ½) and Theorem 3: the closed form is the optimum found
+    numerically."""
     A, B, z = params(N=50)
     s = scores(A, B, z)
     T = beta_vq(A, B, z, beta)
@@ -47,7 +48,10 @@ def test_closed_forms_maximise_the_entropy_penalised_objective(beta):
     assert torch.allclose(T, T_num, atol=1e-8)
     # and it beats random points of the simplex
     g = torch.Generator().manual_seed(1)
-    other = torch.distributions.Dirichlet(torch.ones(4, dtype=DT)).sample((50, 5))
+    # Dirichlet(1, ..., 1) from the seeded generator: normalised Exp(1) variables
+    # (torch.distributions.Dirichlet takes no generator: it would use the global RNG)
+    exp1 = -torch.log(torch.rand(50, 5, 4, dtype=DT, generator=g))
+    other = exp1 / exp1.sum(-1, keepdim=True)
     assert (vq_objective(T, s, beta) >= vq_objective(other, s, beta) - 1e-12).all()
 
 

@@ -39,7 +39,8 @@ PACKAGE = "django-static-mathjax"
 
 
 def mathjax_source() -> Path:
-    """The folder of MathJax 3's browser components (``es5``) that the package installs."""
+    """The folder of MathJax 3's browser components (``es5``) that the package
+    installs."""
     try:
         import mathjax  # the module of the PyPI package django-static-mathjax
     except ImportError as err:
@@ -70,7 +71,8 @@ def _check_config(app: Sphinx, config) -> None:
         raise ExtensionError(
             f"mathjax_path is {path!r}; this extension provides mathjax/{COMPONENT}"
         )
-    mathjax_source()  # fail early, before executing any chapter, if the package is missing
+    # fail early, before executing any chapter, if the package is missing
+    mathjax_source()
 
 
 def _copy(app: Sphinx, exc: Exception | None) -> None:
