@@ -7,6 +7,14 @@ a mixture of ``R`` Gaussians with means ``A[k, r]``, isotropic variance
 Eq. (4) is the MASO hard VQ of Eq. (1)/(5) for *any* ``A`` and ``B``; and
 Corollary 2: the MASO input-space partition is that GMM's MAP partition.
 
+Scaling the exponent of that prior by ``1 / sigma2`` (``scaled_prior=True``) makes
+Theorem 2 hold for *every* ``sigma2``: the posterior is then
+``softmax(scores / sigma2)``, it tends to the hard VQ as ``sigma2 -> 0`` (the remark
+after Eq. (6)), and it is the beta-VQ of Eq. (9) at ``sigma2 = (1 - beta) / beta``
+(:func:`sigma2_from_beta`).
+Appendix E.6: the sigmoid is the posterior of a ReLU unit, and a tanh network is a
+sigmoid network with reparametrised weights (:func:`tanh_to_sigmoid`).
+
 Shapes follow :mod:`smaso.maso`: ``A`` (K, R, D), ``B`` (K, R), ``z`` (N, D) or (D,).
 """
 
@@ -15,25 +23,37 @@ import math
 import torch
 
 from .maso import _batched, check_params
+from .vq import eta_from_beta
 
 __all__ = [
+    "calibration_error",
     "log_joint",
     "map_vq",
     "monte_carlo_prior",
     "posterior",
     "region_prior",
     "relu_prior",
+    "sigma2_from_beta",
+    "tanh_to_sigmoid",
 ]
 
 
-def region_prior(A, B):
+def region_prior(A, B, sigma2=1.0):
     """Region prior ``pi`` (K, R) of Theorem 2: ``softmax_r(B[k, r] + 1/2 ||A[k,
     r]||^2)``.
 
     With the K-means offsets of Proposition 1 (``B = -1/2 ||A||^2``) it is uniform.
+    ``sigma2`` other than 1 gives the scaled prior
+    ``softmax_r((B[k, r] + 1/2 ||A[k, r]||^2) / sigma2)``, under which Theorem 2 holds
+    at that noise variance (see :func:`log_joint`).
     """
     check_params(A, B)
-    return torch.softmax(B + 0.5 * (A * A).sum(dim=-1), dim=-1)
+    return _log_prior(A, B, _check_sigma2(sigma2)).exp()
+
+
+def _log_prior(A, B, sigma2):
+    """``log region_prior(A, B, sigma2)``, computed as a log-softmax (no underflow)."""
+    return torch.log_softmax((B + 0.5 * (A * A).sum(dim=-1)) / sigma2, dim=-1)
 
 
 def _check_sigma2(sigma2):
@@ -52,7 +72,7 @@ def _check_sigma2(sigma2):
     return float(sigma2)
 
 
-def log_joint(A, B, z, sigma2=1.0):
+def log_joint(A, B, z, sigma2=1.0, scaled_prior=False):
     """``log p(z | t_k = r) + log pi[k, r]`` for the GMM of Eq. (3), shape (N, K, R).
 
     ``p(z | t_k = r) = N(z; A[k, r], sigma2 I)`` is evaluated from the Gaussian
@@ -61,35 +81,51 @@ def log_joint(A, B, z, sigma2=1.0):
     Theorem 2 (:func:`region_prior`). Nothing here uses the MASO scores, so
     comparing its arg max with :func:`smaso.maso.hard_vq` checks Theorem 2.
     Unbatched ``z`` (D,) gives (K, R).
+
+    ``scaled_prior=False`` holds the prior at its ``sigma2 = 1`` value whatever the
+    noise variance (the paper's Theorem 2 prior). ``scaled_prior=True`` uses
+    ``region_prior(A, B, sigma2)``, ``pi ~ exp((B + 1/2 ||A||^2) / sigma2)``; then
+    ``log p(z, t = r) = (<A[k, r], z> + B[k, r]) / sigma2 + c(z)``, so Theorem 2
+    holds for every ``sigma2``.
     """
     _, _, D = check_params(A, B, z)
     sigma2 = _check_sigma2(sigma2)
+    if not isinstance(scaled_prior, bool):
+        raise TypeError(
+            f"scaled_prior must be True or False, got {type(scaled_prior).__name__}"
+        )
     z2, single = _batched(z)
     sq = ((z2[:, None, None, :] - A[None]) ** 2).sum(dim=-1)  # (N, K, R)
     log_lik = -0.5 * D * math.log(2 * math.pi * sigma2) - sq / (2 * sigma2)
-    log_prior = torch.log_softmax(B + 0.5 * (A * A).sum(dim=-1), dim=-1)
+    prior_sigma2 = sigma2 if scaled_prior else 1.0
+    log_prior = _log_prior(A, B, prior_sigma2)
     out = log_lik + log_prior
     return out[0] if single else out
 
 
-def posterior(A, B, z, sigma2=1.0):
+def posterior(A, B, z, sigma2=1.0, scaled_prior=False):
     """Posterior ``p(t_k = r | z)`` (N, K, R) of the GMM of Eq. (3) with the prior of
     Theorem 2.
 
     At ``sigma2 = 1`` this equals the soft VQ of Eq. (6),
-    ``softmax_r(<A[k, r], z> + B[k, r])``.
+    ``softmax_r(<A[k, r], z> + B[k, r])``. With ``scaled_prior=True`` (see
+    :func:`log_joint`) it equals ``softmax_r((<A[k, r], z> + B[k, r]) / sigma2)`` for
+    every ``sigma2``: the beta-VQ of Eq. (9) at ``beta = 1 / (1 + sigma2)``, which
+    tends to the hard VQ as ``sigma2 -> 0``.
     """
-    return torch.softmax(log_joint(A, B, z, sigma2), dim=-1)
+    return torch.softmax(log_joint(A, B, z, sigma2, scaled_prior), dim=-1)
 
 
-def map_vq(A, B, z, sigma2=1.0):
+def map_vq(A, B, z, sigma2=1.0, scaled_prior=False):
     """One-hot MAP region (N, K, R) of Eq. (4) (ties to the lowest region index).
 
     Theorem 2: at ``sigma2 = 1`` this equals the MASO hard VQ
-    :func:`smaso.maso.hard_vq` for every ``A``, ``B``. (For other ``sigma2``
-    with the same, Theorem-2 prior it generally does not.)
+    :func:`smaso.maso.hard_vq` for every ``A``, ``B``. For other ``sigma2`` it does
+    so with ``scaled_prior=True``, not with the prior held at its ``sigma2 = 1``
+    value (the default), under which the MAP tends to the nearest centroid as
+    ``sigma2 -> 0``.
     """
-    lj = log_joint(A, B, z, sigma2)
+    lj = log_joint(A, B, z, sigma2, scaled_prior)
     return torch.zeros_like(lj).scatter_(-1, lj.argmax(dim=-1, keepdim=True), 1.0)
 
 
@@ -208,3 +244,87 @@ def monte_carlo_prior(
         B = torch.zeros(fan_out, 2, dtype=dtype, device=device)
         priors.append(region_prior(A, B))
     return torch.cat(priors, dim=0)
+
+
+def sigma2_from_beta(beta):
+    """The noise variance ``sigma2 = (1 - beta) / beta`` at which the GMM posterior with
+    the scaled prior is the beta-VQ of Eq. (9) (Theorem 3).
+
+    ``posterior(A, B, z, sigma2, scaled_prior=True) = softmax(scores / sigma2)`` and
+    ``beta_vq(A, B, z, beta) = softmax(eta * scores)`` with ``eta = beta / (1 -
+    beta)``, so the two agree when ``sigma2 = 1 / eta``. ``beta = 1`` (hard VQ) gives
+    ``sigma2 = 0``, ``beta = 1/2`` (soft VQ) ``sigma2 = 1``, ``beta = 0`` (uniform)
+    ``sigma2 = inf``. ``beta`` is a number (computed in float64) or a tensor in
+    [0, 1].
+    """
+    if isinstance(beta, (int, float)) and not isinstance(beta, bool):
+        beta = torch.tensor(float(beta), dtype=torch.float64)
+    eta = eta_from_beta(beta)
+    return torch.where(eta == 0, torch.full_like(eta, math.inf), 1 / eta)
+
+
+def tanh_to_sigmoid(W, b, W_next, b_next):
+    """Sigmoid-network weights ``(2 W, 2 b, 2 W_next, b_next - W_next 1)`` equal to the
+    tanh network ``W_next tanh(W z + b) + b_next`` (Appendix E.6, Proposition 5).
+
+    From ``tanh(u) = 2 sigmoid(2 u) - 1``: ``W_next tanh(W z + b) + b_next = (2
+    W_next) sigmoid(2 W z + 2 b) + (b_next - W_next 1)``, where ``W_next 1`` is the
+    vector of row sums of ``W_next``. A sigmoid layer is the soft DN layer of
+    Proposition 5 (the region probability of a ReLU unit), so a tanh network is a
+    network of such layers. Appendix E.6 states the reparametrisation as ``C :=
+    2 C``, ``C' := 2 C'``, ``b' := b' - 1``: it leaves the first layer's bias
+    undoubled and shifts the next bias by 1 instead of by ``W_next 1``; both are
+    wrong unless ``b = 0`` and every row of ``W_next`` sums to 1.
+
+    Shapes: ``W`` (H, D), ``b`` (H,), ``W_next`` (C, H), ``b_next`` (C,) (the layout
+    of ``nn.Linear.weight`` / ``.bias``). For a convolution, pass its dense matrix
+    (:func:`smaso.layers.affine_params`).
+    """
+    names = ("W", "b", "W_next", "b_next")
+    tensors = (W, b, W_next, b_next)
+    for name, t, ndim in zip(names, tensors, (2, 1, 2, 1), strict=True):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != ndim or not t.is_floating_point():
+            raise ValueError(
+                f"{name} must be a floating-point tensor with {ndim} dims, got shape "
+                f"{tuple(t.shape)} and dtype {t.dtype}"
+            )
+    H = W.shape[0]
+    if b.shape[0] != H or W_next.shape[1] != H or b_next.shape[0] != W_next.shape[0]:
+        raise ValueError(
+            "shapes do not chain: W (H, D), b (H,), W_next (C, H), b_next (C,); got "
+            f"{[tuple(t.shape) for t in tensors]}"
+        )
+    return 2 * W, 2 * b, 2 * W_next, b_next - W_next.sum(dim=1)
+
+
+def calibration_error(confidence, correct, n_bins=10):
+    """Expected calibration error of confidences against outcomes (Section 3.2).
+
+    The hard VQ states no confidence (every selection is certain); a posterior does.
+    ``ECE = sum_b (n_b / N) |mean(correct in b) - mean(confidence in b)|`` over
+    ``n_bins`` equal-width bins ``(i / n_bins, (i + 1) / n_bins]`` of ``[0, 1]`` (0
+    falls in the first). ``confidence`` a float tensor in [0, 1], ``correct`` a bool
+    or 0/1 tensor of the same shape (e.g. whether the selected class is the label).
+    Returns a 0-dim tensor in the dtype of ``confidence``.
+    """
+    if not isinstance(confidence, torch.Tensor) or not confidence.is_floating_point():
+        raise TypeError("confidence must be a floating-point tensor")
+    if not isinstance(correct, torch.Tensor) or correct.shape != confidence.shape:
+        raise ValueError(
+            "correct must be a tensor of the same shape as confidence "
+            f"{tuple(confidence.shape)}"
+        )
+    if confidence.numel() == 0:
+        raise ValueError("confidence is empty")
+    if bool(((confidence < 0) | (confidence > 1) | confidence.isnan()).any()):
+        raise ValueError("confidence must lie in [0, 1]")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    conf = confidence.flatten()
+    hit = correct.flatten().to(conf.dtype)
+    bins = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
+    gap = torch.zeros(n_bins, dtype=conf.dtype, device=conf.device)
+    gap.index_add_(0, bins, hit - conf)
+    return gap.abs().sum() / conf.numel()

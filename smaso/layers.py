@@ -3,7 +3,8 @@
 Theorem 1 states that any layer made of an affine operator (fully connected,
 convolution, batch norm in eval mode, average pooling, ...) followed by a
 convex, piecewise-affine nonlinearity (ReLU, leaky ReLU, absolute value,
-maxout) and/or max/average pooling is a MASO, Eq. (1) / Eq. (14). This module
+maxout) and/or max/average pooling, with or without a skip connection
+(:class:`Residual`), is a MASO, Eq. (1) / Eq. (14). This module
 builds the MASO parameters ``A`` (K, R, D) and ``B`` (K, R) of such layers from
 the ``torch.nn`` modules themselves, on flattened (``C*H*W``) inputs/outputs.
 
@@ -21,6 +22,7 @@ from .maso import hard_vq, region_affine
 __all__ = [
     "Abs",
     "Maxout",
+    "Residual",
     "affine_params",
     "layer_maso",
     "region_affine_map",
@@ -29,7 +31,8 @@ __all__ = [
 
 
 class Abs(nn.Module):
-    """Absolute-value activation ``|x|`` (a MASO with R = 2 pieces ``x, -x``; Theorem 1)."""
+    """Absolute-value activation ``|x|`` (a MASO with R = 2 pieces ``x, -x``;
+    Theorem 1)."""
 
     def forward(self, x):
         return torch.abs(x)
@@ -73,6 +76,39 @@ class Maxout(nn.Module):
         return f"num_pieces={self.num_pieces}"
 
 
+class Residual(nn.Module):
+    """A skip connection around a layer, ``shortcut(z) + body(z)`` (Theorem 1: "with or
+    without skip connections").
+
+    ``body`` is a module or a list of modules (held as an ``nn.Sequential``);
+    ``shortcut`` is ``None`` for the identity, ``z + body(z)``, or an affine module
+    (or list of them), e.g. a strided 1x1 ``nn.Conv2d`` projection. If ``body`` is one
+    MASO layer (:func:`layer_maso`), so is the block: with the shortcut ``P z + p``,
+    ``P z + p + max_r(<A_kr, z> + B_kr) = max_r(<A_kr + P_k, z> + B_kr + p_k)``, the
+    same regions with the shortcut's row added to every slope. A deeper ``body`` (a
+    ResNet basic block) is not one MASO layer, but it is still one affine map per
+    region, ``P + A_body[z]`` (:func:`region_affine_map`).
+    """
+
+    def __init__(self, body, shortcut=None):
+        super().__init__()
+        self.body = nn.Sequential(*_flatten_modules(body))
+        if shortcut is None:
+            shortcut = nn.Identity()
+        short = _flatten_modules(shortcut)
+        for m in short:
+            if not isinstance(m, _AFFINE + (nn.Identity,)):
+                raise TypeError(
+                    f"Residual: the shortcut must be affine (nn.Linear, nn.Conv2d, "
+                    f"nn.AvgPool2d, nn.BatchNorm1d/2d, nn.Flatten, nn.Identity), got "
+                    f"{m!r}"
+                )
+        self.shortcut = nn.Sequential(*short)
+
+    def forward(self, z):
+        return self.shortcut(z) + self.body(z)
+
+
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
 _AFFINE = (nn.Linear, nn.Conv2d, nn.AvgPool2d, nn.Flatten) + _BATCHNORM
 _ACTIVATION = (nn.ReLU, nn.LeakyReLU, Abs, nn.Identity, Maxout)
@@ -111,6 +147,10 @@ def _flatten_modules(modules):
 
 
 def _check_type(m):
+    if isinstance(m, Residual):
+        for sub in list(m.body) + list(m.shortcut):
+            _check_type(sub)
+        return
     if not isinstance(m, _AFFINE + _ACTIVATION + _POOL):
         raise TypeError(
             f"unsupported module {m!r} ({type(m).__name__}); supported modules are "
@@ -120,6 +160,10 @@ def _check_type(m):
 
 def _check_supported(m):
     _check_type(m)
+    if isinstance(m, Residual):
+        for sub in list(m.body) + list(m.shortcut):
+            _check_supported(sub)
+        return
     if isinstance(m, nn.LeakyReLU) and m.negative_slope > 1:
         raise ValueError(
             f"{m!r}: with negative_slope = {m.negative_slope} > 1, leaky ReLU equals "
@@ -170,7 +214,8 @@ def _same_device(a, b):
 
 
 def _dtype_device(modules, dtype=None, device=None):
-    """Common dtype/device of the modules' parameters and buffers (else the given ones, else defaults)."""
+    """Common dtype/device of the modules' parameters and buffers (else the given
+    ones, else defaults)."""
     tensors = [
         t
         for m in modules
@@ -322,6 +367,8 @@ def _layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None)
     for m in modules:
         _check_supported(m)
     dtype, device = _dtype_device(modules, dtype, device)
+    if modules and isinstance(modules[0], Residual):
+        return _residual_maso(modules, input_shape, max_regions, dtype, device)
 
     # parse [affine...] [activation] [pooling], nn.Flatten allowed anywhere
     i, n = 0, len(modules)
@@ -454,6 +501,38 @@ def _layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None)
     return A.contiguous(), B.contiguous(), S1
 
 
+def _residual_maso(modules, input_shape, max_regions, dtype, device):
+    """MASO of ``[Residual, nn.Flatten...]``: the body's (A, B) plus the shortcut."""
+    res, tail = modules[0], modules[1:]
+    for m in tail:
+        if not isinstance(m, nn.Flatten):
+            raise ValueError(
+                f"cannot read {[type(m).__name__ for m in modules]} as one MASO layer: "
+                "a Residual block is a layer of its own (only nn.Flatten may follow it "
+                "in the same layer; use split_layers)"
+            )
+    try:
+        A, B, S = _layer_maso(list(res.body), input_shape, max_regions, dtype, device)
+    except ValueError as e:
+        raise ValueError(
+            f"the body of {type(res).__name__} is not one MASO layer, so the block is "
+            "not one MASO (region_affine_map still gives its region-specific affine "
+            f"map): {e}"
+        ) from e
+    P, p = affine_params(list(res.shortcut), input_shape, dtype=dtype, device=device)
+    S_short = _out_shape(list(res.shortcut), input_shape, dtype, device)
+    if S_short != S:
+        raise ValueError(
+            f"Residual: the shortcut gives feature shape {S_short} but the body gives "
+            f"{S}; they must match to be added"
+        )
+    A = A + P[:, None, :]  # z_k + max_r(...) = max_r(z_k + ...): every region
+    B = B + p[:, None]
+    for m in tail:
+        S = _out_shape([m], S, dtype, device)
+    return A.contiguous(), B.contiguous(), S
+
+
 def layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None):
     """MASO parameters ``(A (K, R, D), B (K, R))`` of one DN layer (Theorem 1, Appendix
     A).
@@ -469,6 +548,8 @@ def layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None):
       ``min(u, s u)``, concave, not a MASO: ``ValueError``), :class:`Abs`
       (pieces ``u, -u``), ``nn.Identity`` (R = 1) or :class:`Maxout` (its
       ``num_pieces`` channels);
+    * or instead a :class:`Residual` block whose body reads as above (its
+      shortcut's row is added to the slope of every region);
     * optionally one pooling: ``nn.MaxPool2d`` (any kernel, stride, padding,
       dilation, ceil mode; the unit's pieces are the union of the pieces in its
       window, padded entries excluded) or ``nn.AvgPool2d`` after a nonlinearity
@@ -493,6 +574,8 @@ def layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None):
 
 
 def _kind(m):
+    if isinstance(m, Residual):
+        return "residual"
     if isinstance(m, nn.Flatten):
         return "flatten"
     if isinstance(m, _ACTIVATION):
@@ -513,7 +596,8 @@ def split_layers(seq):
     (``Linear``, ``Conv2d``, ``BatchNorm``) after a nonlinearity or pooling, and
     at any module after a pooling; an ``AvgPool2d`` directly after a
     nonlinearity is that layer's pooling, otherwise it is affine. ``nn.Flatten``
-    stays in the current group. Nested ``nn.Sequential`` are flattened.
+    stays in the current group. Nested ``nn.Sequential`` are flattened. A
+    :class:`Residual` block is a group of its own.
     """
     modules = _flatten_modules(seq)
     for m in modules:
@@ -521,7 +605,7 @@ def split_layers(seq):
     groups, state = [], None
     for m in modules:
         k = _kind(m)
-        if state is None:
+        if state is None or k == "residual":
             new = True
         elif k == "flatten" or state == "affine":
             new = False
@@ -533,7 +617,9 @@ def split_layers(seq):
             groups.append([])
             state = "affine"
         groups[-1].append(m)
-        if k == "act" and state == "affine":
+        if k == "residual":  # a block is a layer of its own
+            state = "pool"
+        elif k == "act" and state == "affine":
             state = "act"
         elif (k == "pool" and state in ("affine", "act")) or (
             k == "avgpool" and state == "act"
@@ -551,7 +637,10 @@ def region_affine_map(seq, x, max_regions=4096):
     (Eq. (2), Proposition 8), the region-specific affine map ``A[T], B[T]`` of
     Eq. (15), and composes them, ``z_l = A_l[T] z_{l-1} + B_l[T]`` (Eq. (16)).
     Hence ``seq(x).flatten() == A_x @ x.flatten() + B_x``, and ``A_x`` is the
-    Jacobian of the network at ``x`` (away from region boundaries).
+    Jacobian of the network at ``x`` (away from region boundaries). A
+    :class:`Residual` block contributes ``P + A_body[z]``, its shortcut's matrix plus
+    the region map of its body (computed recursively, so the body may hold several
+    MASO layers, as in a ResNet basic block).
 
     ``x`` is ONE input without batch dimension, e.g. ``(C, H, W)`` or ``(D,)``.
     Dense: for small networks.
@@ -571,10 +660,28 @@ def region_affine_map(seq, x, max_regions=4096):
     Ax = torch.eye(z.shape[0], dtype=x.dtype, device=x.device)
     Bx = torch.zeros(z.shape[0], dtype=x.dtype, device=x.device)
     for g in groups:
-        A, B, shape = _layer_maso(g, shape, max_regions, dtype=x.dtype, device=x.device)
-        T = hard_vq(A, B, z)
-        AT, BT = region_affine(A, B, T)
+        if isinstance(g[0], Residual):  # shortcut + the body's own region map
+            AT, BT, shape = _residual_region_map(g, z, shape, max_regions)
+        else:
+            A, B, shape = _layer_maso(
+                g, shape, max_regions, dtype=x.dtype, device=x.device
+            )
+            T = hard_vq(A, B, z)
+            AT, BT = region_affine(A, B, T)
         Ax = AT @ Ax
         Bx = AT @ Bx + BT
         z = AT @ z + BT
     return Ax, Bx
+
+
+def _residual_region_map(group, z, shape, max_regions):
+    """Region-specific affine map of ``[Residual, nn.Flatten...]`` at input ``z``."""
+    res = group[0]
+    A_body, B_body = region_affine_map(res.body, z.reshape(shape), max_regions)
+    P, p = affine_params(list(res.shortcut), shape, dtype=z.dtype, device=z.device)
+    if P.shape != A_body.shape:
+        raise ValueError(
+            f"Residual: the shortcut maps {tuple(P.shape[::-1])} features but the body "
+            f"{tuple(A_body.shape[::-1])}; they must match to be added"
+        )
+    return P + A_body, p + B_body, _out_shape(group, shape, z.dtype, z.device)

@@ -8,14 +8,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smaso.gmm import (
+    calibration_error,
     log_joint,
     map_vq,
     monte_carlo_prior,
     posterior,
     region_prior,
     relu_prior,
+    sigma2_from_beta,
+    tanh_to_sigmoid,
 )
 from smaso.maso import hard_vq, kmeans_offsets, nearest_centroid, scores, vq_codes
+from smaso.vq import beta_vq
 
 DTYPES = [torch.float32, torch.float64]
 TOL = {
@@ -36,7 +40,7 @@ def rand_params(
 
 
 def assert_same_vq_up_to_near_ties(T1, T2, A, B, z, tol):
-    """T1 == T2 except where the top two MASO scores are within tol (rounding-level ties)."""
+    """T1 == T2 except where the top two MASO scores are within tol (rounding ties)."""
     diff = (T1 != T2).any(-1)
     if bool(diff.any()):
         top2 = scores(A, B, z).double().topk(2, dim=-1).values
@@ -63,7 +67,7 @@ def test_theorem2_map_equals_hard_vq_arbitrary_biases(dtype):
 
 
 def test_theorem2_needs_its_prior():
-    """With a uniform prior instead (the K-means GMM), MAP != MASO VQ for arbitrary B."""
+    """With a uniform prior instead (the K-means GMM), MAP != MASO VQ for any B."""
     A, B, z = rand_params(3, 4, 2, 2000, torch.float64, seed=2, bias_scale=3.0)
     uniform = torch.softmax(torch.zeros(3, 4, dtype=torch.float64), -1)
     sq = ((z[:, None, None] - A[None]) ** 2).sum(-1)
@@ -107,7 +111,8 @@ def test_log_joint_is_the_gaussian_density():
 
 
 def test_small_variance_map_is_nearest_centroid():
-    """As sigma2 -> 0 with the prior held fixed, the GMM MAP becomes K-means (Prop. 1 partition)."""
+    """As sigma2 -> 0 with the prior held fixed, the GMM MAP becomes K-means (the
+    partition of Prop. 1)."""
     A, B, z = rand_params(3, 4, 3, 1000, torch.float64, seed=5, bias_scale=3.0)
     codes = map_vq(A, B, z, sigma2=1e-6).argmax(-1)
     assert torch.equal(codes, nearest_centroid(A, z))
@@ -255,3 +260,160 @@ def test_property_map_equals_maso_vq(K, R, D, seed, slope_scale, bias_scale, dou
     scale = 1 + slope_scale**2 * D + bias_scale
     tol = (1e-9 if double else 1e-3) * scale
     assert_same_vq_up_to_near_ties(T_map, T_h, A, B, z, tol)
+
+
+SIGMA2S = [4.0, 1.0, 0.25, 0.01, 1e-4]
+
+
+def _rounding(sigma2):
+    """Tolerance for posteriors from Gaussian densities: the log-densities carry
+    rounding ~ u ||z - A||^2 / sigma2, amplified as sigma2 -> 0."""
+    return 1e-12 / min(sigma2, 1.0)
+
+
+def _bayes_posterior(A, B, z, sigma2):
+    """Bayes' rule with torch.distributions: N(z; A_kr, sigma2 I) times the scaled prior
+    written out as exp((B + |A|^2 / 2) / sigma2), normalised over r by hand."""
+    D = A.shape[-1]
+    cov = sigma2 * torch.eye(D, dtype=A.dtype)
+    log_lik = torch.distributions.MultivariateNormal(A, cov).log_prob(z[:, None, None])
+    log_w = (B + 0.5 * (A**2).sum(-1)) / sigma2
+    log_prior = log_w - torch.logsumexp(log_w, dim=-1, keepdim=True)
+    return torch.softmax(log_lik + log_prior, dim=-1)
+
+
+@pytest.mark.parametrize("sigma2", SIGMA2S)
+def test_scaled_prior_theorem2_holds_for_every_sigma2(sigma2):
+    """Prior ~ exp((B + |A|^2/2) / sigma2): MAP = MASO VQ and posterior =
+    softmax(scores / sigma2) at every sigma2, against Bayes' rule computed
+    independently."""
+    A, B, z = rand_params(3, 4, 5, 400, torch.float64, seed=11, bias_scale=2.0)
+    post = posterior(A, B, z, sigma2, scaled_prior=True)
+    tol = _rounding(sigma2)
+    torch.testing.assert_close(
+        post, _bayes_posterior(A, B, z, sigma2), atol=tol, rtol=0
+    )
+    torch.testing.assert_close(
+        post, torch.softmax(scores(A, B, z) / sigma2, -1), atol=tol, rtol=0
+    )
+    assert torch.equal(map_vq(A, B, z, sigma2, scaled_prior=True), hard_vq(A, B, z))
+    w = torch.exp((B + 0.5 * (A**2).sum(-1)) / sigma2)
+    if sigma2 >= 0.25:  # the written-out prior does not overflow
+        torch.testing.assert_close(
+            region_prior(A, B, sigma2), w / w.sum(-1, keepdim=True), atol=1e-12, rtol=0
+        )
+    # the prior held at its sigma2 = 1 value gives another MAP rule (unless sigma2 = 1)
+    fixed = map_vq(A, B, z, sigma2)
+    assert torch.equal(fixed, hard_vq(A, B, z)) == (sigma2 == 1.0)
+
+
+def test_scaled_prior_posterior_tends_to_hard_vq():
+    """T_S -> T_H as sigma2 -> 0, at the rate 2 (R - 1) exp(-gap / sigma2)."""
+    A, B, z = rand_params(4, 5, 3, 2000, torch.float64, seed=12, bias_scale=2.0)
+    top2 = scores(A, B, z).topk(2, dim=-1).values
+    gap = top2[..., 0] - top2[..., 1]
+    away = gap > 0.05
+    T_H = hard_vq(A, B, z)
+    errs = []
+    for sigma2 in (1.0, 0.1, 0.01, 1e-3):
+        err = (posterior(A, B, z, sigma2, scaled_prior=True) - T_H).abs().sum(-1)
+        assert bool((err <= 2 * 4 * torch.exp(-gap / sigma2) + _rounding(sigma2)).all())
+        errs.append(err[away].max().item())
+    assert errs == sorted(errs, reverse=True) and errs[0] > 0.1 and errs[-1] < 1e-12
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.75, 0.99])
+def test_beta_vq_is_the_posterior_at_sigma2_from_beta(beta):
+    A, B, z = rand_params(3, 4, 5, 300, torch.float64, seed=13, bias_scale=2.0)
+    sigma2 = float(sigma2_from_beta(beta))
+    assert abs(sigma2 - (1 - beta) / beta) < 1e-12
+    torch.testing.assert_close(
+        posterior(A, B, z, sigma2, scaled_prior=True),
+        beta_vq(A, B, z, beta),
+        atol=_rounding(sigma2),
+        rtol=0,
+    )
+
+
+def test_sigma2_from_beta_ends():
+    s = sigma2_from_beta(torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
+    assert s.tolist() == [math.inf, 1.0, 0.0]
+    with pytest.raises(ValueError, match="beta"):
+        sigma2_from_beta(1.5)
+
+
+def test_tanh_network_is_a_sigmoid_network():
+    """Appendix E.6 at network level: tanh net (W, b, W', b') = sigmoid net (2W, 2b,
+    2W', b' - W' 1), checked against torch's own Tanh and Sigmoid modules."""
+    g = torch.Generator().manual_seed(14)
+    for D, H, C in ((5, 7, 3), (1, 1, 1), (16, 32, 10)):
+        tanh_net = torch.nn.Sequential(
+            torch.nn.Linear(D, H), torch.nn.Tanh(), torch.nn.Linear(H, C)
+        ).double()
+        for p in tanh_net.parameters():
+            torch.nn.init.normal_(p, std=1.0, generator=g)
+        W, b, W2, b2 = (p.detach() for p in tanh_net.parameters())
+        sig_net = torch.nn.Sequential(
+            torch.nn.Linear(D, H), torch.nn.Sigmoid(), torch.nn.Linear(H, C)
+        ).double()
+        with torch.no_grad():
+            for p, v in zip(
+                sig_net.parameters(), tanh_to_sigmoid(W, b, W2, b2), strict=True
+            ):
+                p.copy_(v)
+        x = 2 * torch.randn(200, D, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(sig_net(x), tanh_net(x), atol=1e-12, rtol=0)
+            # the sigmoid layer is the soft DN layer of Prop. 5: the posterior of the
+            # active region of the ReLU MASO with slopes (2W, 0), offsets (2b, 0)
+            A = torch.stack([2 * W, torch.zeros_like(W)], dim=1)
+            Bm = torch.stack([2 * b, torch.zeros_like(b)], dim=1)
+            hidden = posterior(A, Bm, x)[..., 0]
+            torch.testing.assert_close(
+                hidden @ (2 * W2).T + b2 - W2.sum(1), tanh_net(x), atol=1e-12, rtol=0
+            )
+            # the paper's version (2W, b, 2W', b' - 1) is a different network
+            paper = torch.sigmoid(x @ (2 * W).T + b) @ (2 * W2).T + b2 - 1
+            if H > 1:
+                assert (paper - tanh_net(x)).abs().max() > 0.1
+
+
+def test_tanh_to_sigmoid_errors():
+    W, b = torch.randn(3, 2), torch.randn(3)
+    with pytest.raises(ValueError, match="do not chain"):
+        tanh_to_sigmoid(W, b, torch.randn(4, 2), torch.randn(4))
+    with pytest.raises(ValueError, match="2 dims"):
+        tanh_to_sigmoid(b, b, W.T, torch.randn(2))
+    with pytest.raises(TypeError, match="must be a torch"):
+        tanh_to_sigmoid(W, b, W.T.numpy(), torch.randn(2))
+
+
+def test_calibration_error_against_a_loop():
+    g = torch.Generator().manual_seed(15)
+    conf = torch.rand(500, generator=g, dtype=torch.float64)
+    conf[:5] = torch.tensor([0.0, 1.0, 0.1, 0.5, 0.3], dtype=torch.float64)
+    correct = torch.rand(500, generator=g, dtype=torch.float64) < conf
+    for n_bins in (1, 5, 10):
+        expected = 0.0
+        for i in range(n_bins):
+            lo, hi = i / n_bins, (i + 1) / n_bins
+            members = [
+                j
+                for j, c in enumerate(conf.tolist())
+                if (lo < c <= hi) or (i == 0 and c == 0.0)
+            ]
+            if members:
+                acc = sum(bool(correct[j]) for j in members) / len(members)
+                mean_conf = sum(conf[j].item() for j in members) / len(members)
+                expected += len(members) / 500 * abs(acc - mean_conf)
+        assert abs(calibration_error(conf, correct, n_bins).item() - expected) < 1e-12
+    # a hard code states confidence 1 everywhere: its ECE is the error rate
+    hard = torch.ones(500, dtype=torch.float64)
+    assert (
+        abs(calibration_error(hard, correct).item() - (~correct).double().mean())
+        < 1e-12
+    )
+    with pytest.raises(ValueError, match="lie in"):
+        calibration_error(conf + 1, correct)
+    with pytest.raises(ValueError, match="same shape"):
+        calibration_error(conf, correct[:3])

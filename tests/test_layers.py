@@ -1,4 +1,5 @@
-"""Tests for smaso.layers: real DN layers as MASOs (Theorem 1, Appendix A, Eq. (14)-(16))."""
+"""Tests for smaso.layers: real DN layers as MASOs (Theorem 1, Appendix A,
+Eq. (14)-(16))."""
 
 import random
 
@@ -9,6 +10,7 @@ from torch import nn
 from smaso.layers import (
     Abs,
     Maxout,
+    Residual,
     affine_params,
     layer_maso,
     region_affine_map,
@@ -24,7 +26,7 @@ TOL = {
 
 
 def _randomise_bn(m, g):
-    """Give a batch-norm layer non-trivial statistics and affine parameters, eval mode."""
+    """Give a batch-norm layer non-trivial statistics and affine parameters (eval)."""
     with torch.no_grad():
         m.running_mean.copy_(torch.randn(m.num_features, generator=g))
         m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
@@ -158,6 +160,44 @@ CASES = {
     ),
 }
 
+# Theorem 1 "with or without skip connections": z + ReLU(W z + b), and conv blocks.
+CASES.update(
+    {
+        "residual-linear-relu": lambda rng, g: (
+            [Residual([nn.Linear(5, 5), nn.ReLU()])],
+            (5,),
+            2,
+        ),
+        "residual-linear-bn-abs": lambda rng, g: (
+            [Residual([nn.Linear(4, 4), _randomise_bn(nn.BatchNorm1d(4), g), Abs()])],
+            (4,),
+            2,
+        ),
+        "residual-conv-relu": _case(
+            lambda c, g: [Residual([nn.Conv2d(c, c, 3, padding=1), nn.ReLU()])], 2
+        ),
+        "residual-conv-projection-s2": _case(
+            lambda c, g: [
+                Residual(
+                    [nn.Conv2d(c, 3, 3, stride=2, padding=1), nn.LeakyReLU(0.1)],
+                    shortcut=nn.Conv2d(c, 3, 1, stride=2),
+                )
+            ],
+            2,
+        ),
+        "residual-conv-relu-maxpool-avgpool-shortcut-flatten": _case(
+            lambda c, g: [
+                Residual(
+                    [nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)],
+                    shortcut=nn.AvgPool2d(2),
+                ),
+                nn.Flatten(),
+            ],
+            8,
+        ),
+    }
+)
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(CASES))
@@ -208,7 +248,7 @@ def test_affine_params(dtype):
     )
     # b is the bias broadcast over positions; no-bias conv gives b = 0
     assert torch.equal(b.reshape(3, 12), conv.bias.detach()[:, None].expand(3, 12))
-    W0, b0 = affine_params(nn.Conv2d(2, 3, 3, bias=False).to(dtype), (2, 5, 5))
+    _, b0 = affine_params(nn.Conv2d(2, 3, 3, bias=False).to(dtype), (2, 5, 5))
     assert not bool(b0.any())
     # Linear: W is the weight itself
     lin = nn.Linear(4, 2).to(dtype)
@@ -301,7 +341,7 @@ def test_split_layers():
 def test_region_affine_map(net, shape, dtype):
     torch.manual_seed(3)
     seq = net().to(dtype)
-    for trial in range(3):
+    for _ in range(3):
         x = torch.randn(shape, dtype=dtype)
         Ax, Bx = region_affine_map(seq, x)
         with torch.no_grad():
@@ -377,3 +417,74 @@ def test_cuda_layer_maso_and_region_map():
         torch.testing.assert_close(Bx_c.cpu(), Bx)
         with pytest.raises(ValueError, match="device mismatch"):
             region_affine_map(seq, x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_adds_the_shortcut_to_every_region(dtype):
+    """z + max_r(a_r z + b_r) = max_r((a_r + e) z + b_r): the body's MASO, shifted."""
+    torch.manual_seed(5)
+    body = [nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()]
+    block = Residual(body).to(dtype)
+    A, B = layer_maso([block], (2, 5, 5))
+    A_body, B_body = layer_maso(body, (2, 5, 5))
+    eye = torch.eye(50, dtype=dtype)
+    assert torch.equal(A, A_body + eye[:, None, :]) and torch.equal(B, B_body)
+    # the regions (VQ codes) are the body's: the shortcut adds the same to every score
+    x = torch.randn(64, 50, dtype=dtype)
+    assert torch.equal(hard_vq(A, B, x), hard_vq(A_body, B_body, x))
+
+
+def _resnet():
+    """Conv stem, a ResNet basic block (two convolutions inside the skip), a projection
+    block, a linear head."""
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.ReLU(),
+        Residual(
+            [nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1)]
+        ),
+        nn.ReLU(),
+        Residual(
+            [nn.Conv2d(3, 4, 3, stride=2, padding=1), Abs()],
+            shortcut=nn.Conv2d(3, 4, 1, stride=2),
+        ),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 2),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_region_affine_map(dtype):
+    torch.manual_seed(6)
+    seq = _resnet().to(dtype)
+    assert [[type(m).__name__ for m in g] for g in split_layers(seq)] == [
+        ["Conv2d", "ReLU"],
+        ["Residual"],
+        ["ReLU"],
+        ["Residual", "Flatten"],
+        ["Linear"],
+    ]
+    for _ in range(3):
+        x = torch.randn(1, 6, 6, dtype=dtype)
+        Ax, Bx = region_affine_map(seq, x)
+        with torch.no_grad():
+            y = seq(x[None]).reshape(-1)
+        J = torch.autograd.functional.jacobian(
+            lambda v: seq(v.reshape(1, 1, 6, 6)).reshape(-1), x.reshape(-1)
+        )
+        torch.testing.assert_close(Ax, J, **TOL[dtype])
+        torch.testing.assert_close(Ax @ x.reshape(-1) + Bx, y, **TOL[dtype])
+
+
+def test_residual_errors():
+    with pytest.raises(TypeError, match="shortcut must be affine"):
+        Residual([nn.Linear(3, 3), nn.ReLU()], shortcut=nn.ReLU())
+    with pytest.raises(TypeError, match="unsupported module"):
+        layer_maso([Residual([nn.Linear(3, 3), nn.Tanh()])], (3,))
+    two_layers = Residual([nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3)])
+    with pytest.raises(ValueError, match="not one MASO layer"):
+        layer_maso([two_layers], (3,))
+    with pytest.raises(ValueError, match="must match"):
+        layer_maso([Residual([nn.Linear(3, 4), nn.ReLU()])], (3,))
+    with pytest.raises(ValueError, match="layer of its own"):
+        layer_maso([Residual([nn.Linear(3, 3), nn.ReLU()]), nn.ReLU()], (3,))
