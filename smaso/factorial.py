@@ -7,10 +7,11 @@ together:
 
     t_k ~ pi[k] independently,   z = sum_k A[k, t_k] + eps,   eps ~ N(0, sigma2 I).
 
-The paper leaves the joint prior of ``t = (t_1, ..., t_K)`` unspecified; here it is the
-product of the per-unit priors of Theorem 2 (:func:`smaso.gmm.region_prior`), so that
-each factor is the prior that makes unit ``k`` a MASO (a custom joint prior can be
-passed instead).
+The paper does not write out the joint prior of ``t = (t_1, ..., t_K)``, but its
+factorial model implies it: each unit's region is drawn on its own from its Section 3.1
+prior, so the joint prior is the product of the per-unit priors of Theorem 2
+(:func:`smaso.gmm.region_prior`), each the prior that makes unit ``k`` a MASO. That
+product is the default here (a custom joint prior can be passed instead).
 
 Exact inference enumerates all ``R**K`` configurations (guarded by ``max_configs``).
 Expanding the square in the log-likelihood,
@@ -135,8 +136,8 @@ def joint_log_posterior(A, B, z, sigma2=1.0, log_prior=None, max_configs=MAX_CON
 
 
 def joint_posterior(A, B, z, sigma2=1.0, log_prior=None, max_configs=MAX_CONFIGS):
-    """Exact joint posterior ``p(t | z)`` (N, R**K) of Eq. (10) by enumeration (Theorem
-    4's left side)."""
+    """Exact joint posterior ``p(t | z)`` (N, R**K) of Eq. (10) by enumeration
+    (Theorem 4's left side)."""
     return joint_log_posterior(A, B, z, sigma2, log_prior, max_configs).exp()
 
 
@@ -163,9 +164,9 @@ def joint_map(A, B, z, sigma2=1.0, log_prior=None, max_configs=MAX_CONFIGS):
 
 
 def factorised_map(A, B, z, sigma2=1.0):
-    """Per-unit MAP codes ``argmax_r p_k(t_k = r | z)`` of the GMM of Eq. (3), long (N,
-    K): the right side of Eq. (12), linear in ``K``. At ``sigma2 = 1`` these are the
-    MASO VQ codes (Theorem 2)."""
+    """Per-unit MAP codes ``argmax_r p_k(t_k = r | z)`` of the GMM of Eq. (3), long
+    (N, K): the right side of Eq. (12), linear in ``K``. At ``sigma2 = 1`` these are
+    the MASO VQ codes (Theorem 2)."""
     return posterior(A, B, z, sigma2).argmax(-1)
 
 

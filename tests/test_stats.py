@@ -1,0 +1,84 @@
+"""smaso.stats.holm against two independent references.
+
+* statsmodels' ``multipletests(method="holm")``, a third-party implementation;
+* the closure principle (Marcus, Peritz and Gabriel 1976): Holm's procedure is the
+  closed testing procedure built on Bonferroni tests, so the adjusted p-value of H_i is
+  the largest Bonferroni p-value ``min(1, |S| min_{j in S} p_j)`` over all subsets S
+  that contain i. Brute force over the 2^m subsets shares no code or formula with the
+  step-down loop of :func:`smaso.stats.holm`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from statsmodels.stats.multitest import multipletests
+
+from smaso.stats import holm, holm_reject
+
+
+def closed_testing_holm(p):
+    m = len(p)
+    adjusted = []
+    for i in range(m):
+        worst = 0.0
+        others = [j for j in range(m) if j != i]
+        for size in range(m):
+            for rest in itertools.combinations(others, size):
+                S = (i, *rest)
+                worst = max(worst, min(1.0, len(S) * min(p[j] for j in S)))
+        adjusted.append(worst)
+    return adjusted
+
+
+def random_pvalues(rng, m):
+    # a mix of small, moderate and tied values, as a real family of tests gives
+    pool = [rng.random() ** 3 for _ in range(m)]
+    if m > 2:
+        pool[1] = pool[0]  # a tie
+    return pool
+
+
+def test_hand_computed_example():
+    # m = 4: sorted 0.01, 0.02, 0.03, 0.5 -> 4*0.01, 3*0.02, 2*0.03, 1*0.5, running max
+    p = [0.03, 0.5, 0.01, 0.02]
+    assert holm(p) == pytest.approx([0.06, 0.5, 0.04, 0.06], abs=1e-15)
+    assert holm_reject(p, 0.05) == [False, False, True, False]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 9, 16])
+def test_matches_statsmodels(m):
+    rng = random.Random(m)
+    for _ in range(5):  # multipletests is slow (~0.1 s a call)
+        p = random_pvalues(rng, m)
+        ref_reject, ref_adjusted, _, _ = multipletests(p, alpha=0.05, method="holm")
+        assert holm(p) == pytest.approx(list(ref_adjusted), abs=1e-12)
+        assert holm_reject(p, 0.05) == [bool(v) for v in ref_reject]
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 7, 10])
+def test_matches_closed_testing_brute_force(m):
+    rng = random.Random(100 + m)
+    for _ in range(20):
+        p = random_pvalues(rng, m)
+        assert holm(p) == pytest.approx(closed_testing_holm(p), abs=1e-12)
+
+
+def test_never_below_raw_never_above_bonferroni():
+    rng = random.Random(7)
+    p = random_pvalues(rng, 12)
+    for raw, adj in zip(p, holm(p), strict=True):
+        assert raw <= adj <= min(1.0, 12 * raw)
+
+
+@pytest.mark.parametrize("bad", [[], [0.1, -0.01], [1.5], [float("nan")]])
+def test_bad_input(bad):
+    with pytest.raises(ValueError, match="p-value"):
+        holm(bad)
+
+
+def test_bad_alpha():
+    with pytest.raises(ValueError, match="alpha"):
+        holm_reject([0.01], alpha=1.0)
