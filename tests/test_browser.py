@@ -33,44 +33,21 @@ from __future__ import annotations
 import functools
 import html.parser
 import http.server
-import os
 import re
-import shutil
 import threading
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
+from browsing import SHOTS, Visit
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = ROOT / "_build" / "html"
-SHOTS = ROOT / "_build" / "screenshots"
-SKIP_VAR = "SMASO_SKIP_BROWSER"
 SEARCH_TERM = "swish"
-# Chromium's own background traffic (updates, sync, field trials) would try the network:
-# off.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-INSTALL_HINT = (
-    "the browser tests need Debian's Chromium: `apt-get install chromium` (as root; "
-    ".ci/run does it), "
-    "or point SMASO_CHROMIUM at a Chromium/Chrome binary; and the Python driver "
-    "`playwright` "
-    "(`make env` installs it from requirements/constraints.txt). "
-    f"To skip these tests instead, set {SKIP_VAR}=1."
-)
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Which pages: from _toc.yml and from the built site, never a fixed list.
 
 
@@ -84,7 +61,8 @@ def _toc_entries(entries: list[dict]) -> list[str]:
 
 
 def toc_files() -> list[str]:
-    """Every document of ``_toc.yml`` (root, parts, chapters, sections), in reading order."""
+    """Every document of ``_toc.yml`` (root, parts, chapters, sections), in reading
+    order."""
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = [toc["root"]] + _toc_entries(toc.get("chapters", []))
     for part in toc.get("parts", []):
@@ -101,8 +79,8 @@ def _is_page(rel: Path) -> bool:
 
 def site_pages() -> list[str]:
     """Every HTML page of the book: the toc's pages and whatever else the build holds
-    (genindex,
-    search), but not ``index.html``, which only redirects (``test_opens_offline_from_disk``)."""
+    (genindex, search), but not ``index.html``, which only redirects
+    (``test_opens_offline_from_disk``)."""
     pages = {f"{name}.html" for name in toc_files()}
     if SITE.is_dir():
         pages |= {
@@ -117,7 +95,7 @@ def shot_name(page: str) -> str:
     return page.removesuffix(".html").replace("/", "-")
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # What a page holds, read from the built files (for resolving links into other pages).
 
 
@@ -139,7 +117,8 @@ VOID = {
 
 
 class _Anchors(html.parser.HTMLParser):
-    """ids (and names) of a page, and the number an equation or figure with an id shows."""
+    """ids (and names) of a page, and the number an equation or figure with an id
+    shows."""
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -195,8 +174,8 @@ def anchors(path: Path) -> _Anchors:
 NUMBER = re.compile(r"\d+(?:\.\d+)*")
 
 
-# --------------------------------------------------------------------------------------------
-# Fixtures: the built site, a local server, the browser.
+# --------------------------------------------------------------------------------------
+# Fixtures: the built site, a local server (the browser: tests/conftest.py).
 
 
 @pytest.fixture(scope="session")
@@ -224,91 +203,6 @@ def server(site: Path):
     httpd.server_close()
 
 
-def _chromium() -> str | None:
-    candidates = [os.environ.get("SMASO_CHROMIUM")] + [
-        shutil.which(name)
-        for name in (
-            "chromium",
-            "chromium-browser",
-            "google-chrome",
-            "google-chrome-stable",
-        )
-    ]
-    return next((c for c in candidates if c and Path(c).is_file()), None)
-
-
-@pytest.fixture(scope="session")
-def browser():
-    if os.environ.get(SKIP_VAR, "") not in ("", "0"):
-        pytest.skip(f"{SKIP_VAR} is set: the built book was not checked in a browser")
-    executable = _chromium()
-    if executable is None:
-        pytest.fail("no Chromium found: " + INSTALL_HINT, pytrace=False)
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail(
-            "the Python package playwright is not installed: " + INSTALL_HINT,
-            pytrace=False,
-        )
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        # Playwright starts it with a new, empty profile (--user-data-dir) of its own.
-        chromium = playwright.chromium.launch(
-            executable_path=executable, args=CHROMIUM_ARGS
-        )
-        yield chromium
-        chromium.close()
-
-
-class Visit:
-    """One page in a fresh browser context (empty storage, as for a first-time reader),
-    with everything that went wrong while it loaded: console errors, uncaught
-    exceptions, failed or
-    HTTP-error requests, and requests that left the book (aborted: the book must read offline)."""
-
-    def __init__(self, browser, base: str, **context_options) -> None:
-        self.base = base
-        self.context = browser.new_context(
-            viewport={"width": 1280, "height": 900}, **context_options
-        )
-        self.errors: list[str] = []
-        self.external: list[str] = []
-        self.context.route("**/*", self._route)
-        self.page = self.context.new_page()
-        self.page.on(
-            "console",
-            lambda m: (
-                m.type == "error" and self.errors.append(f"console error: {m.text}")
-            ),
-        )
-        self.page.on(
-            "pageerror", lambda e: self.errors.append(f"uncaught exception: {e}")
-        )
-        self.page.on("requestfailed", self._failed)
-        self.page.on(
-            "response",
-            lambda r: (
-                r.status >= 400 and self.errors.append(f"HTTP {r.status}: {r.url}")
-            ),
-        )
-
-    def _route(self, route):
-        url = route.request.url
-        if url.startswith(self.base) or url.startswith(("file:", "data:", "blob:")):
-            route.continue_()
-        else:
-            self.external.append(url)
-            route.abort()
-
-    def _failed(self, request):
-        if request.url not in self.external:
-            self.errors.append(f"request failed ({request.failure}): {request.url}")
-
-    def close(self) -> None:
-        self.context.close()
-
-
 @pytest.fixture
 def visit(browser, server):
     visits = []
@@ -322,56 +216,65 @@ def visit(browser, server):
         v.close()
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # In-page checks (JavaScript evaluated in the loaded page).
 
 MATH_JS = """async () => {
-  const math = [...document.querySelectorAll('div.math, span.math')]; const out = {math:
-  math.length, mathjax: !!(window.MathJax && window.MathJax.startup)}; out.errors = [];
+  const math = [...document.querySelectorAll('div.math, span.math')];
+  const out = {math: math.length,
+               mathjax: !!(window.MathJax && window.MathJax.startup)};
+  out.errors = [];
   if (out.mathjax) {
-    await window.MathJax.startup.promise; // A TeX error shows as <merror>; an undefined
-    macro (MathJax's noundefined package) as its name in red. for (const item of
-    window.MathJax.startup.document.math) {
-      const mml = window.MathJax.startup.toMML(item.root); const what =
-      /<merror/.test(mml) ? 'a TeX error' : /<mtext mathcolor="red">\\\\/.test(mml) ?
-      'an undefined macro' : null; if (what) out.errors.push(`${what}:
-      ${item.math.trim().slice(0, 100)}`);
+    await window.MathJax.startup.promise;
+    // A TeX error shows as <merror>; an undefined macro (MathJax's noundefined
+    // package) as its name in red.
+    for (const item of window.MathJax.startup.document.math) {
+      const mml = window.MathJax.startup.toMML(item.root);
+      const what = /<merror/.test(mml) ? 'a TeX error'
+        : /<mtext mathcolor="red">\\\\/.test(mml) ? 'an undefined macro' : null;
+      if (what) out.errors.push(`${what}: ${item.math.trim().slice(0, 100)}`);
     }
-  } out.unrendered = math.filter(e => !e.querySelector('mjx-container')).map(e =>
-  e.textContent.trim().slice(0, 80)); out.containers =
-  document.querySelectorAll('mjx-container').length; const body =
-  document.body.cloneNode(true); body.querySelectorAll('pre, code, script, style,
-  textarea, mjx-container, .highlight').forEach(e => e.remove()); out.text =
-  body.textContent; return out;
+  }
+  out.unrendered = math.filter(e => !e.querySelector('mjx-container'))
+    .map(e => e.textContent.trim().slice(0, 80));
+  out.containers = document.querySelectorAll('mjx-container').length;
+  const body = document.body.cloneNode(true);
+  body.querySelectorAll('pre, code, script, style, textarea, mjx-container, .highlight')
+    .forEach(e => e.remove());
+  out.text = body.textContent;
+  return out;
 }"""
 
 IMAGES_JS = """async () => {
   const imgs = [...document.images];
   await Promise.all(imgs.map(img => img.complete ? null :
-    new Promise(done => { img.addEventListener('load', done);
-    img.addEventListener('error', done); })));
+    new Promise(done => {
+      img.addEventListener('load', done); img.addEventListener('error', done);
+    })));
   const article = document.querySelector('article') || document.body;
   return imgs.map(img => ({
-    src: img.getAttribute('src'), ok: img.complete && img.naturalWidth > 0, content:
-    article.contains(img), alt: (img.getAttribute('alt') || '').trim(), caption:
-    ((img.closest('figure') || {querySelector: () => null}).querySelector('figcaption')
-    || {textContent: ''})
-      .textContent.trim(),
+    src: img.getAttribute('src'), ok: img.complete && img.naturalWidth > 0,
+    content: article.contains(img), alt: (img.getAttribute('alt') || '').trim(),
+    caption: ((img.closest('figure') || {querySelector: () => null})
+      .querySelector('figcaption') || {textContent: ''}).textContent.trim(),
   }));
 }"""
 
-LINKS_JS = """() => [...document.querySelectorAll('a[href], link[rel="next"], link[rel="prev"]')].map(a => ({
-  href: a.href, raw: a.getAttribute('href'), text: a.textContent.trim().replace(/\\s+/g,
-  ' '), cls: a.className,
+LINKS_JS = """() => [...document.querySelectorAll(
+    'a[href], link[rel="next"], link[rel="prev"]')].map(a => ({
+  href: a.href, raw: a.getAttribute('href'),
+  text: a.textContent.trim().replace(/\\s+/g, ' '), cls: a.className,
 }))"""
 
 NUMBERS_JS = """() => {
-  const h1 = document.querySelector('article h1 .section-number, main h1
-  .section-number'); return {
-    chapter: h1 ? h1.textContent.trim() : null, equations:
-    [...document.querySelectorAll('.eqno')].map(e => e.firstChild.textContent.trim()),
-    figures: [...document.querySelectorAll('figure .caption-number')].map(e =>
-    e.textContent.trim()),
+  const h1 = document.querySelector(
+    'article h1 .section-number, main h1 .section-number');
+  return {
+    chapter: h1 ? h1.textContent.trim() : null,
+    equations: [...document.querySelectorAll('.eqno')]
+      .map(e => e.firstChild.textContent.trim()),
+    figures: [...document.querySelectorAll('figure .caption-number')]
+      .map(e => e.textContent.trim()),
   };
 }"""
 
@@ -413,7 +316,8 @@ def check_images(page) -> list[str]:
 
 
 def resolve(url: str, base: str) -> tuple[Path, str] | None:
-    """The file and fragment an in-site URL points at (None for a URL outside the site)."""
+    """The file and fragment an in-site URL points at (None for a URL outside the
+    site)."""
     if not url.startswith(base):
         return None
     parts = urlsplit(url)
@@ -429,7 +333,7 @@ def check_links(page, base: str) -> list[str]:
     for link in page.evaluate(LINKS_JS):
         where = resolve(link["href"], base)
         if where is None:
-            continue  # another site (or mailto:, javascript:): not part of the offline book
+            continue  # another site (or mailto:, javascript:): not the offline book
         target, fragment = where
         label = f"link {link['raw']!r} ({link['text'][:40]!r})"
         if not target.is_file():
@@ -487,12 +391,13 @@ def load(v: Visit, url: str) -> None:
     v.page.goto(url, wait_until="load")
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # The tests.
 
 
 def test_every_toc_page_is_built_and_current(site: Path):
-    """Every page of _toc.yml is in the build, and no newer than its source (else `make book`)."""
+    """Every page of _toc.yml is in the build, and no newer than its source (else
+    `make book`)."""
     for name in toc_files():
         html_file = site / f"{name}.html"
         assert html_file.is_file(), (
@@ -588,7 +493,8 @@ def test_dark_mode_toggle(visit, server):
 
 
 def test_opens_offline_from_disk(visit, site: Path):
-    """`_build/html/index.html` opened as a file, with the network off, renders its equations."""
+    """`_build/html/index.html` opened as a file, with the network off, renders its
+    equations."""
     v = visit(offline=True)
     v.page.goto((site / "index.html").as_uri(), wait_until="load")
     first = toc_files()[0]
