@@ -1,8 +1,11 @@
 # smaso: one entry point for set-up, the book and the tests.
 #   make book    set up .venv (if needed), then build the HTML book into _build/html, executing the chapters
 #   make test    set up .venv (if needed), build the book, then run every test: unit tests, book checks,
-#                nbval strict, and the built book in headless Chromium (tests/test_browser.py)
+#                nbval strict, the built book in headless Chromium (tests/test_browser.py), and a chapter
+#                run and edited in JupyterLab in that browser (tests/test_jupyter.py)
 #   make notebook NB=book/NAME.md   re-execute one edited chapter into its paired book/NAME.ipynb
+#   make lab     set up .venv (if needed), then JupyterLab on the book: book/NAME.md opens as a notebook,
+#                and saving it writes both NAME.md and NAME.ipynb (LAB_ARGS="--port=9999 --no-browser" etc.)
 #   make unit    the package's unit tests alone (no book, no nbval, no browser): the fast loop
 #   make lint    ruff: lint and format check of every Python file (make test runs it)
 # PYTHON picks the interpreter that creates the virtual environment; VENV where it lives.
@@ -16,7 +19,7 @@ CONSTRAINTS := requirements/constraints.txt
 export PATH := $(abspath $(BIN)):$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: env book test unit lint notebook notebooks lock clean
+.PHONY: env book test unit lint notebook notebooks lab lock clean
 
 env: $(STAMP)
 
@@ -41,7 +44,7 @@ test: lint book
 	$(OTHER_NUMERICS) $(BIN)/python -m pytest book -p no:cacheprovider
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests -q --ignore=tests/test_browser.py --ignore=tests/test_book.py
+	$(BIN)/python -m pytest tests -q --ignore=tests/test_browser.py --ignore=tests/test_jupyter.py --ignore=tests/test_book.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -54,6 +57,16 @@ notebook: $(STAMP)
 
 notebooks: $(STAMP)
 	for md in $$(grep -l '^  format_name: myst' book/*.md); do $(MAKE) --no-print-directory notebook NB=$$md; done
+
+# JupyterLab on the book, as a reader runs the chapters (README: "Running a chapter in Jupyter").
+# jupytext's server extension (installed with jupytext) reads and writes book/NAME.md as a notebook,
+# paired with book/NAME.ipynb (book/jupytext.toml); the settings in .jupyter/ make a double-click on
+# a chapter's .md open it as a notebook. A kernel runs in the chapter's folder, as in the book build.
+# tests/test_jupyter.py checks all this in a browser. As root, add LAB_ARGS=--allow-root.
+LAB_ARGS ?=
+lab: $(STAMP)
+	JUPYTER_CONFIG_PATH="$(CURDIR)/.jupyter$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
+	  $(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/book $(LAB_ARGS)
 
 # Regenerate the pins from the current environment (after changing dependencies in pyproject.toml).
 lock: $(STAMP)

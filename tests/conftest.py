@@ -1,7 +1,10 @@
-"""Fixtures shared by the unit tests."""
+"""Fixtures shared by the tests: one intra-op thread for the unit tests, and one
+headless Chromium for the browser tests (tests/test_browser.py, tests/test_jupyter.py).
+"""
 
 import pytest
 import torch
+from browsing import launch_chromium
 
 
 @pytest.fixture
@@ -13,3 +16,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium (tests/browsing.py): skipped with ``SMASO_SKIP_BROWSER=1``, a
+    failure saying what to install when Chromium or Playwright is missing."""
+    with launch_chromium() as chromium:
+        yield chromium

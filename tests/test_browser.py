@@ -17,6 +17,8 @@ lists and every other HTML page in the built site):
   page; ``{eq}``/``{numref}`` links show the number their target has, and a numbered
   chapter numbers its equations and figures N.1, N.2, ... after its own chapter number
   N;
+* no code block, output or table is wider than its column at a 1280 x 800 window (no
+  sideways scrolling; collapsed cells are opened and measured too);
 * a full-page screenshot goes to ``_build/screenshots/NAME.png`` for a person to look
   at.
 
@@ -33,44 +35,18 @@ from __future__ import annotations
 import functools
 import html.parser
 import http.server
-import os
 import re
-import shutil
 import threading
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
+from browsing import SHOTS, Visit
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = ROOT / "_build" / "html"
-SHOTS = ROOT / "_build" / "screenshots"
-SKIP_VAR = "SMASO_SKIP_BROWSER"
 SEARCH_TERM = "swish"
-# The window every page is read in: a laptop's. No code block, output or table may need
-# sideways scrolling at this width (check_overflow; book/_static/smaso.css, ruff at 88).
-VIEWPORT = {"width": 1280, "height": 800}
-# Chromium's own background traffic (updates, sync, field trials) would try the network:
-# off.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-INSTALL_HINT = (
-    "the browser tests need Debian's Chromium: `apt-get install chromium` (as root; "
-    ".ci/run does it), "
-    "or point SMASO_CHROMIUM at a Chromium/Chrome binary; and the Python driver "
-    "`playwright` "
-    "(`make env` installs it from requirements/constraints.txt). "
-    f"To skip these tests instead, set {SKIP_VAR}=1."
-)
 
 
 # --------------------------------------------------------------------------------------
@@ -201,7 +177,7 @@ NUMBER = re.compile(r"\d+(?:\.\d+)*")
 
 
 # --------------------------------------------------------------------------------------
-# Fixtures: the built site, a local server, the browser.
+# Fixtures: the built site, a local server (the browser: tests/conftest.py).
 
 
 @pytest.fixture(scope="session")
@@ -229,89 +205,6 @@ def server(site: Path):
     httpd.server_close()
 
 
-def _chromium() -> str | None:
-    candidates = [os.environ.get("SMASO_CHROMIUM")] + [
-        shutil.which(name)
-        for name in (
-            "chromium",
-            "chromium-browser",
-            "google-chrome",
-            "google-chrome-stable",
-        )
-    ]
-    return next((c for c in candidates if c and Path(c).is_file()), None)
-
-
-@pytest.fixture(scope="session")
-def browser():
-    if os.environ.get(SKIP_VAR, "") not in ("", "0"):
-        pytest.skip(f"{SKIP_VAR} is set: the built book was not checked in a browser")
-    executable = _chromium()
-    if executable is None:
-        pytest.fail("no Chromium found: " + INSTALL_HINT, pytrace=False)
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail(
-            "the Python package playwright is not installed: " + INSTALL_HINT,
-            pytrace=False,
-        )
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        # Playwright starts it with a new, empty profile (--user-data-dir) of its own.
-        chromium = playwright.chromium.launch(
-            executable_path=executable, args=CHROMIUM_ARGS
-        )
-        yield chromium
-        chromium.close()
-
-
-class Visit:
-    """One page in a fresh browser context (empty storage, as for a first-time reader),
-    with everything that went wrong while it loaded: console errors, uncaught
-    exceptions, failed or HTTP-error requests, and requests that left the book (aborted:
-    the book must read offline)."""
-
-    def __init__(self, browser, base: str, **context_options) -> None:
-        self.base = base
-        self.context = browser.new_context(viewport=VIEWPORT, **context_options)
-        self.errors: list[str] = []
-        self.external: list[str] = []
-        self.context.route("**/*", self._route)
-        self.page = self.context.new_page()
-        self.page.on(
-            "console",
-            lambda m: (
-                m.type == "error" and self.errors.append(f"console error: {m.text}")
-            ),
-        )
-        self.page.on(
-            "pageerror", lambda e: self.errors.append(f"uncaught exception: {e}")
-        )
-        self.page.on("requestfailed", self._failed)
-        self.page.on(
-            "response",
-            lambda r: (
-                r.status >= 400 and self.errors.append(f"HTTP {r.status}: {r.url}")
-            ),
-        )
-
-    def _route(self, route):
-        url = route.request.url
-        if url.startswith(self.base) or url.startswith(("file:", "data:", "blob:")):
-            route.continue_()
-        else:
-            self.external.append(url)
-            route.abort()
-
-    def _failed(self, request):
-        if request.url not in self.external:
-            self.errors.append(f"request failed ({request.failure}): {request.url}")
-
-    def close(self) -> None:
-        self.context.close()
-
-
 @pytest.fixture
 def visit(browser, server):
     visits = []
@@ -330,9 +223,8 @@ def visit(browser, server):
 
 MATH_JS = """async () => {
   const math = [...document.querySelectorAll('div.math, span.math')];
-  const out = {
-    math: math.length, mathjax: !!(window.MathJax && window.MathJax.startup),
-  };
+  const out = {math: math.length,
+               mathjax: !!(window.MathJax && window.MathJax.startup)};
   out.errors = [];
   if (out.mathjax) {
     await window.MathJax.startup.promise;
@@ -373,8 +265,7 @@ IMAGES_JS = """async () => {
 LINKS_JS = """() => [...document.querySelectorAll(
     'a[href], link[rel="next"], link[rel="prev"]')].map(a => ({
   href: a.href, raw: a.getAttribute('href'),
-  text: a.textContent.trim().replace(/\\s+/g, ' '),
-  cls: a.className,
+  text: a.textContent.trim().replace(/\\s+/g, ' '), cls: a.className,
 }))"""
 
 NUMBERS_JS = """() => {
@@ -444,8 +335,7 @@ def check_links(page, base: str) -> list[str]:
     for link in page.evaluate(LINKS_JS):
         where = resolve(link["href"], base)
         if where is None:
-            # another site (or mailto:, javascript:): not part of the offline book
-            continue
+            continue  # another site (or mailto:, javascript:): not the offline book
         target, fragment = where
         label = f"link {link['raw']!r} ({link['text'][:40]!r})"
         if not target.is_file():
@@ -508,16 +398,10 @@ OVERFLOW_JS = """() => [...document.querySelectorAll('article pre, article table
 
 def check_overflow(page) -> list[str]:
     """Every code block, output and table of the page fits its column (no sideways
-    scroll).
-
-    Hidden cells (collapsed inputs) are measured once shown: a reader who opens them
+    scroll). Collapsed cells (``hide-input``) are opened first: a reader who opens them
     must not have to scroll either."""
     page.evaluate(
         "() => document.querySelectorAll('details').forEach(d => d.open = true)"
-    )
-    page.evaluate(
-        "() => document.querySelectorAll('.toggle-hidden, .tag_hide-input .cell_input')"
-        ".forEach(e => { e.classList.remove('toggle-hidden'); e.style.display = ''; })"
     )
     return [
         f"a <{o['tag']}> is {o['over']} px wider than its column: {o['line']!r}"
@@ -534,8 +418,8 @@ def load(v: Visit, url: str) -> None:
 
 
 def test_every_toc_page_is_built_and_current(site: Path):
-    """Every page of _toc.yml is in the build, and no newer than its source (else `make
-    book`)."""
+    """Every page of _toc.yml is in the build, and no newer than its source (else
+    `make book`)."""
     for name in toc_files():
         html_file = site / f"{name}.html"
         assert html_file.is_file(), (
