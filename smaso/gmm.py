@@ -14,7 +14,8 @@ import math
 
 import torch
 
-from .maso import _batched, check_params
+from .checks import batched, check_sigma2
+from .maso import check_params
 
 __all__ = [
     "log_joint",
@@ -36,22 +37,6 @@ def region_prior(A, B):
     return torch.softmax(B + 0.5 * (A * A).sum(dim=-1), dim=-1)
 
 
-def _check_sigma2(sigma2):
-    if isinstance(sigma2, torch.Tensor):
-        if sigma2.numel() != 1:
-            raise ValueError(
-                f"sigma2 must be a scalar, got a tensor of shape {tuple(sigma2.shape)}"
-            )
-        sigma2 = float(sigma2)
-    if isinstance(sigma2, bool) or not isinstance(sigma2, (int, float)):
-        raise TypeError(
-            f"sigma2 must be a positive number, got {type(sigma2).__name__}"
-        )
-    if not (math.isfinite(sigma2) and sigma2 > 0):
-        raise ValueError(f"sigma2 must be a positive finite number, got {sigma2}")
-    return float(sigma2)
-
-
 def log_joint(A, B, z, sigma2=1.0):
     """``log p(z | t_k = r) + log pi[k, r]`` for the GMM of Eq. (3), shape (N, K, R).
 
@@ -63,8 +48,8 @@ def log_joint(A, B, z, sigma2=1.0):
     Unbatched ``z`` (D,) gives (K, R).
     """
     _, _, D = check_params(A, B, z)
-    sigma2 = _check_sigma2(sigma2)
-    z2, single = _batched(z)
+    sigma2 = check_sigma2(sigma2)
+    z2, single = batched(z)
     sq = ((z2[:, None, None, :] - A[None]) ** 2).sum(dim=-1)  # (N, K, R)
     log_lik = -0.5 * D * math.log(2 * math.pi * sigma2) - sq / (2 * sigma2)
     log_prior = torch.log_softmax(B + 0.5 * (A * A).sum(dim=-1), dim=-1)
