@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .checks import as_beta as _as_beta
@@ -35,6 +36,7 @@ __all__ = [
     "BetaVQMaxPool2d",
     "BetaVQMaxout",
     "BetaVQReLU",
+    "SoftplusSwish",
     "TsallisVQReLU",
     "abs_maso",
     "beta_softmax_pool2d",
@@ -489,3 +491,45 @@ class TsallisVQReLU(_LearnableBeta, nn.Module):
 
     def extra_repr(self):
         return f"alpha={self.alpha}, " + super().extra_repr()
+
+
+class SoftplusSwish(nn.Module):
+    """swish x · sigmoid(η x) with η = softplus(ρ), one learnable ρ per channel (dim 1),
+    starting at ``rho_init = 0.5`` (η ≈ 0.974): the parametrisation of the authors'
+    released code for the swish runs of Section 5 (Proposition 7's β-VQ ReLU, with
+    β = η / (1 + η); :class:`BetaVQReLU` learns ρ = log η instead).
+    """
+
+    def __init__(self, num_channels: int, rho_init: float = 0.5):
+        super().__init__()
+        if (
+            isinstance(num_channels, bool)
+            or not isinstance(num_channels, int)
+            or num_channels < 1
+        ):
+            raise ValueError(
+                f"num_channels must be a positive int, got {num_channels!r}"
+            )
+        self.rho = nn.Parameter(torch.full((num_channels,), float(rho_init)))
+
+    @property
+    def eta(self) -> torch.Tensor:
+        """η = softplus(ρ) > 0, one per channel."""
+        return F.softplus(self.rho)
+
+    @property
+    def beta(self) -> torch.Tensor:
+        """β = η / (1 + η) ∈ (0, 1), one per channel."""
+        return self.eta / (1 + self.eta)
+
+    def forward(self, x):
+        C = self.rho.numel()
+        if x.ndim < 2 or x.shape[1] != C:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not have {C} channels in dim 1"
+            )
+        eta = F.softplus(self.rho).to(x.dtype).view((1, C) + (1,) * (x.ndim - 2))
+        return x * torch.sigmoid(eta * x)
+
+    def extra_repr(self):
+        return f"num_channels={self.rho.numel()}, eta=softplus(rho)"

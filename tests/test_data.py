@@ -33,7 +33,7 @@ def no_download(monkeypatch):
     def refuse(name, root):
         raise AssertionError(f"download of {name} attempted")
 
-    monkeypatch.setattr(D, "_download", refuse)
+    monkeypatch.setattr(D, "download_dataset", refuse)
 
 
 def _images(rng, n):
