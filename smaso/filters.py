@@ -49,7 +49,10 @@ def unnormalised_gram_schmidt(W: torch.Tensor) -> torch.Tensor:
     the previous *results*, ``u_k = v_k - sum_{j<k} (<v_k, u_j> / <u_j, u_j>) u_j``.
 
     The ``u_k`` are mutually orthogonal (Eq. 11) and ``u_k = R_kk q_k`` for the QR
-    factorisation with a positive diagonal; their norms are free. When a layer has more
+    factorisation with a positive diagonal; their norms are free. Each projection is
+    taken from the running residual (the modified order: the same vectors in exact
+    arithmetic; in float32 the classical order leaves apodised filters orthogonal only
+    to ~1e-3). When a layer has more
     filters than inputs its *columns* are processed instead (as
     :func:`smaso.orthogonal.orthogonalize` does with ``tall="columns"``). Same shape as
     ``W``; linearly dependent filters raise a ``ValueError``.
@@ -62,7 +65,7 @@ def unnormalised_gram_schmidt(W: torch.Tensor) -> torch.Tensor:
     for k in range(M.shape[0]):
         u = M[k]
         for j in range(k):
-            u = u - (M[k] @ rows[j]) / sq[j] * rows[j]
+            u = u - (u @ rows[j]) / sq[j] * rows[j]
         sq.append(u @ u)
         rows.append(u)
     n2 = torch.stack(sq)
