@@ -38,6 +38,7 @@ from .experiment import (
     run,
     run_status,
     shard,
+    subset_study,
     sweep,
     table2,
     table2_configs,
@@ -131,8 +132,9 @@ def _where(p):
 def _grid_args(p):
     p.add_argument(
         "study",
-        choices=["table2"],
-        help="table2: Table 2 and the exactly orthogonal + swish row",
+        choices=["table2", "subset"],
+        help="table2: Table 2 and the exactly orthogonal + swish row; subset: the "
+        "chapter's subset-scale study of --protocol (grid options do not apply)",
     )
     _add_fields(p.add_argument_group("the grid"), dataclasses.fields(Table2Grid))
     _add_fields(p.add_argument_group("options of every run"), config_fields(rows=False))
@@ -227,6 +229,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _configs(a):
+    if a.study == "subset":
+        return subset_study(getattr(a, "protocol", "paper"))
     grid = _picked(a, Table2Grid)
     common = _picked(a, RunConfig)
     return table2_configs(
@@ -256,7 +260,7 @@ def _submit(a, configs):
     jobs = submit(
         configs, a.out, executor(folder, a.cluster, **params), **_picked(a, Runtime)
     )
-    print(f"table2: {len(configs)} runs, {len(jobs)} submitted (logs in {folder})")
+    print(f"{a.study}: {len(configs)} runs, {len(jobs)} submitted (logs in {folder})")
     for j in jobs:
         print(j.job_id)
 
@@ -289,9 +293,8 @@ def main(argv=None) -> int:
                 return 0
             i, n = parse_shard(a.shard)
             mine = shard(configs, i, n)
-            print(
-                f"table2: {len(configs)} runs in all; shard {i}/{n}: {len(mine)} runs"
-            )
+            print(f"{a.study}: {len(configs)} runs in all; ", end="")
+            print(f"shard {i}/{n}: {len(mine)} runs")
             if a.list:
                 for c in mine:
                     print(f"{run_status(a.out, c):8s} {c.run_id()}")

@@ -45,6 +45,15 @@ def test_unnormalised_gram_schmidt_is_the_smaso_formula_and_qr_scaled():
     assert (G - torch.diag(G.diagonal())).abs().max() < 1e-12  # orthogonal ...
     assert (G.diagonal() - 1).abs().max() > 0.5  # ... but not normalised
     assert torch.equal(U[0], V[0])  # the first filter is left as it is
+    # the parametrisation's QR route computes the same vectors, and gradients
+    Wq = W.clone().requires_grad_(True)
+    Wl = W.clone().requires_grad_(True)
+    Uq, Ul = unnormalised_gram_schmidt(Wq, "qr"), unnormalised_gram_schmidt(Wl)
+    assert torch.allclose(Uq, Ul, atol=1e-12)
+    g = rand(*W.shape, seed=1)
+    (Uq * g).sum().backward()
+    (Ul * g).sum().backward()
+    assert torch.allclose(Wq.grad, Wl.grad, atol=1e-10)
 
 
 def test_unnormalised_gram_schmidt_tall_and_dependent():
@@ -52,8 +61,10 @@ def test_unnormalised_gram_schmidt_tall_and_dependent():
     U = unnormalised_gram_schmidt(W)
     G = U.T @ U
     assert (G - torch.diag(G.diagonal())).abs().max() < 1e-12
-    with pytest.raises(ValueError, match="linearly dependent"):
-        unnormalised_gram_schmidt(torch.stack([W[0], 2 * W[0]]))
+    assert torch.allclose(unnormalised_gram_schmidt(W, "qr"), U, atol=1e-12)
+    for method in ("loop", "qr"):
+        with pytest.raises(ValueError, match="linearly dependent"):
+            unnormalised_gram_schmidt(torch.stack([W[0], 2 * W[0]]), method)
 
 
 def test_hamming_window_matches_numpy_and_sums_to_one():

@@ -43,6 +43,7 @@ from .store import FAILED_FORMAT, failed_path, now, run_status, write_json_atomi
 __all__ = [
     "METRICS",
     "PROVENANCE",
+    "SUBSET_STUDY",
     "MixedRunsError",
     "Table2Grid",
     "download",
@@ -51,6 +52,7 @@ __all__ = [
     "record_failure",
     "setting_of",
     "shard",
+    "subset_study",
     "sweep",
     "table2",
     "table2_configs",
@@ -191,6 +193,55 @@ def table2_configs(
                         for a, o in exact_rows
                     ]
     return configs
+
+
+#: The subset-scale study of the chapter "Experiments" (book/experiments.md): Table 2's
+#: grid on the CIFAR-10 subset (4000 training, 1000 test images) with the smallCNN, 10
+#: epochs, seeds 0-2, batch-norm momentum 0.1 (few steps per epoch), the exact row's
+#: ReLU twin; per protocol, the folder under ``book/results/`` it is stored in.
+SUBSET_STUDY = {
+    "paper": (
+        "experiments",
+        dict(
+            datasets=["cifar10-subset"],
+            seeds=range(3),
+            model="small-cnn",
+            epochs=10,
+            exact_reference=True,
+            bn_momentum=0.1,
+        ),
+    ),
+    "authors": (
+        "experiments/authors",
+        dict(
+            datasets=["cifar10-subset"],
+            seeds=range(3),
+            model="small-cnn",
+            epochs=10,
+            exact_epochs=10,  # the subset's budget, not the Gram-Schmidt runs' 100
+            bn_momentum=0.1,
+            protocol="authors",
+        ),
+    ),
+}
+
+
+def subset_study(
+    protocol: str = "paper", penalty: bool | None = None
+) -> list[RunConfig]:
+    """The runs of the subset-scale study (:data:`SUBSET_STUDY`) under ``protocol``.
+
+    ``penalty``: with the penalty rows (default: for the paper's protocol only). The
+    authors' template penalty costs about 25 plain steps per step on a CPU (ten
+    backward passes and a double backward), about two CPU-hours for its nine runs here;
+    without it the authors' study is its baselines and the 2x2 control of the exact row.
+    """
+    if protocol not in SUBSET_STUDY:
+        raise ValueError(f"protocol must be one of {', '.join(SUBSET_STUDY)}")
+    configs = table2_configs(**SUBSET_STUDY[protocol][1])
+    if penalty is None:
+        penalty = protocol == "paper"
+    return [c for c in configs if penalty or c.orthogonality not in PENALTIES]
 
 
 def parse_shard(text: str | None, environ=None) -> tuple[int, int]:
