@@ -46,6 +46,7 @@ from .checks import choice, finite_number, positive_int
 
 __all__ = [
     "ACTIVATIONS",
+    "BN_MOMENTUM",
     "MODELS",
     "activation_factory",
     "build",
@@ -168,6 +169,9 @@ def num_parameters(model):
 # The authors' code: smallCNN and largeCNN, with batch norm, max-pooling and a dense
 # output layer; and the activation study's network. One list of layers each.
 
+#: Batch-norm running-average momentum of the authors' code: TensorFlow's decay 0.99.
+BN_MOMENTUM = 0.01
+
 # (filters, kernel, padding, 2x2 max-pool after) of each convolution; padding 'same' =
 # (k-1)/2, 'full' = k-1, 'valid' = 0, as the authors' Lasagne-style layer pads.
 _SMALL = {
@@ -205,7 +209,7 @@ def conv_net(
     activation="relu",
     *,
     batch_norm=True,
-    bn_momentum=0.01,
+    bn_momentum=BN_MOMENTUM,
     conv_bias=True,
     bn_last=True,
     dense_bias=False,
@@ -257,15 +261,7 @@ def _version(version):
     return version
 
 
-def small_cnn(
-    num_classes=10,
-    in_channels=3,
-    activation="relu",
-    version=1,
-    batch_norm=True,
-    bn_momentum=0.01,
-    conv_bias=True,
-):
+def small_cnn(num_classes=10, in_channels=3, activation="relu", version=1, **options):
     """The smallCNN of the authors' code (Appendix D names it, Section 5), as an
     ``nn.Sequential``.
 
@@ -277,30 +273,16 @@ def small_cnn(
     valid, ..., conv 128 3x3 valid, BN, act; global average pooling; dense with bias
     (inputs >= 20x20). Every layer has at most as many filters as inputs, so all can be
     exactly orthogonal. ``activation``: a name of :data:`ACTIVATIONS` or a module
-    factory. Batch-norm options as in :func:`conv_net`.
+    factory. ``options``: the batch-norm and bias options of :func:`conv_net`.
     """
     v = _version(version)
     return conv_net(
-        _SMALL[v],
-        num_classes,
-        in_channels,
-        activation,
-        batch_norm=batch_norm,
-        bn_momentum=bn_momentum,
-        conv_bias=conv_bias,
-        dense_bias=v == 2,
+        _SMALL[v], num_classes, in_channels, activation, dense_bias=v == 2, **options
     )
 
 
 def large_cnn_code(
-    num_classes=10,
-    in_channels=3,
-    activation="relu",
-    version=1,
-    batch_norm=True,
-    bn_momentum=0.01,
-    conv_bias=True,
-    bn_last=True,
+    num_classes=10, in_channels=3, activation="relu", version=1, **options
 ):
     """The largeCNN as the authors' code trains it (Section 5, Table 2; cf. Appendix D's
     listing, :func:`large_cnn`), as an ``nn.Sequential``.
@@ -310,21 +292,13 @@ def large_cnn_code(
     max-pool 2, 192 3x3 'valid', 192 1x1; global average pooling; dense ``num_classes``
     (no bias in version 1). 32x32 inputs give maps 32, 34, 36, 18, 16, 18, 16, 8, 6, 6.
     ``version=2`` starts with 64 5x5 'same' filters instead (and its dense layer has a
-    bias). ``bn_last=False``: no batch norm after the last 1x1 convolution, which then
-    has a bias, as in the authors' penalty script (version 1). Other options as in
-    :func:`small_cnn`.
+    bias). ``options``: those of :func:`conv_net`; ``bn_last=False`` (no batch norm
+    after the last 1x1 convolution, which then has a bias) is the authors' penalty
+    script's network (version 1).
     """
     v = _version(version)
     return conv_net(
-        _LARGE[v],
-        num_classes,
-        in_channels,
-        activation,
-        batch_norm=batch_norm,
-        bn_momentum=bn_momentum,
-        conv_bias=conv_bias,
-        bn_last=bn_last,
-        dense_bias=v == 2,
+        _LARGE[v], num_classes, in_channels, activation, dense_bias=v == 2, **options
     )
 
 
@@ -379,6 +353,8 @@ def build(name, num_classes, in_channels, activation="relu", **options) -> nn.Mo
     choice("model", name, MODELS)
     builder = MODELS[name][1]
     takes = inspect.signature(builder).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+        takes = inspect.signature(conv_net).parameters  # it passes them on
     return builder(
         num_classes,
         in_channels,

@@ -20,7 +20,7 @@ import torch
 from ..checks import choice, finite_number, nonneg_int, positive_int
 from ..data import DATASETS, PREPROCESS
 from ..filters import EXACT
-from ..models import ACTIVATIONS, MODELS
+from ..models import ACTIVATIONS, BN_MOMENTUM, MODELS
 from ..orthogonal import PENALTIES
 
 __all__ = [
@@ -191,7 +191,7 @@ class RunConfig:
         "auto", "auto: bf16 autocast on CUDA, full precision elsewhere", PRECISIONS
     )
     bn_momentum: float = _field(
-        0.01, "batch-norm running-average momentum (0.01 = TensorFlow's decay 0.99)"
+        BN_MOMENTUM, "batch-norm running-average momentum (TensorFlow's decay 0.99)"
     )
     upsample: int = _field(1, "repeat pixels (e.g. 2 for 16x16 digits)")
     limit_train: int | None = _field(None, "keep the first N training images")
