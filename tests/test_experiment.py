@@ -506,6 +506,8 @@ def test_authors_protocol_presets():
         ("swish-softplus", "gs-unnormalised"),
     }
     assert {c.lr for c in exact} == {1e-3, 2e-4} and {c.epochs for c in exact} == {100}
+    small = table2_configs(["digits"], seeds=[0], protocol="authors", model="small-cnn")
+    assert {c.lr for c in small if c.model == "small-cnn-v2"} == {5e-3, 1e-3, 2e-4}
     assert all(c.protocol == "authors" and not c.orthogonal_dense for c in exact)
     paper = table2_configs(["cifar100"], seeds=[0])
     assert len(paper) == 3 * 2 + 3 and {c.protocol for c in paper} == {"paper"}

@@ -37,7 +37,7 @@ from torch import nn
 from ..activations import BetaVQMaxout
 from ..data import cifar10_subset, digits
 from ..models import ACTIVATIONS, study_cnn
-from ..train import fit
+from ..train import fit, train_epoch
 from .store import write_json_atomic
 
 __all__ = [
@@ -261,21 +261,14 @@ def bench(dataset: str, arms, rounds: int = 7, steps: int = 5) -> dict:
         model = study_cnn(data.num_classes, x.shape[1], arm, cfg["widths"]).to(dtype)
         models[arm] = (model, torch.optim.Adam(model.parameters(), lr=cfg["lr"]))
 
-    def step(model, opt):
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    batch = torch.arange(len(y))
     for model, opt in models.values():  # warm-up
-        for _ in range(3):
-            step(model, opt)
+        train_epoch(model, opt, x, y, [batch] * 3)
     times = {arm: [] for arm in arms}
     for _ in range(rounds):
         for arm, (model, opt) in models.items():
             t0 = time.perf_counter()
-            for _ in range(steps):
-                step(model, opt)
+            train_epoch(model, opt, x, y, [batch] * steps)  # steps on the same batch
             times[arm].append((time.perf_counter() - t0) / steps * 1e3)
     ms = {arm: statistics.median(t) for arm, t in times.items()}
     ref = ms.get("relu")

@@ -102,7 +102,9 @@ class Table2Grid:
         None, "default: cifar100 if swept, else the first", "names", DATASETS
     )
     exact_lrs: tuple | None = _grid(
-        None, "default: the protocol's, else --lrs", "floats"
+        None,
+        "learning rates of the exact row (if the protocol has none: --lrs)",
+        "floats",
     )
     exact_epochs: int | None = _grid(
         None, "epochs of the exact row (if the protocol has none: --epochs)"
@@ -165,7 +167,10 @@ def table2_configs(
     exact_datasets = grid.exact_datasets or (
         ["cifar100"] if "cifar100" in grid.datasets else list(grid.datasets[:1])
     )
-    exact_lrs = [float(v) for v in (grid.exact_lrs or grid.lrs)]
+    exact_lrs = grid.exact_lrs
+    if callable(exact_lrs):
+        exact_lrs = exact_lrs(exact_model)
+    exact_lrs = [float(v) for v in (exact_lrs or grid.lrs)]
     exact_common = {
         **common,
         "model": exact_model,
