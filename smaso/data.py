@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import choice, positive_int
+
 __all__ = [
     "CIFAR10_SUBSET_ENV",
     "DATASETS",
@@ -244,8 +246,7 @@ NUM_CLASSES = {name: d.num_classes for name, d in DATASETS.items()}
 
 
 def _check_name(name):
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    choice("dataset", name, DATASETS)
 
 
 def _torchvision(name):
@@ -479,15 +480,11 @@ def load(
     quick checks).
     """
     _check_name(name)
-    if preprocess not in PREPROCESS:
-        raise ValueError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
-    if isinstance(upsample, bool) or not isinstance(upsample, int) or upsample < 1:
-        raise ValueError(f"upsample must be a positive int, got {upsample!r}")
+    choice("preprocess", preprocess, PREPROCESS)
+    positive_int("upsample", upsample)
     for lim_name, lim in (("limit_train", limit_train), ("limit_test", limit_test)):
-        if lim is not None and (
-            isinstance(lim, bool) or not isinstance(lim, int) or lim < 1
-        ):
-            raise ValueError(f"{lim_name} must be a positive int or None, got {lim!r}")
+        if lim is not None:
+            positive_int(lim_name, lim)
     if name == "digits":
         d = digits(dtype=torch.float64)
         x_train, y_train, x_test, y_test = d.x_train, d.y_train, d.x_test, d.y_test

@@ -150,7 +150,7 @@ def test_corrupt_and_bad_inputs(tmp_path):
     bad.write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="test_batch is not a CIFAR python batch"):
         read_raw("cifar10", tmp_path)
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+    with pytest.raises(ValueError, match=r"dataset must be one of .*; got 'mnist'"):
         load("mnist")
     with pytest.raises(ValueError, match="preprocess"):
         load("digits", preprocess="zca")
