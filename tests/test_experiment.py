@@ -765,3 +765,57 @@ def test_download_fetches_each_torchvision_dataset_once(tmp_path, monkeypatch):
     argv = ["download", "--datasets", "cifar10,digits,cifar10,svhn"]
     assert main([*argv, "--data-root", str(tmp_path)]) == 0
     assert fetched == [("cifar10", str(tmp_path)), ("svhn", str(tmp_path))]
+
+
+AUTHORS_STUDY = STUDY / "authors"
+
+
+@pytest.mark.skipif(
+    not AUTHORS_STUDY.is_dir(), reason="the stored authors'-protocol study is absent"
+)
+def test_stored_authors_subset_study_and_its_2x2_control():
+    """The subset-scale study under the authors' protocol (book/results/experiments/
+    authors): what it ran, and what its 2x2 control says (differences of means over 3
+    seeds, with the standard error of the difference)."""
+    from smaso.experiment import subset_study
+
+    results = load_results(AUTHORS_STUDY)
+    assert {r["run_id"] for r in results} == {
+        c.run_id() for c in subset_study("authors")
+    }
+    rows = {r["setting"]: r["cells"] for r in table2(results)}  # no mixed provenance
+    exact = [r for r in results if r["config"]["orthogonality"] == "gs-unnormalised"]
+    assert all(
+        r["config"]["apodize"] and not r["config"]["orthogonal_dense"] for r in exact
+    )
+    assert max(h["orthogonality_error"] for r in exact for h in r["history"]) < 1e-5
+    tag = "[small-cnn-v2, authors]"
+    cell = {
+        ("relu", "none"): rows[f"baseline {tag}"],
+        ("swish", "none"): rows[f"no orthogonality + swish-softplus {tag}"],
+        ("relu", "gs"): rows[f"exact orthogonal (gs-unnormalised) {tag}"],
+        ("swish", "gs"): rows[
+            f"exact orthogonal (gs-unnormalised) + swish-softplus {tag}"
+        ],
+    }
+
+    def diff(a, b, lr):
+        ca, cb = cell[a][lr], cell[b][lr]
+        se = np.hypot(ca["std"] / np.sqrt(ca["n"]), cb["std"] / np.sqrt(cb["n"]))
+        return (ca["mean"] - cb["mean"]) / se
+
+    # swish alone (no orthogonality) is within 2 standard errors of ReLU at every rate
+    assert all(
+        abs(diff(("swish", "none"), ("relu", "none"), lr)) < 2
+        for lr in cell[("relu", "none")]
+    )
+    # Gram-Schmidt's effect depends on the rate: it helps at 5e-3, hurts at 2e-4
+    assert diff(("relu", "gs"), ("relu", "none"), 5e-3) > 2
+    assert diff(("relu", "gs"), ("relu", "none"), 2e-4) < -2
+    assert diff(("swish", "gs"), ("swish", "none"), 2e-4) < -2
+    assert all(abs(diff(a, ("relu", "none"), 1e-3)) < 2 for a in cell)
+    # the authors' protocol (Adam without bias correction) trains the penalty script's
+    # smallCNN baseline higher than the paper protocol at every shared rate
+    paper = {r["setting"]: r["cells"] for r in table2(load_results(STUDY))}
+    p, a = paper["baseline [small-cnn]"], rows["baseline [small-cnn, authors]"]
+    assert all(a[lr]["mean"] - p[lr]["mean"] > 2 for lr in (1e-3, 5e-4, 1e-4))
