@@ -1,46 +1,56 @@
-"""Command line of the Table 2 pipeline (Section 5): ``python -m smaso run | sweep
-table2 | table``.
+"""Command line of the Section 5 experiment: ``python -m smaso run | sweep table2 |
+submit table2 | table | download | activations``.
 
-    python -m smaso run --dataset cifar10 --model large-cnn-code --orthogonality filters
-    --lr 1e-3 --out results/ python -m smaso sweep table2 --out results/table2 [--shard
-    0/4 | --shard slurm] [--list] python -m smaso table results/table2
+    python -m smaso run --dataset cifar10 --orthogonality filters --out results/
+    python -m smaso download --datasets cifar10,cifar100,svhn
+    python -m smaso sweep table2 --out results/table2 [--shard 0/4 | --shard slurm]
+    python -m smaso submit table2 --out results/table2 --partition gpu --timeout-min 600
+    python -m smaso table results/table2
 
 ``run`` trains one configuration (skipped if finished, resumed if a checkpoint exists);
-``sweep table2`` runs every configuration of Table 2 (or one shard of them); ``table``
-aggregates the results files of a folder into Table 2's layout. See
-:mod:`smaso.experiment`.
+``sweep table2`` runs every configuration of Table 2 (or one shard of them); ``submit
+table2`` sends them to SLURM as one job array through submitit; ``table`` aggregates
+the results files of a folder into Table 2's layout; ``download`` fetches the datasets
+once; ``activations`` is chapter 7's study. Every option of a run is a field of
+:class:`smaso.experiment.RunConfig` (of the grid, :class:`smaso.experiment.Table2Grid`;
+of where it runs, :class:`smaso.experiment.Runtime`): the options, their help, choices
+and defaults are read from those fields.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from .data import DATASETS, PREPROCESS
 from .experiment import (
-    MODELS,
-    PRECISIONS,
-    TABLE2_LRS,
     CheckpointError,
+    MixedRunsError,
     ResultsError,
+    RunClaimedError,
     RunConfig,
+    Runtime,
+    Table2Grid,
+    download,
     format_table,
     load_results,
     parse_shard,
     run,
     run_status,
     shard,
+    subset_study,
     sweep,
     table2,
     table2_configs,
+    write_json_atomic,
 )
-from .models import ACTIVATIONS, ORTHOGONALITY
-from .orthogonal import PENALTIES
+from .experiment.config import config_fields, help_of
+from .experiment.study import METRICS
 
 
 def _floats(text):
     try:
-        return [float(v) for v in text.split(",") if v]
+        return tuple(float(v) for v in text.split(",") if v)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers, got {text!r}"
@@ -51,8 +61,8 @@ def _seeds(text):
     """ "5" -> seeds 0..4; "0,3,7" -> those seeds."""
     try:
         if "," in text:
-            return [int(v) for v in text.split(",") if v]
-        return list(range(int(text)))
+            return tuple(int(v) for v in text.split(",") if v)
+        return tuple(range(int(text)))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a seed count (5) or a list (0,3,7), got {text!r}"
@@ -61,7 +71,7 @@ def _seeds(text):
 
 def _names(allowed):
     def parse(text):
-        names = [v for v in text.split(",") if v]
+        names = tuple(v for v in text.split(",") if v)
         bad = [v for v in names if v not in allowed]
         if bad or not names:
             raise argparse.ArgumentTypeError(
@@ -72,107 +82,62 @@ def _names(allowed):
     return parse
 
 
-def _runtime_args(p):
+_TYPES = {"str": str, "int": int, "float": float}
+
+
+def _add_fields(group, fields):
+    """One option per dataclass field: its type, choices and help from the field.
+    Options not given are not set, so the dataclass's defaults apply."""
+    for f in fields:
+        base = str(f.type).split("|")[0].strip()
+        choices = f.metadata.get("choices")
+        kw = dict(dest=f.name, default=argparse.SUPPRESS)
+        if f.metadata.get("kind") == "names":
+            kw["type"] = _names(list(choices))
+        elif f.metadata.get("kind") == "floats":
+            kw["type"] = _floats
+        elif f.metadata.get("kind") == "seeds":
+            kw["type"] = _seeds
+        elif base == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = _TYPES[base]
+            if choices is not None:
+                kw["choices"] = list(choices)
+        kw["help"] = help_of(f)
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def _field(cls, name) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _picked(a, cls):
+    """The options of ``a`` that are fields of the dataclass ``cls``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(a).items() if k in names}
+
+
+def _where(p):
     g = p.add_argument_group("where and how to run")
     g.add_argument(
         "--out",
         required=True,
         help="results folder (one RUN_ID.json per run, checkpoints/, models/)",
     )
-    g.add_argument(
-        "--data-root",
-        help="folder holding the torchvision datasets (default: $SMASO_DATA, else ./data)",
-    )
-    g.add_argument(
-        "--download",
-        action="store_true",
-        help="let torchvision download missing datasets (off by default)",
-    )
-    g.add_argument(
-        "--subset-path",
-        help="cifar10-subset.npz (default: $SMASO_CIFAR10_SUBSET or ../shared/data)",
-    )
-    g.add_argument(
-        "--device",
-        default="auto",
-        help="auto (CUDA if present), cpu, cuda, cuda:1, ...",
-    )
-    g.add_argument("--threads", type=int, help="torch CPU threads")
-    g.add_argument(
-        "--no-save-model",
-        dest="save_model",
-        action="store_false",
-        help="do not keep the trained weights (out/models/RUN_ID.pt)",
-    )
+    _add_fields(g, dataclasses.fields(Runtime))
     g.add_argument("--quiet", action="store_true", help="no per-epoch lines")
 
 
-def _common_args(p):
-    g = p.add_argument_group("training options shared by every run")
-    g.add_argument(
-        "--epochs", type=int, default=120, help="epochs per run (authors' code: 120)"
+def _grid_args(p):
+    p.add_argument(
+        "study",
+        choices=["table2", "subset"],
+        help="table2: Table 2 and the exactly orthogonal + swish row; subset: the "
+        "chapter's subset-scale study of --protocol (grid options do not apply)",
     )
-    g.add_argument(
-        "--batch-size", type=int, help="default: the authors' (50; 100 for CIFAR-100)"
-    )
-    g.add_argument(
-        "--preprocess",
-        choices=PREPROCESS,
-        default="authors",
-        help="authors: per image, minus mean, over max |x| (default); standardize: per channel",
-    )
-    g.add_argument(
-        "--no-balanced",
-        dest="balanced",
-        action="store_false",
-        help="shuffle the training set instead of class-balanced batches",
-    )
-    g.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="auto",
-        help="auto: bf16 autocast on CUDA",
-    )
-    g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    g.add_argument(
-        "--bn-momentum",
-        type=float,
-        default=0.01,
-        help="batch-norm running-average momentum (0.01 = TensorFlow's decay 0.99, the authors')",
-    )
-    g.add_argument(
-        "--upsample",
-        type=int,
-        default=1,
-        help="repeat pixels (e.g. 2 for 16x16 digits)",
-    )
-    g.add_argument("--limit-train", type=int, help="keep the first N training images")
-    g.add_argument("--limit-test", type=int, help="keep the first N test images")
-
-
-def _common(a):
-    return dict(
-        batch_size=a.batch_size,
-        preprocess=a.preprocess,
-        balanced=a.balanced,
-        precision=a.precision,
-        dtype=a.dtype,
-        bn_momentum=a.bn_momentum,
-        upsample=a.upsample,
-        limit_train=a.limit_train,
-        limit_test=a.limit_test,
-    )
-
-
-def _runtime(a):
-    return dict(
-        data_root=a.data_root,
-        download=a.download,
-        subset_path=a.subset_path,
-        device=a.device,
-        threads=a.threads,
-        save_model=a.save_model,
-    )
+    _add_fields(p.add_argument_group("the grid"), dataclasses.fields(Table2Grid))
+    _add_fields(p.add_argument_group("options of every run"), config_fields(rows=False))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -182,108 +147,47 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="train one configuration")
-    r.add_argument("--dataset", choices=DATASETS, default="cifar10")
-    r.add_argument(
-        "--model",
-        choices=MODELS,
-        default="large-cnn-code",
-        help="small-cnn(-v2), large-cnn-code(-v2): the authors' code; large-cnn: Appendix D's listing",
-    )
-    r.add_argument(
-        "--activation",
-        choices=ACTIVATIONS,
-        default="relu",
-        help="swish: learnable β-VQ ReLU per channel",
-    )
-    r.add_argument(
-        "--orthogonality",
-        choices=ORTHOGONALITY,
-        default="none",
-        help="none; a penalty (filters: the paper's, templates: the authors' code's); exact: qr, gs, mgs",
-    )
-    r.add_argument("--lam", type=float, default=1.0, help="penalty weight λ (paper: 1)")
-    r.add_argument("--lr", type=float, default=1e-3)
-    r.add_argument("--seed", type=int, default=0)
-    _common_args(r)
-    _runtime_args(r)
+    _add_fields(r.add_argument_group("the run"), config_fields())
+    _where(r)
 
     s = sub.add_parser(
         "sweep", help="run every configuration of a study (skips finished runs)"
     )
-    s.add_argument(
-        "study",
-        choices=["table2"],
-        help="table2: Table 2 and the exactly orthogonal + swish row",
-    )
-    s.add_argument(
-        "--datasets",
-        type=_names(DATASETS),
-        default=["cifar10", "cifar100", "svhn"],
-        help="comma-separated (default: cifar10,cifar100,svhn)",
-    )
-    s.add_argument(
-        "--lrs",
-        type=_floats,
-        default=list(TABLE2_LRS),
-        help="comma-separated (default: 1e-3,5e-4,1e-4)",
-    )
-    s.add_argument(
-        "--seeds",
-        type=_seeds,
-        default=list(range(5)),
-        help="a count (5: seeds 0-4) or a list (0,3)",
-    )
-    s.add_argument(
-        "--model",
-        choices=MODELS,
-        default="large-cnn-code",
-        help="network of the Table 2 rows",
-    )
-    s.add_argument(
-        "--penalty",
-        choices=PENALTIES,
-        default="filters",
-        help="filters: the paper's (default); templates: the authors' code's",
-    )
-    s.add_argument("--lam", type=float, default=1.0, help="penalty weight λ (paper: 1)")
-    s.add_argument(
-        "--no-exact",
-        dest="exact",
-        action="store_false",
-        help="leave out the exactly orthogonal row",
-    )
-    s.add_argument(
-        "--exact-model", choices=MODELS, help="default: version 2 of --model"
-    )
-    s.add_argument("--exact-activation", choices=ACTIVATIONS, default="swish")
-    s.add_argument(
-        "--exact-method",
-        choices=("qr", "gs", "mgs"),
-        default="qr",
-        help="qr: same function as the paper's Gram-Schmidt (gs), faster",
-    )
-    s.add_argument(
-        "--exact-datasets",
-        type=_names(DATASETS),
-        help="default: cifar100 if swept, else the first",
-    )
-    s.add_argument("--exact-lrs", type=_floats, help="default: --lrs")
-    s.add_argument(
-        "--exact-reference",
-        action="store_true",
-        help="also train --exact-model with ReLU and no orthogonality (a same-architecture baseline)",
-    )
+    _grid_args(s)
     s.add_argument(
         "--shard",
-        help="i/n: run only shard i (0-based) of n; 'slurm': from SLURM_ARRAY_TASK_ID/COUNT",
+        help="i/n: only shard i (0-based) of n; slurm: from SLURM_ARRAY_TASK_ID/COUNT",
     )
     s.add_argument(
         "--list",
         action="store_true",
         help="list this shard's runs and their status, train nothing",
     )
-    _common_args(s)
-    _runtime_args(s)
+    s.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="train again the runs that failed before (RUN_ID.failed.json)",
+    )
+    _where(s)
+
+    b = sub.add_parser(
+        "submit",
+        help="submit a study's unfinished runs as one SLURM job array (submitit)",
+    )
+    _grid_args(b)
+    c = b.add_argument_group("the job array (submitit)")
+    c.add_argument("--folder", help="submitit's logs (default: OUT/submitit)")
+    c.add_argument(
+        "--cluster",
+        choices=("slurm", "local", "debug"),
+        help="default: slurm where sbatch exists, else local",
+    )
+    c.add_argument("--timeout-min", type=int, default=600, help="per task")
+    c.add_argument("--partition", help="SLURM partition")
+    c.add_argument("--gpus-per-node", type=int, default=1)
+    c.add_argument("--cpus-per-task", type=int, default=8)
+    c.add_argument("--array-parallelism", type=int, help="tasks running at once")
+    _where(b)
 
     t = sub.add_parser(
         "table",
@@ -292,74 +196,129 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("out", help="results folder")
     t.add_argument(
         "--metric",
-        choices=("final_test_acc", "best_test_acc", "last_test_acc"),
+        choices=METRICS,
         default="final_test_acc",
         help="final: mean test accuracy of the last 3 epochs (default)",
     )
     t.add_argument("--format", choices=("markdown", "text"), default="markdown")
+    t.add_argument(
+        "--ddof",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="± convention: 1 sample std (default), 0 as the authors' plot script",
+    )
+    t.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="average runs of different commits, precisions or torch versions",
+    )
     t.add_argument("--json", help="also write the aggregated rows to this JSON file")
+
+    d = sub.add_parser(
+        "download", help="fetch the torchvision datasets once, before a sweep"
+    )
+    _add_fields(d, [_field(Table2Grid, "datasets"), _field(Runtime, "data_root")])
+
+    sub.add_parser(
+        "activations",
+        help="chapter 7's activation study (run | bench | summary; see --help there)",
+        add_help=False,
+    ).add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
+def _configs(a):
+    if a.study == "subset":
+        return subset_study(getattr(a, "protocol", "paper"))
+    grid = _picked(a, Table2Grid)
+    common = _picked(a, RunConfig)
+    return table2_configs(
+        grid.pop("datasets", Table2Grid.datasets),
+        grid.pop("lrs", Table2Grid.lrs),
+        grid.pop("seeds", Table2Grid.seeds),
+        **grid,
+        **common,
+    )
+
+
+def _submit(a, configs):
+    from pathlib import Path
+
+    from .experiment.cluster import executor, submit
+
+    params = dict(
+        timeout_min=a.timeout_min,
+        gpus_per_node=a.gpus_per_node,
+        cpus_per_task=a.cpus_per_task,
+    )
+    if a.partition:
+        params["slurm_partition"] = a.partition
+    if a.array_parallelism:
+        params["slurm_array_parallelism"] = a.array_parallelism
+    folder = a.folder or Path(a.out) / "submitit"
+    jobs = submit(
+        configs, a.out, executor(folder, a.cluster, **params), **_picked(a, Runtime)
+    )
+    print(f"{a.study}: {len(configs)} runs, {len(jobs)} submitted (logs in {folder})")
+    for j in jobs:
+        print(j.job_id)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["activations"]:
+        from .experiment.activation_study import main as study
+
+        return study(argv[1:])
     a = parser().parse_args(argv)
     log = None if getattr(a, "quiet", False) else print
     try:
         if a.command == "run":
-            cfg = RunConfig(
-                dataset=a.dataset,
-                model=a.model,
-                activation=a.activation,
-                orthogonality=a.orthogonality,
-                lam=a.lam,
-                lr=a.lr,
-                epochs=a.epochs,
-                seed=a.seed,
-                **_common(a),
+            r = run(
+                RunConfig(**_picked(a, RunConfig)),
+                a.out,
+                log=log,
+                **_picked(a, Runtime),
             )
-            r = run(cfg, a.out, log=log, **_runtime(a))
             print(
                 f"{r['run_id']}: final test accuracy {100 * r['final_test_acc']:.2f}% "
                 "(mean of the last 3 epochs), "
                 f"best {100 * r['best_test_acc']:.2f}%"
             )
-        elif a.command == "sweep":
-            configs = table2_configs(
-                a.datasets,
-                a.lrs,
-                a.seeds,
-                a.model,
-                a.epochs,
-                a.penalty,
-                a.lam,
-                a.exact,
-                a.exact_model,
-                a.exact_activation,
-                a.exact_method,
-                a.exact_datasets,
-                a.exact_lrs,
-                a.exact_reference,
-                **_common(a),
-            )
+        elif a.command in ("sweep", "submit"):
+            configs = _configs(a)
+            if a.command == "submit":
+                _submit(a, configs)
+                return 0
             i, n = parse_shard(a.shard)
             mine = shard(configs, i, n)
-            print(
-                f"table2: {len(configs)} runs in all; shard {i}/{n}: {len(mine)} runs"
-            )
+            print(f"{a.study}: {len(configs)} runs in all; ", end="")
+            print(f"shard {i}/{n}: {len(mine)} runs")
             if a.list:
                 for c in mine:
                     print(f"{run_status(a.out, c):8s} {c.run_id()}")
                 return 0
-            sweep(mine, a.out, log=print, epoch_lines=not a.quiet, **_runtime(a))
+            sweep(
+                mine,
+                a.out,
+                log=print,
+                epoch_lines=not a.quiet,
+                retry_failed=a.retry_failed,
+                **_picked(a, Runtime),
+            )
+        elif a.command == "download":
+            download(
+                getattr(a, "datasets", Table2Grid.datasets),
+                getattr(a, "data_root", None),
+            )
         else:
-            rows = table2(load_results(a.out), a.metric)
+            rows = table2(load_results(a.out), a.metric, a.ddof, a.allow_mixed)
             if not rows:
                 print(f"no results in {a.out}")
                 return 1
             print(format_table(rows, fmt=a.format))
             if a.json:
-                from .experiment import write_json_atomic
-
                 write_json_atomic(a.json, rows, overwrite=True)
     except (
         ValueError,
@@ -367,6 +326,9 @@ def main(argv=None) -> int:
         FileExistsError,
         ResultsError,
         CheckpointError,
+        MixedRunsError,
+        RunClaimedError,
+        ImportError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,8 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tsallis import _check_alpha, entmax, tsallis_sigmoid
-from .vq import _as_beta, beta_softmax
+from .checks import as_beta as _as_beta
+from .checks import check_alpha as _check_alpha
+from .checks import check_eta as _check_eta
+from .tsallis import entmax, tsallis_sigmoid
+from .vq import beta_softmax, window_pool
 
 __all__ = [
     "BetaVQAbs",
@@ -33,6 +36,7 @@ __all__ = [
     "BetaVQMaxPool2d",
     "BetaVQMaxout",
     "BetaVQReLU",
+    "SoftplusSwish",
     "TsallisVQReLU",
     "abs_maso",
     "beta_softmax_pool2d",
@@ -107,13 +111,6 @@ def scalar_beta_maso(A, B, x: torch.Tensor, beta) -> torch.Tensor:
 # 2. Closed forms
 
 
-def _check_eta(eta, x):
-    eta = torch.as_tensor(eta, dtype=x.dtype, device=x.device)
-    if torch.isnan(eta).any() or (eta < 0).any():
-        raise ValueError("eta = beta / (1 - beta) must be >= 0 (beta in [0, 1))")
-    return eta
-
-
 def swish(x: torch.Tensor, eta=1.0) -> torch.Tensor:
     """swish(x) = x · sigmoid(η x): the β-VQ of the ReLU MASO with η = β/(1−β)
     (Proposition 7).
@@ -145,10 +142,6 @@ def beta_vq_leaky_relu(
     return s * x + (1 - s) * x * torch.sigmoid(eta * (1 - s) * x)
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
 def beta_softmax_pool2d(
     x: torch.Tensor, eta=1.0, kernel_size=2, stride=None, padding=0
 ) -> torch.Tensor:
@@ -169,61 +162,6 @@ def beta_softmax_pool2d(
         lambda logits: torch.softmax(logits, dim=2),
         "beta_softmax_pool2d",
     )
-
-
-def window_pool(
-    x: torch.Tensor,
-    eta,
-    kernel_size,
-    stride,
-    padding,
-    weights,
-    name: str = "window_pool",
-) -> torch.Tensor:
-    """Σ_i w_i u_i over each pooling window of (N, C, H, W) ``x``, with w =
-    ``weights``(η u) along dim 2.
-
-    The shared body of the VQ poolings (the VQ of a max-pooling MASO, whose pieces are
-    the window's entries): softmax weights give :func:`beta_softmax_pool2d`, α-entmax
-    weights :func:`smaso.tsallis.tsallis_pool2d`. Zero-padding positions get logit −inf
-    (weight 0), so they are excluded from the window, as max-pooling excludes them.
-    ``eta`` a number or a (C,) tensor.
-    """
-    if x.ndim != 4:
-        raise ValueError(f"{name} expects (N, C, H, W), got shape {tuple(x.shape)}")
-    eta = _check_eta(eta, x)
-    if eta.ndim == 1:
-        if eta.shape[0] != x.shape[1]:
-            raise ValueError(
-                f"eta has {eta.shape[0]} entries but x has {x.shape[1]} channels"
-            )
-        eta = eta.view(1, -1, 1, 1)  # one per channel, broadcast over the windows
-    elif eta.ndim != 0:
-        raise ValueError(
-            f"eta must be a number or a (C,) tensor, got shape {tuple(eta.shape)}"
-        )
-    (kh, kw), (ph, pw) = _pair(kernel_size), _pair(padding)
-    sh, sw = _pair(stride if stride is not None else kernel_size)
-    N, C, H, W = x.shape
-    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-    if Ho < 1 or Wo < 1:
-        raise ValueError(
-            f"kernel {kh}x{kw} does not fit a {H}x{W} input with padding {padding}"
-        )
-    u = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw)).view(
-        N, C, kh * kw, Ho * Wo
-    )
-    valid = (
-        F.unfold(
-            torch.ones(1, 1, H, W, dtype=x.dtype, device=x.device),
-            (kh, kw),
-            padding=(ph, pw),
-            stride=(sh, sw),
-        ).view(1, 1, kh * kw, Ho * Wo)
-        > 0
-    )
-    w = weights((eta * u).masked_fill(~valid, float("-inf")))
-    return (w * u.masked_fill(~valid, 0.0)).sum(2).view(N, C, Ho, Wo)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,3 +491,45 @@ class TsallisVQReLU(_LearnableBeta, nn.Module):
 
     def extra_repr(self):
         return f"alpha={self.alpha}, " + super().extra_repr()
+
+
+class SoftplusSwish(nn.Module):
+    """swish x · sigmoid(η x) with η = softplus(ρ), one learnable ρ per channel (dim 1),
+    starting at ``rho_init = 0.5`` (η ≈ 0.974): the parametrisation of the authors'
+    released code for the swish runs of Section 5 (Proposition 7's β-VQ ReLU, with
+    β = η / (1 + η); :class:`BetaVQReLU` learns ρ = log η instead).
+    """
+
+    def __init__(self, num_channels: int, rho_init: float = 0.5):
+        super().__init__()
+        if (
+            isinstance(num_channels, bool)
+            or not isinstance(num_channels, int)
+            or num_channels < 1
+        ):
+            raise ValueError(
+                f"num_channels must be a positive int, got {num_channels!r}"
+            )
+        self.rho = nn.Parameter(torch.full((num_channels,), float(rho_init)))
+
+    @property
+    def eta(self) -> torch.Tensor:
+        """η = softplus(ρ) > 0, one per channel."""
+        return F.softplus(self.rho)
+
+    @property
+    def beta(self) -> torch.Tensor:
+        """β = η / (1 + η) ∈ (0, 1), one per channel."""
+        return self.eta / (1 + self.eta)
+
+    def forward(self, x):
+        C = self.rho.numel()
+        if x.ndim < 2 or x.shape[1] != C:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not have {C} channels in dim 1"
+            )
+        eta = F.softplus(self.rho).to(x.dtype).view((1, C) + (1,) * (x.ndim - 2))
+        return x * torch.sigmoid(eta * x)
+
+    def extra_repr(self):
+        return f"num_channels={self.rho.numel()}, eta=softplus(rho)"

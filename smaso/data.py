@@ -26,18 +26,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import choice, positive_int
+
 __all__ = [
     "CIFAR10_SUBSET_ENV",
     "DATASETS",
     "DATA_ENV",
     "NUM_CLASSES",
     "PREPROCESS",
+    "Dataset",
     "TensorData",
     "balanced_batches",
     "channel_standardize",
     "cifar10_subset",
     "data_root",
     "digits",
+    "download_dataset",
     "epoch_batches",
     "expected_files",
     "find_cifar10_subset",
@@ -53,7 +57,7 @@ _SUBSET_NAME = "cifar10-subset.npz"
 
 @dataclass
 class TensorData:
-    """A train/test split held as tensors: images (N, C, H, W) float, labels (N,) long."""
+    """A train/test split as tensors: images (N, C, H, W) float, labels (N,) long."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -93,11 +97,16 @@ def digits(
     for c in range(10):
         idx = np.flatnonzero(y == c)
         idx = idx[rng.permutation(len(idx))]
-        test_idx.append(idx[: int(round(test_fraction * len(idx)))])
+        test_idx.append(idx[: round(test_fraction * len(idx))])
     test = np.zeros(len(y), dtype=bool)
     test[np.concatenate(test_idx)] = True
-    as_x = lambda a: torch.from_numpy(a[:, None]).to(dtype)
-    as_y = lambda a: torch.from_numpy(a)
+
+    def as_x(a):
+        return torch.from_numpy(a[:, None]).to(dtype)
+
+    def as_y(a):
+        return torch.from_numpy(a)
+
     return TensorData(as_x(x[~test]), as_y(y[~test]), as_x(x[test]), as_y(y[test]), 10)
 
 
@@ -154,54 +163,106 @@ def cifar10_subset(
             raise ValueError(
                 f"{file}: {k} has shape {arrays[k].shape}, expected (N, 32, 32, 3)"
             )
-    to_x = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).to(dtype) / 255.0
+
+    def to_x(a):
+        return torch.from_numpy(a).permute(0, 3, 1, 2).to(dtype) / 255.0
+
     x_train, x_test = to_x(arrays["x_train"]), to_x(arrays["x_test"])
     if standardize:
         mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
         std = x_train.std(dim=(0, 2, 3), keepdim=True)
         x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    to_y = lambda a: torch.from_numpy(a.astype(np.int64))
+
+    def to_y(a):
+        return torch.from_numpy(a.astype(np.int64))
+
     return TensorData(
         x_train, to_y(arrays["y_train"]), x_test, to_y(arrays["y_test"]), 10
     )
 
 
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # The paper's datasets (Section 5, Table 2) in torchvision's on-disk layout, and one
 # entry point
 
 DATA_ENV = "SMASO_DATA"
-DATASETS = ("cifar10", "cifar100", "svhn", "cifar10-subset", "digits")
 PREPROCESS = ("authors", "standardize", "none")
-NUM_CLASSES = {
-    "cifar10": 10,
-    "cifar100": 100,
-    "svhn": 10,
-    "cifar10-subset": 10,
-    "digits": 10,
-}
 
-# (folder under the root, training files, test files) exactly as torchvision's CIFAR10,
-# CIFAR100 and SVHN(split=...) datasets download and extract them.
-_LAYOUT = {
-    "cifar10": (
-        "cifar-10-batches-py",
-        [f"data_batch_{i}" for i in range(1, 6)],
-        ["test_batch"],
+
+@dataclass(frozen=True)
+class Dataset:
+    """One entry of :data:`DATASETS`: what a dataset is and where its files come from.
+
+    ``batch_size`` is the authors' batch size for it (CIFAR-100: 100, so that a
+    balanced batch holds one image per class). ``files``: (folder under the data root,
+    training files, test files) exactly as torchvision's ``torchvision_class`` downloads
+    and extracts them, or None for a dataset read otherwise.
+    """
+
+    description: str
+    num_classes: int
+    batch_size: int
+    files: tuple | None = None
+    torchvision_class: str | None = None
+
+
+#: Dataset name -> :class:`Dataset`. A new torchvision-layout dataset is one entry here
+#: (and a reader in :func:`read_raw` if its files are not CIFAR pickles or SVHN .mat).
+DATASETS = {
+    "cifar10": Dataset(
+        "CIFAR-10 (torchvision's files)",
+        10,
+        50,
+        (
+            "cifar-10-batches-py",
+            tuple(f"data_batch_{i}" for i in range(1, 6)),
+            ("test_batch",),
+        ),
+        "CIFAR10",
     ),
-    "cifar100": ("cifar-100-python", ["train"], ["test"]),
-    "svhn": ("", ["train_32x32.mat"], ["test_32x32.mat"]),
+    "cifar100": Dataset(
+        "CIFAR-100, fine labels (torchvision's files)",
+        100,
+        100,
+        ("cifar-100-python", ("train",), ("test",)),
+        "CIFAR100",
+    ),
+    "svhn": Dataset(
+        "SVHN train and test, digit 0 labelled 0 (torchvision's files)",
+        10,
+        50,
+        ("", ("train_32x32.mat",), ("test_32x32.mat",)),
+        "SVHN",
+    ),
+    "cifar10-subset": Dataset(
+        "the first 4000 CIFAR-10 training and 1000 test images (cifar10-subset.npz)",
+        10,
+        50,
+    ),
+    "digits": Dataset("scikit-learn's 8x8 handwritten digits", 10, 50),
 }
-_TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN"}
+#: Number of classes per dataset (a view of :data:`DATASETS`).
+NUM_CLASSES = {name: d.num_classes for name, d in DATASETS.items()}
 
 
 def _check_name(name):
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    choice("dataset", name, DATASETS)
+
+
+def _torchvision(name):
+    _check_name(name)
+    if DATASETS[name].files is None:
+        downloadable = [n for n, d in DATASETS.items() if d.files is not None]
+        raise ValueError(
+            f"{name!r} is not a torchvision dataset (those are "
+            f"{', '.join(downloadable)})"
+        )
+    return DATASETS[name]
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
-    """The folder holding the torchvision datasets: ``root``, else ``$SMASO_DATA``, else ``./data``."""
+    """The folder holding the torchvision datasets: ``root``, else ``$SMASO_DATA``, else
+    ``./data``."""
     if root is not None:
         return Path(root)
     if os.environ.get(DATA_ENV):
@@ -210,33 +271,35 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
 
 
 def expected_files(name: str, root: str | os.PathLike | None = None) -> list[Path]:
-    """The files :func:`read_raw` reads for ``name`` (torchvision's layout under :func:`data_root`)."""
-    _check_name(name)
-    if name not in _LAYOUT:
-        raise ValueError(
-            f"{name!r} is not a torchvision dataset (those are {', '.join(_LAYOUT)})"
-        )
-    folder, train, test = _LAYOUT[name]
+    """The files :func:`read_raw` reads for ``name`` (torchvision's layout under
+    :func:`data_root`)."""
+    folder, train, test = _torchvision(name).files
     base = data_root(root) / folder
     return [base / f for f in train + test]
 
 
-def _download(name, root):
-    """Let torchvision download, verify (md5) and extract ``name`` into ``root``."""
+def download_dataset(name: str, root: str | os.PathLike | None = None) -> list[Path]:
+    """Let torchvision download, verify (md5) and extract ``name`` into the data root
+    (:func:`data_root`); the files :func:`read_raw` then reads. Run it once before a
+    sweep's shards start (CLI: ``python -m smaso download``), so that they do not all
+    fetch the same files."""
     import torchvision
 
-    cls = getattr(torchvision.datasets, _TORCHVISION[name])
-    Path(root).mkdir(parents=True, exist_ok=True)
+    cls = getattr(torchvision.datasets, _torchvision(name).torchvision_class)
+    root = data_root(root)
+    root.mkdir(parents=True, exist_ok=True)
     if name == "svhn":
         for split in ("train", "test"):
             cls(str(root), split=split, download=True)
     else:
         for train in (True, False):
             cls(str(root), train=train, download=True)
+    return expected_files(name, root)
 
 
 def _pickle_get(d, key):
-    """A field of a CIFAR pickle, whose keys are ``str`` or ``bytes`` depending on how it was read."""
+    """A field of a CIFAR pickle, whose keys are ``str`` or ``bytes`` depending on how
+    it was read."""
     for k in (key, key.encode()):
         if k in d:
             return d[k]
@@ -311,7 +374,7 @@ def read_raw(
     """
     files = expected_files(name, root)
     if download:
-        _download(name, data_root(root))
+        download_dataset(name, root)
     missing = [f for f in files if not f.is_file()]
     if missing:
         src = (
@@ -324,11 +387,12 @@ def read_raw(
             f"{data_root(root).resolve()}, from the {src}"
             f"{f'; {len(missing) - 1} more missing' if len(missing) > 1 else ''}). It "
             "is torchvision's "
-            f"{_TORCHVISION[name]} layout: download it with download=True (CLI: "
+            f"{DATASETS[name].torchvision_class} layout: download it with "
+            "download=True (CLI: "
             "--download), or point "
             f"${DATA_ENV} or --data-root at the folder that holds it."
         )
-    folder, train_files, _ = _LAYOUT[name]
+    _, train_files, _ = DATASETS[name].files
     parts = []
     for f in files:
         if name == "svhn":
@@ -338,14 +402,17 @@ def read_raw(
                 _read_cifar(f, "labels" if name == "cifar10" else "fine_labels")
             )
     n_train = len(train_files)
-    cat = lambda ps, i: np.concatenate([p[i] for p in ps])
+
+    def cat(ps, i):
+        return np.concatenate([p[i] for p in ps])
+
     raw = {
         "x_train": cat(parts[:n_train], 0),
         "y_train": cat(parts[:n_train], 1),
         "x_test": cat(parts[n_train:], 0),
         "y_test": cat(parts[n_train:], 1),
     }
-    C = NUM_CLASSES[name]
+    C = DATASETS[name].num_classes
     for k in ("y_train", "y_test"):
         if raw[k].size and (raw[k].min() < 0 or raw[k].max() >= C):
             raise ValueError(f"{name}: {k} has labels outside 0..{C - 1}")
@@ -389,6 +456,7 @@ def channel_standardize(
 def load(
     name: str,
     root: str | os.PathLike | None = None,
+    *,
     preprocess: str = "authors",
     download: bool = False,
     dtype=torch.float32,
@@ -412,15 +480,11 @@ def load(
     quick checks).
     """
     _check_name(name)
-    if preprocess not in PREPROCESS:
-        raise ValueError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
-    if isinstance(upsample, bool) or not isinstance(upsample, int) or upsample < 1:
-        raise ValueError(f"upsample must be a positive int, got {upsample!r}")
+    choice("preprocess", preprocess, PREPROCESS)
+    positive_int("upsample", upsample)
     for lim_name, lim in (("limit_train", limit_train), ("limit_test", limit_test)):
-        if lim is not None and (
-            isinstance(lim, bool) or not isinstance(lim, int) or lim < 1
-        ):
-            raise ValueError(f"{lim_name} must be a positive int or None, got {lim!r}")
+        if lim is not None:
+            positive_int(lim_name, lim)
     if name == "digits":
         d = digits(dtype=torch.float64)
         x_train, y_train, x_test, y_test = d.x_train, d.y_train, d.x_test, d.y_test
@@ -435,7 +499,10 @@ def load(
             )
         else:
             raw = read_raw(name, root, download)
-            to_x = lambda a: torch.from_numpy(a).to(torch.float64) / 255.0
+
+            def to_x(a):
+                return torch.from_numpy(a).to(torch.float64) / 255.0
+
             x_train, x_test = to_x(raw["x_train"]), to_x(raw["x_test"])
             y_train, y_test = (
                 torch.from_numpy(raw["y_train"]),
@@ -450,21 +517,24 @@ def load(
     elif preprocess == "standardize":
         x_train, x_test = channel_standardize(x_train, x_test)
     if upsample > 1:
-        up = lambda x: x.repeat_interleave(upsample, dim=2).repeat_interleave(
-            upsample, dim=3
-        )
+
+        def up(x):
+            return x.repeat_interleave(upsample, dim=2).repeat_interleave(
+                upsample, dim=3
+            )
+
         x_train, x_test = up(x_train), up(x_test)
     data = TensorData(
         x_train.to(dtype),
         y_train.long(),
         x_test.to(dtype),
         y_test.long(),
-        NUM_CLASSES[name],
+        DATASETS[name].num_classes,
     )
     return data.to(device) if device is not None else data
 
 
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Batches of one epoch, drawn as index tensors (no per-sample Python loader)
 
 
@@ -476,7 +546,8 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 def shuffled_batches(
     n: int, batch_size: int, generator: torch.Generator
 ) -> list[torch.Tensor]:
-    """A random permutation of ``range(n)`` cut into batches (the last one may be smaller)."""
+    """A random permutation of ``range(n)`` cut into batches (the last one may be
+    smaller)."""
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be positive, got {n} and {batch_size}")
     return list(torch.randperm(n, generator=generator).split(batch_size))

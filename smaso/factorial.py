@@ -38,8 +38,9 @@ import math
 
 import torch
 
-from .gmm import _check_sigma2, posterior, region_prior
-from .maso import _batched, _check_tensor, check_params
+from .checks import batched, check_sigma2, check_tensor
+from .gmm import posterior, region_prior
+from .maso import check_params
 
 __all__ = [
     "configurations",
@@ -93,7 +94,7 @@ def _joint_log_prior(A, B, t, log_prior):
     if log_prior is None:  # product of the per-unit priors of Theorem 2
         lp = torch.log(region_prior(A, B))
         return sum(lp[k, t[:, k]] for k in range(A.shape[0]))
-    _check_tensor(log_prior, "log_prior")
+    check_tensor(log_prior, "log_prior")
     C = t.shape[0]
     if tuple(log_prior.shape) != (C,):
         raise ValueError(
@@ -123,9 +124,9 @@ def joint_log_posterior(A, B, z, sigma2=1.0, log_prior=None, max_configs=MAX_CON
     with a log-sum-exp. Memory O(R**K (N + D)). Unbatched ``z`` (D,) gives (R**K,).
     """
     K, R, _ = check_params(A, B, z)
-    sigma2 = _check_sigma2(sigma2)
+    sigma2 = check_sigma2(sigma2)
     t = configurations(K, R, max_configs, device=A.device)
-    z2, single = _batched(z)
+    z2, single = batched(z)
     mu = _config_means(A, t)
     sq = (
         (z2 * z2).sum(-1, keepdim=True) - 2 * z2 @ mu.T + (mu * mu).sum(-1)
@@ -136,8 +137,10 @@ def joint_log_posterior(A, B, z, sigma2=1.0, log_prior=None, max_configs=MAX_CON
 
 
 def joint_posterior(A, B, z, sigma2=1.0, log_prior=None, max_configs=MAX_CONFIGS):
-    """Exact joint posterior ``p(t | z)`` (N, R**K) of Eq. (10) by enumeration
-    (Theorem 4's left side)."""
+    """Exact joint posterior ``p(t | z)`` (N, R**K) of Eq. (10) by enumeration.
+
+    The left side of Theorem 4.
+    """
     return joint_log_posterior(A, B, z, sigma2, log_prior, max_configs).exp()
 
 
@@ -149,7 +152,7 @@ def joint_map(A, B, z, sigma2=1.0, log_prior=None, max_configs=MAX_CONFIGS):
     """
     K, R, _ = check_params(A, B, z)
     t = configurations(K, R, max_configs, device=A.device)
-    z2, single = _batched(z)
+    z2, single = batched(z)
     chunk = max(1, 2**22 // t.shape[0])
     idx = torch.cat(
         [
@@ -165,13 +168,15 @@ def joint_map(A, B, z, sigma2=1.0, log_prior=None, max_configs=MAX_CONFIGS):
 
 def factorised_map(A, B, z, sigma2=1.0):
     """Per-unit MAP codes ``argmax_r p_k(t_k = r | z)`` of the GMM of Eq. (3), long
-    (N, K): the right side of Eq. (12), linear in ``K``. At ``sigma2 = 1`` these are
-    the MASO VQ codes (Theorem 2)."""
+    (N, K): the right side of Eq. (12), linear in ``K``.
+
+    At ``sigma2 = 1`` these are the MASO VQ codes (Theorem 2).
+    """
     return posterior(A, B, z, sigma2).argmax(-1)
 
 
 def _check_joint(P, K, R):
-    _check_tensor(P, "P")
+    check_tensor(P, "P")
     if P.ndim not in (1, 2) or P.shape[-1] != R**K:
         raise ValueError(
             f"P must have shape (N, R**K) or (R**K,) with R**K = {R**K}, got "
@@ -186,7 +191,7 @@ def joint_marginals(P, K, R):
     Under Theorem 4 these are the per-unit posteriors of Eq. (3).
     """
     _check_joint(P, K, R)
-    P2, single = _batched(P)
+    P2, single = batched(P)
     cube = P2.reshape((P2.shape[0],) + (R,) * K)
     dims = set(range(1, K + 1))
     out = torch.stack(
@@ -206,7 +211,7 @@ def product_posterior(Q):
     With ``Q = smaso.gmm.posterior(A, B, z, sigma2)`` this is the right side of Theorem
     4.
     """
-    _check_tensor(Q, "Q")
+    check_tensor(Q, "Q")
     if Q.ndim not in (2, 3):
         raise ValueError(f"Q must have shape (N, K, R) or (K, R), got {tuple(Q.shape)}")
     Q2 = Q.unsqueeze(0) if Q.ndim == 2 else Q
@@ -231,7 +236,7 @@ def mutual_coherence(A):
     Zero slopes (e.g. a ReLU's inactive region) are orthogonal to everything and count
     as 0. A single unit (K = 1) has coherence 0. Returns a 0-dim tensor.
     """
-    _check_tensor(A, "A")
+    check_tensor(A, "A")
     if A.ndim != 3:
         raise ValueError(f"A must have shape (K, R, D), got {tuple(A.shape)}")
     flat, unit, norm = _unit_rows(A)
@@ -252,7 +257,7 @@ def coupling(A):
     ``B`` and ``sigma2`` iff all entries are zero. Eq. (11) (zero blocks) is the special
     case used by Theorem 4.
     """
-    _check_tensor(A, "A")
+    check_tensor(A, "A")
     if A.ndim != 3:
         raise ValueError(f"A must have shape (K, R, D), got {tuple(A.shape)}")
     G = torch.einsum("krd,lsd->krls", A, A)
@@ -285,7 +290,7 @@ def disagreement(A, B, z, sigma2=1.0, max_configs=MAX_CONFIGS):
     Theorem-2 priors.
     """
     K, R, _ = check_params(A, B, z)
-    z2, _ = _batched(z)
+    z2, _ = batched(z)
     P = joint_posterior(A, B, z2, sigma2, max_configs=max_configs)
     t = configurations(K, R, max_configs, device=A.device)
     per_unit = posterior(A, B, z2, sigma2)
@@ -312,7 +317,7 @@ def sample_factorial(A, B, n, sigma2=1.0, generator=None):
     reproducible.
     """
     _, _, D = check_params(A, B)
-    sigma2 = _check_sigma2(sigma2)
+    sigma2 = check_sigma2(sigma2)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     if generator is not None and not isinstance(generator, torch.Generator):

@@ -22,7 +22,8 @@ import math
 
 import torch
 
-from .maso import _batched, check_params
+from .checks import batched, check_sigma2
+from .maso import check_params
 from .vq import eta_from_beta
 
 __all__ = [
@@ -48,28 +49,12 @@ def region_prior(A, B, sigma2=1.0):
     at that noise variance (see :func:`log_joint`).
     """
     check_params(A, B)
-    return _log_prior(A, B, _check_sigma2(sigma2)).exp()
+    return _log_prior(A, B, check_sigma2(sigma2)).exp()
 
 
 def _log_prior(A, B, sigma2):
     """``log region_prior(A, B, sigma2)``, computed as a log-softmax (no underflow)."""
     return torch.log_softmax((B + 0.5 * (A * A).sum(dim=-1)) / sigma2, dim=-1)
-
-
-def _check_sigma2(sigma2):
-    if isinstance(sigma2, torch.Tensor):
-        if sigma2.numel() != 1:
-            raise ValueError(
-                f"sigma2 must be a scalar, got a tensor of shape {tuple(sigma2.shape)}"
-            )
-        sigma2 = float(sigma2)
-    if isinstance(sigma2, bool) or not isinstance(sigma2, (int, float)):
-        raise TypeError(
-            f"sigma2 must be a positive number, got {type(sigma2).__name__}"
-        )
-    if not (math.isfinite(sigma2) and sigma2 > 0):
-        raise ValueError(f"sigma2 must be a positive finite number, got {sigma2}")
-    return float(sigma2)
 
 
 def log_joint(A, B, z, sigma2=1.0, scaled_prior=False):
@@ -89,12 +74,12 @@ def log_joint(A, B, z, sigma2=1.0, scaled_prior=False):
     holds for every ``sigma2``.
     """
     _, _, D = check_params(A, B, z)
-    sigma2 = _check_sigma2(sigma2)
+    sigma2 = check_sigma2(sigma2)
     if not isinstance(scaled_prior, bool):
         raise TypeError(
             f"scaled_prior must be True or False, got {type(scaled_prior).__name__}"
         )
-    z2, single = _batched(z)
+    z2, single = batched(z)
     sq = ((z2[:, None, None, :] - A[None]) ** 2).sum(dim=-1)  # (N, K, R)
     log_lik = -0.5 * D * math.log(2 * math.pi * sigma2) - sq / (2 * sigma2)
     prior_sigma2 = sigma2 if scaled_prior else 1.0

@@ -16,6 +16,8 @@ float32 or float64.
 
 import torch
 
+from .checks import batched, check_tensor
+
 __all__ = [
     "apply_vq",
     "check_params",
@@ -27,11 +29,6 @@ __all__ = [
     "scores",
     "vq_codes",
 ]
-
-
-def _check_tensor(x, name):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
 def check_params(A, B, z=None):
@@ -46,8 +43,8 @@ def check_params(A, B, z=None):
     Returns ``(K, R, D)``. Raises ``TypeError`` for non-tensors and
     ``ValueError`` for everything else.
     """
-    _check_tensor(A, "A")
-    _check_tensor(B, "B")
+    check_tensor(A, "A")
+    check_tensor(B, "B")
     if A.ndim != 3:
         raise ValueError(
             f"A must have shape (K, R, D), got {tuple(A.shape)} ({A.ndim} dims)"
@@ -81,7 +78,7 @@ def check_params(A, B, z=None):
     if not bool(torch.isfinite(B).all()):
         raise ValueError("B contains NaN or inf entries")
     if z is not None:
-        _check_tensor(z, "z")
+        check_tensor(z, "z")
         if z.ndim not in (1, 2):
             raise ValueError(f"z must have shape (N, D) or (D,), got {tuple(z.shape)}")
         if z.shape[-1] != D:
@@ -105,13 +102,6 @@ def check_params(A, B, z=None):
     return K, R, D
 
 
-def _batched(z):
-    """Return ``(z as (N, D), was_unbatched)``."""
-    if z.ndim == 1:
-        return z.unsqueeze(0), True
-    return z, False
-
-
 def scores(A, B, z):
     """Per-region affine scores ``<A[k, r], z> + B[k, r]``, shape (N, K, R).
 
@@ -119,7 +109,7 @@ def scores(A, B, z):
     VQ of Eq. (6)). Unbatched ``z`` of shape (D,) gives (K, R).
     """
     check_params(A, B, z)
-    z2, single = _batched(z)
+    z2, single = batched(z)
     s = _scores(A, B, z2)
     return s[0] if single else s
 
@@ -163,7 +153,7 @@ def hard_vq(A, B, z):
 
 def _check_T(T, K, R, ref, name="T"):
     """Validate a VQ matrix against (K, R) and the reference tensor's dtype/device."""
-    _check_tensor(T, name)
+    check_tensor(T, name)
     if T.ndim not in (2, 3) or tuple(T.shape[-2:]) != (K, R):
         raise ValueError(
             f"{name} must have shape (N, K, R) or (K, R) with (K, R) = {(K, R)}, got "
@@ -197,7 +187,7 @@ def apply_vq(A, B, z, T):
     """
     K, R, _ = check_params(A, B, z)
     T = _check_T(T, K, R, A)
-    z2, single = _batched(z)
+    z2, single = batched(z)
     if T.ndim == 3:
         if single:
             raise ValueError(
@@ -236,7 +226,7 @@ def kmeans_offsets(A):
     With these offsets the MASO VQ is a nearest-centroid (K-means) assignment
     with centroids ``A[k, r]``; see :func:`nearest_centroid`.
     """
-    _check_tensor(A, "A")
+    check_tensor(A, "A")
     if A.ndim != 3:
         raise ValueError(f"A must have shape (K, R, D), got {tuple(A.shape)}")
     return -0.5 * (A * A).sum(dim=-1)
@@ -250,11 +240,11 @@ def nearest_centroid(A, z):
     nearest_centroid(A, z)`` is a genuine check of Proposition 1. Returns long
     (N, K) (or (K,) for unbatched ``z``); ties go to the lowest index.
     """
-    _check_tensor(A, "A")
+    check_tensor(A, "A")
     if A.ndim != 3:
         raise ValueError(f"A must have shape (K, R, D), got {tuple(A.shape)}")
     check_params(A, torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device), z)
-    z2, single = _batched(z)
+    z2, single = batched(z)
     d2 = ((z2[:, None, None, :] - A[None]) ** 2).sum(dim=-1)
     codes = d2.argmin(dim=-1)
     return codes[0] if single else codes

@@ -1,5 +1,5 @@
 """Network topologies of the paper's experiments (Appendix D) and of the authors'
-released code.
+released code, and the two registries a network is built from by name.
 
 * :func:`large_cnn` is the largeCNN exactly as Appendix D lists it: nine convolutions
   (two with stride 2), then global average pooling; no batch norm.
@@ -13,30 +13,116 @@ released code.
   not list it), in the same two versions: ``version=1`` (penalty script) 32 3x3 / pool /
   64 3x3 / pool / 128 1x1; ``version=2`` (Gram-Schmidt script) 32 5x5 / pool / 64 3x3 /
   pool / 128 3x3; then global average pooling and a dense layer.
+* :func:`study_cnn` is the network of the activation study of chapter 7 (no batch norm,
+  PyTorch's initialisation).
 
-The activation ("relu", "swish": a learnable per-channel β-VQ ReLU, "silu") and the
-orthogonality (none, a weight or template penalty, or an exact parametrisation by QR /
-Gram-Schmidt) are constructor options of :func:`small_cnn` and :func:`large_cnn_code`.
+All of them but :func:`large_cnn` are one list of layers through :func:`conv_net`.
+Builders take *structural* options only (the activation, batch norm, biases); the loss
+and its orthogonality penalty, and exact orthogonality of the filters, are the
+experiment runner's business (:mod:`smaso.experiment`).
+
+Registries: :data:`ACTIVATIONS` (name -> description, module factory of the number of
+channels) and :data:`MODELS` (name -> description, builder). A new activation or network
+is one entry here.
 """
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from functools import partial
 
 from torch import nn
 
-from .activations import BetaVQReLU
-from .orthogonal import PENALTIES, penalty_loss, register_orthogonal
+from .activations import (
+    BetaVQAbs,
+    BetaVQLeakyReLU,
+    BetaVQMaxout,
+    BetaVQReLU,
+    SoftplusSwish,
+    TsallisVQReLU,
+)
+from .checks import choice, finite_number, positive_int
 
 __all__ = [
     "ACTIVATIONS",
-    "ORTHOGONALITY",
-    "extra_loss",
+    "BN_MOMENTUM",
+    "MODELS",
+    "activation_factory",
+    "build",
+    "conv_net",
     "large_cnn",
     "large_cnn_code",
     "num_parameters",
     "small_cnn",
+    "study_cnn",
 ]
 
-ACTIVATIONS = ("relu", "swish", "silu")
-EXACT = ("qr", "gs", "mgs")
-ORTHOGONALITY = ("none",) + PENALTIES + EXACT
+#: Activation name -> (description, factory of the number of channels ``c``). Learnable
+#: β is per channel. "swish" is the β-VQ of the ReLU (Proposition 7) learning ρ = log η
+#: from η = 1 (the SiLU); "swish-softplus" is the authors' code's η = softplus(ρ), ρ
+#: from 0.5. The β-VQ and Tsallis-VQ arms are the activations of chapter 7.
+ACTIVATIONS: dict[str, tuple[str, Callable[[int], nn.Module]]] = {
+    "relu": ("ReLU (hard VQ, beta = 1)", lambda c: nn.ReLU()),
+    "silu": ("SiLU (soft VQ, beta fixed at 1/2)", lambda c: nn.SiLU()),
+    "swish": (
+        "swish = beta-VQ ReLU, learnable beta (init 1/2)",
+        lambda c: BetaVQReLU(c),
+    ),
+    "swish-softplus": (
+        "swish with eta = softplus(rho), rho from 0.5 (the authors' code)",
+        lambda c: SoftplusSwish(c),
+    ),
+    "bvq-leaky": (
+        "beta-VQ leaky-ReLU (slope 0.1), learnable beta (init 1/2)",
+        lambda c: BetaVQLeakyReLU(0.1, c),
+    ),
+    "bvq-abs": (
+        "beta-VQ absolute value x tanh(eta x), learnable beta (init 1/2)",
+        lambda c: BetaVQAbs(c),
+    ),
+    "bvq-maxout3": (
+        "beta-VQ learned convex max-affine, R = 3 pieces per channel, learnable beta "
+        "(init 1/2)",
+        lambda c: BetaVQMaxout(c, pieces=3),
+    ),
+    "hardswish": (
+        "hard-swish (Gini-VQ ReLU, beta fixed at 1/4)",
+        lambda c: nn.Hardswish(),
+    ),
+    "gini-relu": (
+        "Gini-VQ ReLU (alpha = 2), learnable beta (init 1/4: hard-swish)",
+        lambda c: TsallisVQReLU(c, alpha=2.0, beta_init=0.25),
+    ),
+    "entmax15-relu": (
+        "Tsallis-VQ ReLU (alpha = 1.5), learnable beta (init 1/2)",
+        lambda c: TsallisVQReLU(c, alpha=1.5, beta_init=0.5),
+    ),
+}
+
+
+def activation_factory(activation) -> Callable[[int], nn.Module]:
+    """``activation`` as a function of the number of channels: a name of
+    :data:`ACTIVATIONS`, or a callable returning an ``nn.Module`` (e.g. ``nn.ReLU``,
+    which then ignores the channel count)."""
+    if isinstance(activation, str):
+        choice("activation", activation, ACTIVATIONS)
+        return ACTIVATIONS[activation][1]
+    try:
+        ok = isinstance(activation(), nn.Module)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise TypeError(
+            f"activation must be one of {', '.join(ACTIVATIONS)} or a callable "
+            f"returning an nn.Module (e.g. nn.ReLU), got {activation!r}"
+        )
+    return lambda c: activation()
+
+
+def _check_classes(num_classes, in_channels):
+    positive_int("num_classes", num_classes)
+    positive_int("in_channels", in_channels)
 
 
 def large_cnn(num_classes=10, in_channels=3, activation=nn.ReLU):
@@ -45,23 +131,14 @@ def large_cnn(num_classes=10, in_channels=3, activation=nn.ReLU):
 
     Convolutions (all with bias): 3x3 96, 3x3 96, 3x3 96 stride 2, 3x3 192, 3x3 192, 3x3
     192 stride 2 (all 'same', i.e. padding 1), 3x3 192 'valid' (no padding), 1x1 192,
-    1x1 ``num_classes``; each but the last followed by ``activation()``; then global
-    average pooling. 'Same' padding with stride 2 is padding 1, as in Lasagne: 32x32
-    inputs give 16x16 and 8x8 maps, then 6x6 after the valid convolution. Inputs need H,
-    W >= 9. With the defaults it has 1,369,738 parameters.
+    1x1 ``num_classes``; each but the last followed by the activation (a name of
+    :data:`ACTIVATIONS` or a module factory such as ``nn.ReLU``); then global average
+    pooling. 'Same' padding with stride 2 is padding 1, as in Lasagne: 32x32 inputs give
+    16x16 and 8x8 maps, then 6x6 after the valid convolution. Inputs need H, W >= 9.
+    With the defaults it has 1,369,738 parameters.
     """
-    for name, v in (("num_classes", num_classes), ("in_channels", in_channels)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    try:
-        ok = isinstance(activation(), nn.Module)
-    except TypeError:
-        ok = False
-    if not ok:
-        raise TypeError(
-            "activation must be a callable returning an nn.Module (e.g. nn.ReLU), "
-            f"got {activation!r}"
-        )
+    _check_classes(num_classes, in_channels)
+    act = activation_factory(activation)
     convs = [
         nn.Conv2d(in_channels, 96, 3, padding=1),
         nn.Conv2d(96, 96, 3, padding=1),
@@ -75,23 +152,25 @@ def large_cnn(num_classes=10, in_channels=3, activation=nn.ReLU):
     ]
     layers = []
     for conv in convs[:-1]:
-        layers += [conv, activation()]
+        layers += [conv, act(conv.out_channels)]
     layers += [convs[-1], nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers)
 
 
 def num_parameters(model):
     """Number of trainable scalars of ``model`` (raw parameters of parametrised layers
-    included),
-    e.g. 1,369,738 for the Appendix D largeCNN of :func:`large_cnn`."""
+    included), e.g. 1,369,738 for the Appendix D largeCNN of :func:`large_cnn`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # The authors' code: smallCNN and largeCNN, with batch norm, max-pooling and a dense
-# output layer
+# output layer; and the activation study's network. One list of layers each.
+
+#: Batch-norm running-average momentum of the authors' code: TensorFlow's decay 0.99.
+BN_MOMENTUM = 0.01
 
 # (filters, kernel, padding, 2x2 max-pool after) of each convolution; padding 'same' =
 # (k-1)/2, 'full' = k-1, 'valid' = 0, as the authors' Lasagne-style layer pads.
@@ -123,70 +202,39 @@ _LARGE = {
 }
 
 
-def _activation_factory(activation):
-    """``activation`` (a name in ACTIVATIONS, or a callable returning an nn.Module) as a
-    function of the number of channels. "swish" is :class:`smaso.activations.BetaVQReLU`
-    with one learnable β
-    per channel, starting at β = 1/2 (η = 1, the SiLU), as the β-VQ of the ReLU (Proposition 7)."""
-    if isinstance(activation, str):
-        if activation == "relu":
-            return lambda c: nn.ReLU()
-        if activation == "swish":
-            return lambda c: BetaVQReLU(num_channels=c)
-        if activation == "silu":
-            return lambda c: nn.SiLU()
-        raise ValueError(
-            f"activation must be one of {ACTIVATIONS} or a callable returning an "
-            "nn.Module, "
-            f"got {activation!r}"
-        )
-    try:
-        ok = isinstance(activation(), nn.Module)
-    except TypeError:
-        ok = False
-    if not ok:
-        raise TypeError(
-            f"activation must be one of {ACTIVATIONS} or a callable returning an "
-            "nn.Module "
-            f"(e.g. nn.ReLU), got {activation!r}"
-        )
-    return lambda c: activation()
-
-
-def _check_common(
-    num_classes, in_channels, version, orthogonality, lam, bn_momentum=0.01
+def conv_net(
+    spec,
+    num_classes,
+    in_channels,
+    activation="relu",
+    *,
+    batch_norm=True,
+    bn_momentum=BN_MOMENTUM,
+    conv_bias=True,
+    bn_last=True,
+    dense_bias=False,
+    glorot=True,
 ):
-    for name, v in (("num_classes", num_classes), ("in_channels", in_channels)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if version not in (1, 2):
-        raise ValueError(f"version must be 1 or 2, got {version!r}")
-    if orthogonality not in ORTHOGONALITY:
-        raise ValueError(
-            f"orthogonality must be one of {ORTHOGONALITY}, got {orthogonality!r}"
-        )
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
-        raise ValueError(f"lam must be a nonnegative number, got {lam!r}")
-    if (
-        isinstance(bn_momentum, bool)
-        or not isinstance(bn_momentum, (int, float))
-        or not 0 < bn_momentum <= 1
-    ):
-        raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum!r}")
+    """Convolutions from ``spec`` (filters, kernel, padding, 2x2 max-pool after), each
+    followed by batch norm and the activation; global average pooling; a dense layer to
+    ``num_classes``.
 
-
-def _code_net(
-    spec, num_classes, in_channels, activation, batch_norm, dense_bias, bn_momentum=0.01
-):
-    act = _activation_factory(activation)
+    ``batch_norm``/``bn_last``: batch norm after every convolution / after the last one
+    too. It uses TensorFlow's defaults as the authors' code does: epsilon 1e-3 and
+    running averages with decay 0.99 (``bn_momentum=0.01`` in PyTorch's convention).
+    ``conv_bias``: a bias on convolutions that batch norm follows (redundant there:
+    batch norm removes any per-channel shift; a convolution without batch norm always
+    has one). ``glorot``: the authors' initialisation, Glorot-uniform weights and zero
+    biases (else PyTorch's default).
+    """
+    _check_classes(num_classes, in_channels)
+    finite_number("bn_momentum", bn_momentum, 0, 1, low_open=True)
+    act = activation_factory(activation)
     layers, c = [], in_channels
-    for out, k, pad, pool in spec:
-        conv = nn.Conv2d(c, out, k, padding=pad)
-        layers.append(conv)
-        if batch_norm:
-            # TensorFlow's batch-norm defaults, which the authors' code uses: epsilon
-            # 1e-3 and decay 0.99 of the running averages, i.e. PyTorch momentum 0.01
-            # (the default of bn_momentum)
+    for i, (out, k, pad, pool) in enumerate(spec):
+        bn = batch_norm and (bn_last or i < len(spec) - 1)
+        layers.append(nn.Conv2d(c, out, k, padding=pad, bias=conv_bias or not bn))
+        if bn:
             layers.append(nn.BatchNorm2d(out, eps=1e-3, momentum=bn_momentum))
         layers.append(act(out))
         if pool:
@@ -198,46 +246,22 @@ def _code_net(
         nn.Linear(c, num_classes, bias=dense_bias),
     ]
     model = nn.Sequential(*layers)
-    for m in (
-        model.modules()
-    ):  # the authors' initialisation: Glorot-uniform weights, zero biases
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    if glorot:
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
     return model
 
 
-def _orthogonalise(model, orthogonality, lam):
-    """Apply an orthogonality option (Section 5): an exact parametrisation is registered
-    on every
-    Linear/Conv2d weight; a penalty is recorded on the model for :func:`extra_loss`."""
-    model.orthogonality, model.lam = orthogonality, float(lam)
-    if orthogonality in EXACT:
-        register_orthogonal(model, orthogonality)
-    return model
+def _version(version):
+    if version not in (1, 2):
+        raise ValueError(f"version must be 1 or 2, got {version!r}")
+    return version
 
 
-def extra_loss(model):
-    """The loss term an orthogonality penalty option asks for (``lam`` times the penalty
-    of Section 5,
-    see :func:`smaso.orthogonal.penalty_loss`), or ``None`` (no penalty, or an exact parametrisation)."""
-    kind = getattr(model, "orthogonality", "none")
-    if kind in PENALTIES:
-        return penalty_loss(kind, getattr(model, "lam", 1.0))
-    return None
-
-
-def small_cnn(
-    num_classes=10,
-    in_channels=3,
-    activation="relu",
-    version=1,
-    orthogonality="none",
-    lam=1.0,
-    batch_norm=True,
-    bn_momentum=0.01,
-):
+def small_cnn(num_classes=10, in_channels=3, activation="relu", version=1, **options):
     """The smallCNN of the authors' code (Appendix D names it, Section 5), as an
     ``nn.Sequential``.
 
@@ -248,36 +272,17 @@ def small_cnn(
     2). ``version=2`` (their Gram-Schmidt script): conv 32 5x5 valid, ..., conv 64 3x3
     valid, ..., conv 128 3x3 valid, BN, act; global average pooling; dense with bias
     (inputs >= 20x20). Every layer has at most as many filters as inputs, so all can be
-    exactly orthogonal. ``activation``: "relu", "swish" (learnable β per channel),
-    "silu", or a module factory. ``orthogonality``: "none", a penalty ("filters" is the
-    paper's, "filters_normalized", "templates" the authors' code's; weight ``lam``, see
-    :func:`extra_loss`) or an exact parametrisation ("qr", "gs", "mgs";
-    :func:`smaso.orthogonal.register_orthogonal`). Batch norm (``batch_norm``) uses
-    TensorFlow's defaults as the authors' code does: epsilon 1e-3 and running averages
-    with decay 0.99 (``bn_momentum=0.01`` in PyTorch's convention).
+    exactly orthogonal. ``activation``: a name of :data:`ACTIVATIONS` or a module
+    factory. ``options``: the batch-norm and bias options of :func:`conv_net`.
     """
-    _check_common(num_classes, in_channels, version, orthogonality, lam, bn_momentum)
-    model = _code_net(
-        _SMALL[version],
-        num_classes,
-        in_channels,
-        activation,
-        batch_norm,
-        version == 2,
-        bn_momentum,
+    v = _version(version)
+    return conv_net(
+        _SMALL[v], num_classes, in_channels, activation, dense_bias=v == 2, **options
     )
-    return _orthogonalise(model, orthogonality, lam)
 
 
 def large_cnn_code(
-    num_classes=10,
-    in_channels=3,
-    activation="relu",
-    version=1,
-    orthogonality="none",
-    lam=1.0,
-    batch_norm=True,
-    bn_momentum=0.01,
+    num_classes=10, in_channels=3, activation="relu", version=1, **options
 ):
     """The largeCNN as the authors' code trains it (Section 5, Table 2; cf. Appendix D's
     listing, :func:`large_cnn`), as an ``nn.Sequential``.
@@ -287,16 +292,72 @@ def large_cnn_code(
     max-pool 2, 192 3x3 'valid', 192 1x1; global average pooling; dense ``num_classes``
     (no bias in version 1). 32x32 inputs give maps 32, 34, 36, 18, 16, 18, 16, 8, 6, 6.
     ``version=2`` starts with 64 5x5 'same' filters instead (and its dense layer has a
-    bias). Options as in :func:`small_cnn`.
+    bias). ``options``: those of :func:`conv_net`; ``bn_last=False`` (no batch norm
+    after the last 1x1 convolution, which then has a bias) is the authors' penalty
+    script's network (version 1).
     """
-    _check_common(num_classes, in_channels, version, orthogonality, lam, bn_momentum)
-    model = _code_net(
-        _LARGE[version],
+    v = _version(version)
+    return conv_net(
+        _LARGE[v], num_classes, in_channels, activation, dense_bias=v == 2, **options
+    )
+
+
+def study_cnn(num_classes=10, in_channels=3, activation="relu", widths=(16, 32, 64)):
+    """The network of the activation study (chapter 7): 3 × (3x3 conv 'same',
+    activation), 2x2 max-pooling after the first two, global average pooling, a dense
+    layer with bias; no batch norm, PyTorch's default initialisation."""
+    if len(widths) != 3:
+        raise ValueError(f"widths must hold 3 channel counts, got {widths!r}")
+    for w in widths:
+        positive_int("widths", w)
+    spec = [(widths[0], 3, 1, True), (widths[1], 3, 1, True), (widths[2], 3, 1, False)]
+    return conv_net(
+        spec,
         num_classes,
         in_channels,
         activation,
-        batch_norm,
-        version == 2,
-        bn_momentum,
+        batch_norm=False,
+        dense_bias=True,
+        glorot=False,
     )
-    return _orthogonalise(model, orthogonality, lam)
+
+
+#: Model name -> (description, builder of ``num_classes, in_channels, activation`` and
+#: structural keyword options).
+MODELS: dict[str, tuple[str, Callable[..., nn.Module]]] = {
+    "small-cnn": (
+        "smallCNN of the authors' penalty script (32 3x3 first)",
+        partial(small_cnn, version=1),
+    ),
+    "small-cnn-v2": (
+        "smallCNN of the authors' Gram-Schmidt script (32 5x5 first)",
+        partial(small_cnn, version=2),
+    ),
+    "large-cnn": ("largeCNN as Appendix D lists it (no batch norm)", large_cnn),
+    "large-cnn-code": (
+        "largeCNN of the authors' penalty script (96 3x3 first)",
+        partial(large_cnn_code, version=1),
+    ),
+    "large-cnn-code-v2": (
+        "largeCNN of the authors' Gram-Schmidt script (64 5x5 first)",
+        partial(large_cnn_code, version=2),
+    ),
+    "study-cnn": ("the activation study's network (chapter 7)", study_cnn),
+}
+
+
+def build(name, num_classes, in_channels, activation="relu", **options) -> nn.Module:
+    """The network ``name`` of :data:`MODELS`; ``options`` the builder does not take do
+    not apply to it (e.g. batch-norm options to Appendix D's largeCNN, which has none).
+    """
+    choice("model", name, MODELS)
+    builder = MODELS[name][1]
+    takes = inspect.signature(builder).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+        takes = inspect.signature(conv_net).parameters  # it passes them on
+    return builder(
+        num_classes,
+        in_channels,
+        activation,
+        **{k: v for k, v in options.items() if k in takes},
+    )

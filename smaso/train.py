@@ -1,29 +1,40 @@
-"""A plain, seeded training loop over tensors (Adam, cross-entropy, optional extra loss
-term).
+"""One seeded training loop over tensors (cross-entropy, optional extra loss term), for
+the chapters and the experiments alike.
 
 Batches are drawn from tensors already on the device (no per-sample Python loader).
-:func:`fit` is the chapters' small training loop; :func:`train_epoch` and
-:func:`evaluate` are the pieces the experiment pipeline (:mod:`smaso.experiment`) runs,
-one epoch at a time, with optional mixed precision.
+:func:`train_epoch` runs one epoch of optimiser steps and :func:`evaluate` measures a
+model; the experiment pipeline (:mod:`smaso.experiment`) calls them one epoch at a time,
+with optional mixed precision, and :func:`fit`, the chapters' small loop, is the same
+two calls around Adam with shuffled batches.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .data import TensorData
+from .data import TensorData, epoch_batches
 
-__all__ = ["accuracy", "evaluate", "fit", "train_epoch"]
+__all__ = [
+    "AdamWithoutBiasCorrection",
+    "accuracy",
+    "evaluate",
+    "fit",
+    "no_bias_correction_factor",
+    "train_epoch",
+]
 
 
 def accuracy(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024
 ) -> float:
-    """Fraction of ``x`` that ``model`` classifies as ``y`` (evaluation mode, restored afterwards)."""
+    """Fraction of ``x`` that ``model`` classifies as ``y`` (evaluation mode, restored
+    afterwards)."""
     return evaluate(model, x, y, batch_size=batch_size)["acc"]
 
 
@@ -43,35 +54,23 @@ def fit(
     dict per epoch.
 
     Each epoch shuffles the training set with a generator seeded by ``seed`` and the
-    epoch index, so a run is reproducible. The returned history holds ``epoch``,
-    ``loss`` (mean training loss), ``train_acc``, ``test_acc``, and whatever
-    ``on_epoch(epoch, model)`` returns.
+    epoch index (:func:`smaso.data.epoch_batches`), so a run is reproducible. The
+    returned history holds ``epoch``, ``loss`` (mean training objective, the extra loss
+    included), ``train_acc``, ``test_acc``, and whatever ``on_epoch(epoch, model)``
+    returns.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(
             f"epochs and batch_size must be positive, got {epochs} and {batch_size}"
         )
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    n = len(data.x_train)
     history = []
     for epoch in tqdm(range(epochs), desc="epochs", disable=not progress):
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=g).to(data.x_train.device)
-        model.train()
-        total = 0.0
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            x, y = data.x_train[idx], data.y_train[idx]
-            loss = nn.functional.cross_entropy(model(x), y)
-            if extra_loss is not None:
-                loss = loss + extra_loss(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
+        batches = epoch_batches(data.y_train, batch_size, seed, epoch)
+        tr = train_epoch(model, opt, data.x_train, data.y_train, batches, extra_loss)
         record = {
             "epoch": epoch + 1,
-            "loss": total / n,
+            "loss": tr["objective"],
             "train_acc": accuracy(model, data.x_train, data.y_train),
             "test_acc": accuracy(model, data.x_test, data.y_test),
         }
@@ -85,6 +84,12 @@ def _autocast(device_type, dtype):
     return torch.autocast(
         device_type=device_type, dtype=dtype, enabled=dtype is not None
     )
+
+
+def _logits_for_loss(out: torch.Tensor, autocast_dtype) -> torch.Tensor:
+    """Logits in float32 for the loss under autocast (bf16 logits would round the
+    loss); otherwise as they are, so a float64 model keeps a float64 loss."""
+    return out.float() if autocast_dtype is not None else out
 
 
 @torch.no_grad()
@@ -113,7 +118,8 @@ def evaluate(
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
         with _autocast(x.device.type, autocast_dtype):
             out = model(xb)
-        loss += nn.functional.cross_entropy(out.float(), yb, reduction="sum").double()
+        logits = _logits_for_loss(out, autocast_dtype)
+        loss += nn.functional.cross_entropy(logits, yb, reduction="sum").double()
         correct += (out.argmax(1) == yb).sum()
     model.train(was_training)
     return {"loss": loss.item() / len(x), "acc": correct.item() / len(x)}
@@ -129,46 +135,110 @@ def train_epoch(
     | None = None,
     autocast_dtype: torch.dtype | None = None,
     on_batch: Callable[[int], None] | None = None,
+    scheduler=None,
 ) -> dict:
-    """One epoch of Adam steps on cross-entropy (+ ``extra_loss``, e.g. the
+    """One epoch of optimiser steps on cross-entropy (+ ``extra_loss``, e.g. the
     orthogonality penalty of Section 5) over ``batches`` (index tensors on ``x``'s
     device); returns running means.
 
     ``loss`` and ``acc`` are averaged over the training images seen (in training mode,
     as the batches went by), ``penalty`` is the mean extra loss per batch (0 without
-    one). Under ``autocast_dtype`` (e.g. ``torch.bfloat16`` on CUDA) the forward pass
-    runs in mixed precision; the extra loss is computed outside autocast, in the
-    parameters' precision. Host synchronisation happens once, at the end.
+    one), ``objective`` the mean of cross-entropy plus extra loss per image. Under
+    ``autocast_dtype`` (e.g. ``torch.bfloat16`` on CUDA) the forward pass runs in mixed
+    precision and the loss is computed from float32 logits; the extra loss is computed
+    outside autocast, in the parameters' precision. ``scheduler.step()`` (if given)
+    follows every optimiser step. Host synchronisation happens once, at the end.
     ``on_batch(i)`` is called after step ``i``.
     """
     model.train()
     dev = x.device
     total = torch.zeros((), dtype=torch.float64, device=dev)
+    objective = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.long, device=dev)
     pen = torch.zeros((), dtype=torch.float64, device=dev)
-    seen = 0
+    seen = n_batches = 0
     for i, idx in enumerate(batches):
         xb, yb = x[idx], y[idx]
         with _autocast(dev.type, autocast_dtype):
             out = model(xb)
-        loss = nn.functional.cross_entropy(out.float(), yb)
+        loss = nn.functional.cross_entropy(_logits_for_loss(out, autocast_dtype), yb)
         total += loss.detach().double() * len(idx)
         correct += (out.detach().argmax(1) == yb).sum()
         if extra_loss is not None:
             e = extra_loss(model, xb, yb)
             pen += e.detach().double()
             loss = loss + e
+        objective += loss.detach().double() * len(idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
         seen += len(idx)
+        n_batches += 1
         if on_batch is not None:
             on_batch(i)
     if seen == 0:
         raise ValueError("no batches to train on")
-    n_batches = i + 1
     return {
         "loss": total.item() / seen,
         "acc": correct.item() / seen,
         "penalty": pen.item() / n_batches,
+        "objective": objective.item() / seen,
     }
+
+
+# --------------------------------------------------------------------------------------
+# The authors' Adam: no bias correction, as a learning-rate factor on PyTorch's Adam
+
+
+def no_bias_correction_factor(k: int, betas=(0.9, 0.999)) -> float:
+    """The factor by which Adam without bias correction steps further than Adam, at its
+    step ``t = k + 1`` (``k`` steps taken): ``(1 - beta1^t) / sqrt(1 - beta2^t)``.
+
+    Adam (Kingma & Ba) divides its moment estimates by ``1 - beta^t``; the authors'
+    hand-written Adam for Section 5 does not, i.e. it steps ``lr m / (sqrt(v) + eps)``.
+    With the default betas the factor is 0.1 / sqrt(0.001) = 3.16 at step 1, peaks at
+    6.6 at step 12, and is 3.2 at step 100 and 1.26 at step 1000.
+    """
+    b1, b2 = betas
+    t = k + 1
+    return (1 - b1**t) / math.sqrt(1 - b2**t)
+
+
+class AdamWithoutBiasCorrection(torch.optim.lr_scheduler.LambdaLR):
+    """Make ``torch.optim.Adam`` step exactly as Adam without bias correction (the
+    authors' optimiser for Section 5): a ``LambdaLR`` whose factor is
+    :func:`no_bias_correction_factor`, and which also rescales ``eps``.
+
+    PyTorch's Adam steps ``lr/c1 m / (sqrt(v)/sqrt(c2) + eps)`` at step t, with ``c =
+    1 - beta^t``. With ``lr_t = lr c1 / sqrt(c2)`` and ``eps_t = eps / sqrt(c2)`` that
+    is ``lr m / (sqrt(v) + eps)``. Call :meth:`step` after every optimiser step (as
+    :func:`train_epoch` does); its state (in a checkpoint) restores both factors.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, last_epoch: int = -1):
+        groups = optimizer.param_groups
+        self.base_eps = [g.get("initial_eps", g["eps"]) for g in groups]
+        for g, eps in zip(groups, self.base_eps, strict=True):
+            g.setdefault("initial_eps", eps)
+        lambdas = [
+            partial(no_bias_correction_factor, betas=tuple(g["betas"])) for g in groups
+        ]
+        super().__init__(optimizer, lambdas, last_epoch)
+
+    def _set_eps(self):
+        for g, eps in zip(self.optimizer.param_groups, self.base_eps, strict=True):
+            _, b2 = g["betas"]
+            g["eps"] = eps / math.sqrt(1 - b2 ** (self.last_epoch + 1))
+
+    def step(self, epoch=None):
+        super().step(epoch)
+        self._set_eps()
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        groups = self.optimizer.param_groups
+        for g, lam, lr in zip(groups, self.lr_lambdas, self.base_lrs, strict=True):
+            g["lr"] = lr * lam(self.last_epoch)
+        self._set_eps()

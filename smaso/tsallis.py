@@ -35,12 +35,11 @@ hyper-parameter).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from .checks import as_beta, check_alpha, check_eta, check_float_tensor
 from .maso import apply_vq, check_params, scores
-from .vq import _as_beta, beta_select, beta_softmax, entropy
+from .vq import beta_select, beta_softmax, entropy, window_pool
 
 __all__ = [
     "HARD_SWISH_ETA",
@@ -61,28 +60,9 @@ __all__ = [
     "tsallis_vq_relu",
 ]
 
-#: The scale η (β = η / (1 + η) = 1/4) at which the Gini-VQ (α = 2) of the ReLU is hard-swish.
+#: The scale η (β = η / (1 + η) = 1/4) at which the Gini-VQ (α = 2) of the ReLU is
+#: hard-swish.
 HARD_SWISH_ETA = 1.0 / 3.0
-
-
-def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(
-            "alpha must be a Python number >= 1 (the Tsallis index), got "
-            f"{type(alpha).__name__}"
-        )
-    alpha = float(alpha)
-    if not math.isfinite(alpha) or alpha < 1:
-        raise ValueError(
-            "alpha must be a finite number >= 1 (alpha = 1: Shannon, 2: Gini), got "
-            f"{alpha}"
-        )
-    return alpha
-
-
-def _check_float_tensor(x, name):
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor")
 
 
 def tsallis_entropy(t: torch.Tensor, alpha: float = 2.0, dim: int = -1) -> torch.Tensor:
@@ -93,8 +73,8 @@ def tsallis_entropy(t: torch.Tensor, alpha: float = 2.0, dim: int = -1) -> torch
     sparsemax exactly. It is continuous in α at 1 and equals (1 − Σ t_r²)/2, half the
     Gini index, at α = 2.
     """
-    _check_float_tensor(t, "t")
-    alpha = _check_alpha(alpha)
+    check_float_tensor(t, "t")
+    alpha = check_alpha(alpha)
     if alpha == 1.0:
         return entropy(t, dim=dim)
     return (t - t.clamp(min=0) ** alpha).sum(dim=dim) / (alpha * (alpha - 1))
@@ -103,17 +83,20 @@ def tsallis_entropy(t: torch.Tensor, alpha: float = 2.0, dim: int = -1) -> torch
 def tsallis_objective(
     t: torch.Tensor, s: torch.Tensor, beta=0.5, alpha: float = 2.0
 ) -> torch.Tensor:
-    """The α-entropy VQ objective β <t, s> + (1 − β) H_α(t) of Eq. (T1) (Eq. 8 with H → H_α)."""
-    beta = _as_beta(beta, s)
+    """The α-entropy VQ objective β <t, s> + (1 − β) H_α(t) of Eq. (T1).
+
+    (Eq. 8 with H → H_α.)
+    """
+    beta = as_beta(beta, s)
     return beta * (t * s).sum(-1) + (1 - beta) * tsallis_entropy(t, alpha)
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # α-entmax: the maximiser of <t, u> + H_α(t) over the simplex (Eq. T2 with η s = u)
 
 
 def _sparsemax_last(x: torch.Tensor) -> torch.Tensor:
-    """Sparsemax along the last dim by sorting: t = [x − τ]_+ with τ = (Σ_{top k} x − 1)/k."""
+    """Sparsemax along the last dim by sorting: [x − τ]_+, τ = (Σ_{top k} x − 1)/k."""
     xs, _ = torch.sort(x, dim=-1, descending=True)
     k = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype, device=x.device)
     cums = xs.cumsum(-1)
@@ -196,8 +179,8 @@ def entmax(
     least one entry per slice must be finite); NaN or +inf are errors. In float32, α
     within ~1e-3 of 1 loses accuracy: use float64 or α = 1.
     """
-    _check_float_tensor(u, "u")
-    alpha = _check_alpha(alpha)
+    check_float_tensor(u, "u")
+    alpha = check_alpha(alpha)
     if torch.isnan(u).any() or (u == float("inf")).any():
         raise ValueError("entmax input contains NaN or +inf")
     if u.ndim == 0:
@@ -235,9 +218,9 @@ def entmax_kkt_residual(
     for α = 1), c_r = τ on the support and (α−1) u_r ≤ τ off it. Returns one number per
     slice; 0 means optimal. Independent of how ``t`` was computed.
     """
-    _check_float_tensor(t, "t")
-    _check_float_tensor(u, "u")
-    alpha = _check_alpha(alpha)
+    check_float_tensor(t, "t")
+    check_float_tensor(u, "u")
+    alpha = check_alpha(alpha)
     if t.shape != u.shape:
         raise ValueError(
             f"t and u must have the same shape, got {tuple(t.shape)} and "
@@ -256,7 +239,7 @@ def entmax_kkt_residual(
     return torch.maximum(feas, torch.maximum(on, off))
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # The α-entropy VQ of a MASO (Eq. T1/T2) and its output (Eq. 2)
 
 
@@ -271,12 +254,12 @@ def beta_entmax(
     uniform 1/R. ``beta`` broadcasts against ``s`` with ``dim`` removed. Gradients flow
     to ``s`` and β.
     """
-    _check_float_tensor(s, "s")
-    alpha = _check_alpha(alpha)
+    check_float_tensor(s, "s")
+    alpha = check_alpha(alpha)
     if alpha == 1.0:
         return beta_softmax(s, beta, dim=dim)
     soft = beta_select(s, beta, dim, lambda logits: entmax(logits, alpha, dim=dim))
-    b = _as_beta(beta, s)
+    b = as_beta(beta, s)
     b = b.unsqueeze(dim) if b.ndim else b
     if (
         b == 0
@@ -293,7 +276,7 @@ def tsallis_vq(A, B, z, beta, alpha: float = 2.0):
     sparsemax(η s). ``beta`` a number or (K,) tensor in [0, 1].
     """
     K, _, _ = check_params(A, B, z)
-    b = _as_beta(beta, A)
+    b = as_beta(beta, A)
     if b.ndim not in (0, 1) or (b.ndim == 1 and b.shape[0] != K):
         raise ValueError(
             f"beta must be a number or a tensor of shape (K,) = ({K},), got shape "
@@ -322,13 +305,13 @@ def scalar_tsallis_maso(
             f"{tuple(A.shape)}, {tuple(B.shape)}"
         )
     s = x.unsqueeze(-1) * A[0, :, 0].to(x) + B[0].to(x)
-    beta = _as_beta(beta, x)
+    beta = as_beta(beta, x)
     return (
         beta_entmax(s, beta.unsqueeze(-1) if beta.ndim else beta, alpha, dim=-1) * s
     ).sum(-1)
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Two regions: the α-sigmoid, and closed forms of the ReLU, leaky-ReLU and absolute
 # value
 
@@ -343,8 +326,8 @@ def tsallis_sigmoid(x: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
     d = clip(x/2, −1, 1), which is 0 for x ≤ −2 and 1 for x ≥ 2. Other α use
     :func:`entmax` on the pair.
     """
-    _check_float_tensor(x, "x")
-    alpha = _check_alpha(alpha)
+    check_float_tensor(x, "x")
+    alpha = check_alpha(alpha)
     if alpha == 1.0:
         return torch.sigmoid(x)
     if alpha == 2.0:
@@ -353,13 +336,6 @@ def tsallis_sigmoid(x: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
         d = (x / 2).clamp(-1, 1)
         return ((d + torch.sqrt(2 - d * d)) / 2) ** 2
     return entmax(torch.stack([x, torch.zeros_like(x)], -1), alpha)[..., 0]
-
-
-def _check_eta(eta, x):
-    eta = torch.as_tensor(eta, dtype=x.dtype, device=x.device)
-    if torch.isnan(eta).any() or (eta < 0).any():
-        raise ValueError("eta = beta / (1 - beta) must be >= 0 (beta in [0, 1))")
-    return eta
 
 
 def tsallis_vq_relu(
@@ -372,24 +348,25 @@ def tsallis_vq_relu(
     for x ≤ −1/η, x for x ≥ 1/η and (η x² + x)/2 between; at η = 1/3 (β = 1/4) this is
     hard-swish x · relu6(x + 3)/6 exactly. η → ∞ gives the ReLU, η = 0 the linear x/2.
     """
-    _check_float_tensor(x, "x")
-    return x * tsallis_sigmoid(_check_eta(eta, x) * x, alpha)
+    check_float_tensor(x, "x")
+    return x * tsallis_sigmoid(check_eta(eta, x) * x, alpha)
 
 
 def tsallis_vq_leaky_relu(
     x: torch.Tensor, eta=1.0, alpha: float = 2.0, negative_slope: float = 0.01
 ) -> torch.Tensor:
-    """α-entropy VQ of the leaky-ReLU MASO (pieces x, s x; s ≤ 1): s x + (1 − s) x · tsallis_sigmoid(η (1 − s) x)."""
-    _check_float_tensor(x, "x")
+    """α-entropy VQ of the leaky-ReLU MASO (pieces x, s x; s ≤ 1).
+
+    s x + (1 − s) x · tsallis_sigmoid(η (1 − s) x).
+    """
+    check_float_tensor(x, "x")
     if not negative_slope <= 1:
         raise ValueError(
             f"leaky-ReLU with negative_slope = {negative_slope} > 1 is concave, not a "
             "MASO"
         )
     s = negative_slope
-    return s * x + (1 - s) * x * tsallis_sigmoid(
-        _check_eta(eta, x) * (1 - s) * x, alpha
-    )
+    return s * x + (1 - s) * x * tsallis_sigmoid(check_eta(eta, x) * (1 - s) * x, alpha)
 
 
 def tsallis_vq_abs(x: torch.Tensor, eta=1.0, alpha: float = 2.0) -> torch.Tensor:
@@ -399,11 +376,11 @@ def tsallis_vq_abs(x: torch.Tensor, eta=1.0, alpha: float = 2.0) -> torch.Tensor
     α = 1: x · tanh(η x); α = 2: x · clip(2 η x, −1, 1), equal to 2 η x² for |x| ≤
     1/(2η) and |x| beyond.
     """
-    _check_float_tensor(x, "x")
-    return x * (2 * tsallis_sigmoid(2 * _check_eta(eta, x) * x, alpha) - 1)
+    check_float_tensor(x, "x")
+    return x * (2 * tsallis_sigmoid(2 * check_eta(eta, x) * x, alpha) - 1)
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Pooling: the α-entropy VQ of the max-pooling MASO (Proposition 4 with H → H_α)
 
 
@@ -417,8 +394,8 @@ def sparse_pool_closed_form(u: torch.Tensor, eta=1.0) -> torch.Tensor:
     (Σ_S u)²/|S|) + mean_S u. |S| = 1 gives the max, η → 0 the mean (average pooling).
     Written without :func:`sparsemax`.
     """
-    _check_float_tensor(u, "u")
-    eta = _check_eta(eta, u)
+    check_float_tensor(u, "u")
+    eta = check_eta(eta, u)
     if eta.ndim:
         eta = eta.unsqueeze(-1)
     us, _ = torch.sort(u, dim=-1, descending=True)
@@ -432,10 +409,6 @@ def sparse_pool_closed_form(u: torch.Tensor, eta=1.0) -> torch.Tensor:
     return (m + eta * n * var).squeeze(-1)
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
 def tsallis_pool2d(
     x: torch.Tensor, eta=1.0, alpha: float = 2.0, kernel_size=2, stride=None, padding=0
 ) -> torch.Tensor:
@@ -447,12 +420,8 @@ def tsallis_pool2d(
     pooling (see :func:`sparse_pool_closed_form`). ``eta`` a number or a (C,) tensor;
     zero-padding positions are excluded from the window, as max-pooling excludes them.
     """
-    _check_float_tensor(x, "x")
-    alpha = _check_alpha(alpha)
-    from .activations import (
-        window_pool,
-    )  # smaso.activations imports this module at load time
-
+    check_float_tensor(x, "x")
+    alpha = check_alpha(alpha)
     return window_pool(
         x,
         eta,

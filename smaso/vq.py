@@ -19,7 +19,9 @@ is a number or a tensor of shape () or (K,) (one β per unit).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from .checks import as_beta, as_pair, check_eta
 from .maso import apply_vq, check_params, scores
 
 __all__ = [
@@ -34,20 +36,8 @@ __all__ = [
     "soft_maso",
     "soft_vq",
     "vq_objective",
+    "window_pool",
 ]
-
-
-def _as_beta(beta, like: torch.Tensor) -> torch.Tensor:
-    """β as a tensor in ``like``'s dtype/device, checked to lie in [0, 1]."""
-    if isinstance(beta, bool) or not isinstance(beta, (int, float, torch.Tensor)):
-        raise TypeError(f"beta must be a number or a tensor, got {type(beta).__name__}")
-    beta = torch.as_tensor(beta, dtype=like.dtype, device=like.device)
-    if torch.isnan(beta).any() or (beta < 0).any() or (beta > 1).any():
-        bad = beta[torch.isnan(beta) | (beta < 0) | (beta > 1)]
-        raise ValueError(
-            f"beta must lie in [0, 1] (Eq. 8), got {bad.flatten()[:4].tolist()}"
-        )
-    return beta
 
 
 def eta_from_beta(beta):
@@ -57,13 +47,15 @@ def eta_from_beta(beta):
         if isinstance(beta, torch.Tensor)
         else torch.empty((), dtype=torch.get_default_dtype())
     )
-    beta = _as_beta(beta, like)
+    beta = as_beta(beta, like)
     return beta / (1 - beta)
 
 
 def beta_from_eta(eta):
-    """β = η / (1 + η), the inverse of :func:`eta_from_beta` (η ≥ 0, η = inf gives β =
-    1)."""
+    """β = η / (1 + η), the inverse of :func:`eta_from_beta`.
+
+    η ≥ 0; η = inf gives β = 1.
+    """
     eta = torch.as_tensor(
         eta,
         dtype=eta.dtype if isinstance(eta, torch.Tensor) else torch.get_default_dtype(),
@@ -104,7 +96,7 @@ def beta_select(s: torch.Tensor, beta, dim: int, weights) -> torch.Tensor:
         raise TypeError("s must be a floating-point tensor of scores")
     if not torch.isfinite(s).all():
         raise ValueError("scores contain NaN or inf")
-    beta = _as_beta(beta, s)
+    beta = as_beta(beta, s)
     if beta.ndim:
         beta = beta.unsqueeze(dim)
     hard = beta == 1
@@ -119,6 +111,62 @@ def beta_select(s: torch.Tensor, beta, dim: int, weights) -> torch.Tensor:
         limit = top.to(s.dtype) / top.sum(dim=dim, keepdim=True)
         soft = torch.where(hard, limit, soft)
     return soft
+
+
+def window_pool(
+    x: torch.Tensor,
+    eta,
+    kernel_size,
+    stride,
+    padding,
+    weights,
+    name: str = "window_pool",
+) -> torch.Tensor:
+    """Σ_i w_i u_i over each pooling window of (N, C, H, W) ``x``, with w =
+    ``weights``(η u) along dim 2.
+
+    The shared body of the VQ poolings (the VQ of a max-pooling MASO, whose pieces are
+    the window's entries): softmax weights give
+    :func:`smaso.activations.beta_softmax_pool2d`, α-entmax
+    weights :func:`smaso.tsallis.tsallis_pool2d`. Zero-padding positions get logit −inf
+    (weight 0), so they are excluded from the window, as max-pooling excludes them.
+    ``eta`` a number or a (C,) tensor.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"{name} expects (N, C, H, W), got shape {tuple(x.shape)}")
+    eta = check_eta(eta, x)
+    if eta.ndim == 1:
+        if eta.shape[0] != x.shape[1]:
+            raise ValueError(
+                f"eta has {eta.shape[0]} entries but x has {x.shape[1]} channels"
+            )
+        eta = eta.view(1, -1, 1, 1)  # one per channel, broadcast over the windows
+    elif eta.ndim != 0:
+        raise ValueError(
+            f"eta must be a number or a (C,) tensor, got shape {tuple(eta.shape)}"
+        )
+    (kh, kw), (ph, pw) = as_pair(kernel_size), as_pair(padding)
+    sh, sw = as_pair(stride if stride is not None else kernel_size)
+    N, C, H, W = x.shape
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(
+            f"kernel {kh}x{kw} does not fit a {H}x{W} input with padding {padding}"
+        )
+    u = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw)).view(
+        N, C, kh * kw, Ho * Wo
+    )
+    valid = (
+        F.unfold(
+            torch.ones(1, 1, H, W, dtype=x.dtype, device=x.device),
+            (kh, kw),
+            padding=(ph, pw),
+            stride=(sh, sw),
+        ).view(1, 1, kh * kw, Ho * Wo)
+        > 0
+    )
+    w = weights((eta * u).masked_fill(~valid, float("-inf")))
+    return (w * u.masked_fill(~valid, 0.0)).sum(2).view(N, C, Ho, Wo)
 
 
 def soft_vq(A, B, z):
@@ -138,7 +186,7 @@ def beta_vq(A, B, z, beta):
     β = 1: hard VQ (ties split evenly); β = ½: soft VQ (Eq. 6); β = 0: uniform 1/R.
     """
     K, _, _ = check_params(A, B, z)
-    beta = _as_beta(beta, A)
+    beta = as_beta(beta, A)
     if beta.ndim not in (0, 1) or (beta.ndim == 1 and beta.shape[0] != K):
         raise ValueError(
             f"beta must be a number or a tensor of shape (K,) = ({K},), got shape "
@@ -148,20 +196,23 @@ def beta_vq(A, B, z, beta):
 
 
 def soft_maso(A, B, z):
-    """MASO output under soft VQ: Eq. (2) with T = T_S (Section 3.4; ReLU gives SiLU,
-    Prop. 3)."""
+    """MASO output under soft VQ: Eq. (2) with T = T_S.
+
+    Section 3.4; the ReLU gives the SiLU, Prop. 3.
+    """
     return apply_vq(A, B, z, soft_vq(A, B, z))
 
 
 def beta_maso(A, B, z, beta):
-    """MASO output under β-VQ: Eq. (2) with T = T_β (Section 4; ReLU gives swish, Prop.
-    7)."""
+    """MASO output under β-VQ: Eq. (2) with T = T_β.
+
+    Section 4; the ReLU gives swish, Prop. 7.
+    """
     return apply_vq(A, B, z, beta_vq(A, B, z, beta))
 
 
 def entropy(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Shannon entropy H(t) = −Σ_r t_r log t_r along ``dim`` (0 log 0 = 0), as in Eq.
-    (7)–(8)."""
+    """Shannon entropy H(t) = −Σ_r t_r log t_r along ``dim`` (0 log 0 = 0), Eq. 7–8."""
     return -torch.special.xlogy(t, t).sum(dim=dim)
 
 
@@ -170,7 +221,7 @@ def vq_objective(t: torch.Tensor, s: torch.Tensor, beta=0.5) -> torch.Tensor:
 
     At β = ½ it is half of Eq. (7), <t, s> + H(t), so both have the same maximiser.
     """
-    beta = _as_beta(beta, s)
+    beta = as_beta(beta, s)
     return beta * (t * s).sum(-1) + (1 - beta) * entropy(t)
 
 
@@ -186,7 +237,7 @@ def maximise_on_simplex(
     shrinks by a factor ``1 − step_size`` per step). Used to check Proposition 2 and
     Theorem 3 (the closed forms are the optima). For 0 ≤ β < 1 and 0 < step_size < 2.
     """
-    beta = _as_beta(beta, s)
+    beta = as_beta(beta, s)
     if (beta >= 1).any():
         raise ValueError(
             "maximise_on_simplex needs beta < 1 (at beta = 1 the maximiser is the "

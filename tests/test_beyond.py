@@ -1,6 +1,8 @@
-"""Tests of the "Beyond the paper" activations (BetaVQMaxout, TsallisVQReLU) and of experiments/beyond.py."""
+"""Tests of the "Beyond the paper" activations (BetaVQMaxout, TsallisVQReLU) and of
+the activation study (smaso.experiment.activation_study)."""
 
-import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,22 +17,13 @@ from smaso.activations import (
     scalar_beta_maso,
 )
 from smaso.data import TensorData
+from smaso.experiment import activation_study as beyond
+from smaso.experiment import write_json_atomic
+from smaso.models import study_cnn
 from smaso.tsallis import scalar_tsallis_maso
 
 ROOT = Path(__file__).resolve().parents[1]
 D64 = torch.float64
-
-
-def _load_beyond():
-    spec = importlib.util.spec_from_file_location(
-        "beyond_study", ROOT / "experiments" / "beyond.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-beyond = _load_beyond()
 
 
 def _maxout(C=3, R=4, alpha=1.0, seed=0):
@@ -43,7 +36,7 @@ def _maxout(C=3, R=4, alpha=1.0, seed=0):
     return m
 
 
-# ------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # BetaVQMaxout
 
 
@@ -134,7 +127,7 @@ def test_maxout_wrong_channels():
         BetaVQMaxout(3)(torch.randn(2, 4, 5))
 
 
-# ------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # TsallisVQReLU
 
 
@@ -163,19 +156,19 @@ def test_tsallis_relu_gradcheck_and_errors():
     assert "alpha=2.0" in repr(TsallisVQReLU())
 
 
-# ------------------------------------------------------------------------------------------
-# experiments/beyond.py
+# --------------------------------------------------------------------------------------
+# the activation study
 
 
 def test_every_arm_builds_and_runs():
     x = torch.randn(2, 1, 8, 8)
     for arm in beyond.ARMS:
-        model = beyond.small_cnn(arm, 1, 10)
+        model = study_cnn(10, 1, arm)
         assert model(x).shape == (2, 10)
         n_beta = len(beyond.beta_layers(model))
         assert n_beta == (0 if arm in ("relu", "silu", "hardswish") else 3), arm
-    with pytest.raises(ValueError, match="unknown arm"):
-        beyond.small_cnn("tanh", 1, 10)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        study_cnn(10, 1, "tanh")
     with pytest.raises(ValueError, match="unknown dataset"):
         beyond.config_of("mnist", "relu", 0)
 
@@ -207,7 +200,7 @@ def test_results_are_written_atomically_and_never_overwritten(tmp_path, capsys):
     config = beyond.config_of("digits", "relu", 0)
     path = beyond.result_path(tmp_path, "digits", "relu", 0)
     assert beyond.existing_status(path, config) == "missing"
-    beyond.write_atomic(path, {"config": config, "result": {"test_acc": 0.5}})
+    write_json_atomic(path, {"config": config, "result": {"test_acc": 0.5}})
     assert beyond.existing_status(path, config) == "same"
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
     # a stored run with the same config is skipped (no training happens: the file is
@@ -232,7 +225,9 @@ def test_results_are_written_atomically_and_never_overwritten(tmp_path, capsys):
     assert path.read_text() == before and "skipped" in capsys.readouterr().out
     # a different stored result is refused without --force
     other = dict(config, lr=1.0)
-    beyond.write_atomic(path, {"config": other, "result": {"test_acc": 0.1}})
+    write_json_atomic(
+        path, {"config": other, "result": {"test_acc": 0.1}}, overwrite=True
+    )
     assert beyond.existing_status(path, config) == "different"
     before = path.read_text()
     assert (
@@ -288,3 +283,17 @@ def test_committed_results_are_consistent():
         seen.setdefault((c["dataset"], c["arm"]), set()).add(c["seed"])
     for key, seeds in seen.items():
         assert len(seeds) >= 3, key
+
+
+def test_the_old_script_path_still_runs_the_study():
+    """experiments/beyond.py is a shim over the package's study (same results)."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "beyond.py"), "summary"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "digits   swish" in out.stdout

@@ -1,6 +1,6 @@
-"""Tests for the command line ``python -m smaso run | sweep table2 | table`` (called
-in-process; the
-module entry point itself runs in tests/test_experiment.py::test_a_real_kill_leaves_a_readable_checkpoint)."""
+"""Tests for the command line ``python -m smaso run | sweep table2 | submit | table |
+download`` (called in-process; the module entry point itself runs in
+tests/test_experiment.py::test_a_real_kill_leaves_a_readable_checkpoint)."""
 
 import json
 
@@ -160,3 +160,25 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys, monkeypatch):
     assert main(["table", str(tmp_path / "absent")]) == 2
     with pytest.raises(SystemExit):
         main(["sweep", "table2", "--seeds", "a,b", "--out", str(tmp_path)])
+
+
+def test_submit_builds_one_task_per_unfinished_run(tmp_path, capsys):
+    """``submit table2`` through submitit's in-process debug executor: one job per run
+    not yet finished (the job array itself is tested in tests/test_cluster.py)."""
+    pytest.importorskip("submitit")
+    args = [a if a != "sweep" else "submit" for a in SWEEP]
+    out = ["--out", str(tmp_path), "--cluster", "debug"]
+    assert main([*args, *out, "--no-exact", "--lrs", "1e-3"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("table2: 2 runs, 2 submitted")
+
+
+def test_help_comes_from_the_config_fields(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    from smaso.experiment.config import config_fields
+
+    for f in config_fields():
+        assert "--" + f.name.replace("_", "-") in text
+    assert "penalty weight lambda (paper: 1) (default: 1.0)" in " ".join(text.split())

@@ -1,11 +1,25 @@
 """Tests for smaso.models: the largeCNN of Appendix D."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from smaso.activations import BetaVQReLU, SoftplusSwish
+from smaso.filters import register_filters
 from smaso.layers import Abs
-from smaso.models import large_cnn, num_parameters
+from smaso.models import (
+    ACTIVATIONS,
+    MODELS,
+    build,
+    large_cnn,
+    large_cnn_code,
+    num_parameters,
+    small_cnn,
+    study_cnn,
+)
 from smaso.orthogonal import orthogonal_layers, register_orthogonal
 
 # (in, out, kernel, stride, padding) of the nine convolutions listed in Appendix D
@@ -79,17 +93,13 @@ def test_large_cnn_bad_arguments():
         large_cnn(in_channels=2.5)
     with pytest.raises(TypeError, match="activation"):
         large_cnn(activation=torch.relu)
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         num_parameters("model")
 
 
 # ------------------------------------------------------------------ the authors' code:
 # smallCNN, largeCNN
 
-from torch.nn.utils import parametrize
-
-from smaso.activations import BetaVQReLU
-from smaso.models import ORTHOGONALITY, extra_loss, large_cnn_code, small_cnn
 
 # (in, out, kernel, padding) of the convolutions, and whether a 2x2 max-pool follows
 SMALL = {
@@ -196,12 +206,12 @@ def test_large_cnn_code_matches_the_authors_code(version):
 
 
 def test_version_2_is_the_one_gram_schmidt_can_orthogonalise():
-    for build in (small_cnn, large_cnn_code):
+    for make in (small_cnn, large_cnn_code):
         register_orthogonal(
-            build(version=2), "gs", tall="error"
+            make(version=2), "gs", tall="error"
         )  # every layer: out <= fan_in
         with pytest.raises(ValueError, match="cannot be mutually orthogonal"):
-            register_orthogonal(build(version=1), "qr", tall="error")
+            register_orthogonal(make(version=1), "qr", tall="error")
 
 
 def test_activation_and_orthogonality_options():
@@ -215,40 +225,83 @@ def test_activation_and_orthogonality_options():
         betas[0].eta, torch.ones(32)
     )  # starts at the SiLU (beta = 1/2)
     assert any(isinstance(a, nn.SiLU) for a in small_cnn(activation="silu"))
-    assert extra_loss(small_cnn()) is None
-    pen = small_cnn(orthogonality="filters", lam=0.5)
-    x, y = torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long)
-    from smaso.orthogonal import filter_penalty
-
-    assert torch.allclose(extra_loss(pen)(pen, x, y), 0.5 * filter_penalty(pen))
-    assert extra_loss(small_cnn(orthogonality="templates"))(pen, x, y).ndim == 0
-    ex = large_cnn_code(version=2, orthogonality="qr", activation="swish")
-    layers = orthogonal_layers(ex)
+    ex = large_cnn_code(version=2, activation="swish")
+    layers = register_filters(ex, "qr")
     assert len(layers) == 9 and all(
         parametrize.is_parametrized(m, "weight") for m in layers
     )
-    assert extra_loss(ex) is None
     for m in layers:
         F = m.weight.detach().reshape(m.weight.shape[0], -1)
         assert (F @ F.T - torch.eye(F.shape[0])).abs().max() < 1e-5
-    assert set(ORTHOGONALITY) == {
-        "none",
-        "filters",
-        "filters_normalized",
-        "templates",
-        "qr",
-        "gs",
-        "mgs",
-    }
+    # the authors' exact run leaves the dense layer as it is
+    ex2 = large_cnn_code(version=2)
+    assert len(register_filters(ex2, "gs-unnormalised", dense=False)) == 8
+    assert not parametrize.is_parametrized(ex2[-1], "weight")
+
+
+D64 = torch.float64
+
+
+def test_authors_swish_is_softplus_parametrised():
+    torch.manual_seed(0)
+    m = small_cnn(activation="swish-softplus")
+    acts = [a for a in m if isinstance(a, SoftplusSwish)]
+    assert [a.rho.numel() for a in acts] == [32, 64, 128]
+    eta0 = math.log1p(math.exp(0.5))  # softplus(0.5) = 0.974...
+    assert torch.allclose(acts[0].eta.double(), torch.full((32,), eta0, dtype=D64))
+    x = torch.randn(4, 32, 5, 5, dtype=D64)
+    a = acts[0].double()
+    assert torch.allclose(a(x), x * torch.sigmoid(eta0 * x))  # x sigmoid(eta x)
+    assert abs(float(a.beta[0].detach()) - eta0 / (1 + eta0)) < 1e-12
+
+
+def test_authors_v1_last_conv_has_no_batch_norm_and_a_bias():
+    base = large_cnn_code()
+    conv = [m for m in base if isinstance(m, nn.Conv2d)]
+    assert isinstance(base[list(base).index(conv[-1]) + 1], nn.BatchNorm2d)
+    authors = large_cnn_code(bn_last=False, conv_bias=False)
+    mods = list(authors)
+    convs = [m for m in mods if isinstance(m, nn.Conv2d)]
+    last = mods.index(convs[-1])
+    assert isinstance(mods[last + 1], nn.ReLU)  # straight to the activation
+    assert convs[-1].bias is not None  # nothing after it removes a shift
+    assert all(c.bias is None for c in convs[:-1])  # batch norm follows those
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in mods) == 7
+    # no redundant bias: 7 x (bias) fewer conv parameters, 192 fewer BN ones, +192 bias
+    n_base, n = num_parameters(base), num_parameters(authors)
+    redundant = sum(c.out_channels for c in convs[:-1])
+    assert n_base - n == redundant + 2 * 192 - 0
+    # a bias before batch norm changes nothing the network computes (training mode)
+    torch.manual_seed(0)
+    a, b = large_cnn_code(version=2), large_cnn_code(version=2, conv_bias=False)
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if k in b.state_dict()})
+    with torch.no_grad():
+        for m in a:
+            if isinstance(m, nn.Conv2d):
+                m.bias.uniform_(-1, 1)
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.allclose(a(x), b(x), atol=1e-4)
+
+
+def test_registries_build_every_network():
+    x = torch.randn(2, 3, 32, 32)
+    for name in MODELS:
+        for act in ("relu", "swish"):
+            torch.manual_seed(0)
+            assert build(name, 10, 3, act, bn_momentum=0.1).eval()(x).shape == (2, 10)
+    assert set(ACTIVATIONS) >= {"relu", "silu", "swish", "swish-softplus"}
+    with pytest.raises(ValueError, match="model"):
+        build("resnet", 10, 3)
+    # the study's network: PyTorch's initialisation, no batch norm
+    m = study_cnn(10, 1)
+    assert not any(isinstance(a, nn.BatchNorm2d) for a in m)
 
 
 def test_code_models_bad_arguments():
     with pytest.raises(ValueError, match="version"):
         small_cnn(version=3)
-    with pytest.raises(ValueError, match="orthogonality"):
-        large_cnn_code(orthogonality="svd")
-    with pytest.raises(ValueError, match="lam"):
-        small_cnn(orthogonality="filters", lam=-1.0)
+    with pytest.raises(ValueError, match="method"):
+        register_filters(large_cnn_code(), "svd")
     with pytest.raises(ValueError, match="activation"):
         small_cnn(activation="tanh")
     with pytest.raises(ValueError, match="bn_momentum"):

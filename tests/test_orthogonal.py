@@ -317,3 +317,23 @@ def test_bad_inputs():
         register_orthogonal(torch.randn(2, 2))
     with pytest.raises(ValueError, match="\\(N, C\\) outputs"):
         input_templates(nn.Identity(), torch.randn(2, 1, 3))
+
+
+@pytest.mark.parametrize("method", ["gs", "mgs"])
+def test_orthogonal_under_bf16_autocast(method):
+    """Under autocast the parametrisation runs in full precision: a layer stays
+    orthogonal to float32 rounding. (Its Gram-Schmidt matmuls in bf16 would leave the
+    filters orthogonal only to ~1e-3, and the check below shows that they would.)"""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 64, 5)  # 64 filters in R^75, as the exact row's first layer
+    register_orthogonal(conv, method)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        W = conv.weight
+        raw = orthogonalize(conv.parametrizations.weight.original, method)
+        out = conv(torch.randn(2, 3, 9, 9))
+    assert out.dtype == torch.bfloat16  # the layer itself does run under autocast
+    F = filter_matrix(W.detach()).double()
+    assert W.dtype == torch.float32
+    assert (F @ F.T - torch.eye(64, dtype=F64)).abs().max() <= 1e-5
+    G = filter_matrix(raw.detach()).double()
+    assert (G @ G.T - torch.eye(64, dtype=F64)).abs().max() > 1e-4

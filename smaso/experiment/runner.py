@@ -1,0 +1,607 @@
+"""One run of the Section 5 experiment, resumable: :func:`run` and the pieces it is made
+of (the network, the loss, the optimiser of a :class:`~smaso.experiment.RunConfig`).
+
+:func:`run` trains one configuration with the loop of :mod:`smaso.train`, writes a
+checkpoint after every epoch (model, optimiser, history; atomically) and resumes from it
+after a kill, losing at most the epoch in progress. At the end it writes one results
+JSON (config, seed, metrics per epoch, wall time, device, effective precision, torch
+version, git commit) atomically, and never overwrites an existing one: a finished run is
+skipped, a clash is an error. A claim file keeps a second process off the run while it
+trains.
+
+Numbers reported per run (as the authors' plots): the test accuracy averaged over the
+last three epochs (``final_test_acc``) and the best epoch's (``best_test_acc``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .. import __version__
+from ..checks import positive_int
+from ..data import DATASETS, TensorData, epoch_batches, load
+from ..filters import EXACT, register_filters
+from ..models import build, num_parameters
+from ..orthogonal import PENALTIES, filter_matrix, orthogonal_layers, penalty_loss
+from ..train import AdamWithoutBiasCorrection, evaluate, train_epoch
+from .config import DTYPES, RunConfig
+from .store import (
+    CHECKPOINT_FORMAT,
+    RESULT_FORMAT,
+    CheckpointError,
+    ResultsError,
+    checkpoint_path,
+    claim,
+    cpu_name,
+    failed_path,
+    git_commit,
+    load_checkpoint,
+    load_result,
+    model_path,
+    now,
+    result_path,
+    save_torch_atomic,
+    write_json_atomic,
+)
+
+__all__ = [
+    "RunClaimedError",
+    "Runtime",
+    "build_loss",
+    "build_model",
+    "build_optimizer",
+    "data_key",
+    "effective_precision",
+    "filters_cos2",
+    "load_data",
+    "load_trained_model",
+    "orthogonality_error",
+    "resolve_device",
+    "run",
+    "runtime_fields",
+]
+
+
+class RunClaimedError(RuntimeError):
+    """Another process is training this run now (its claim file is fresh)."""
+
+
+def _opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a run executes; none of it changes the run's numbers (the
+    precision it resolves to is recorded with the results). The CLI's runtime options
+    are these fields."""
+
+    data_root: str | None = _opt(
+        None, "folder holding the torchvision datasets (default: $SMASO_DATA, ./data)"
+    )
+    download: bool = _opt(False, "let torchvision download missing datasets")
+    subset_path: str | None = _opt(
+        None, "cifar10-subset.npz (default: $SMASO_CIFAR10_SUBSET or ../shared/data)"
+    )
+    device: str = _opt("auto", "auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    threads: int | None = _opt(None, "torch CPU threads")
+    save_model: bool = _opt(True, "keep the trained weights (OUT/models/RUN_ID.pt)")
+    stale_after: float = _opt(
+        7200.0, "seconds after which a silent claim on a run is taken over"
+    )
+
+    def __post_init__(self):
+        if self.threads is not None:
+            positive_int("threads", self.threads)
+
+
+# --------------------------------------------------------------------------------------
+# what a config builds
+
+
+def build_model(config: RunConfig, in_channels: int, num_classes: int) -> nn.Module:
+    """The network of ``config``, seeded by ``config.seed``: the model of
+    :data:`smaso.models.MODELS` with its activation and structural options, then its
+    filters made exactly orthogonal and/or apodised if the config asks for it
+    (:func:`smaso.filters.register_filters`)."""
+    torch.manual_seed(config.seed)
+    model = build(
+        config.model,
+        num_classes,
+        in_channels,
+        config.activation,
+        bn_momentum=config.bn_momentum,
+        conv_bias=config.conv_bias,
+        bn_last=config.bn_last,
+    )
+    method = config.orthogonality if config.orthogonality in EXACT else "none"
+    register_filters(model, method, config.apodize, config.orthogonal_dense)
+    return model
+
+
+def build_loss(config: RunConfig):
+    """The extra loss term of ``config``: ``lam`` times its orthogonality penalty
+    (Section 5; :func:`smaso.orthogonal.penalty_loss`), or None."""
+    if config.orthogonality in PENALTIES:
+        return penalty_loss(config.orthogonality, config.lam)
+    return None
+
+
+def build_optimizer(config: RunConfig, model: nn.Module):
+    """(optimiser, per-step scheduler or None): Adam at ``config.lr``; the authors'
+    Adam without bias correction is PyTorch's with
+    :class:`smaso.train.AdamWithoutBiasCorrection`."""
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    if config.optimizer == "adam-no-bias-correction":
+        return opt, AdamWithoutBiasCorrection(opt)
+    return opt, None
+
+
+def resolve_device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def effective_precision(config: RunConfig, device: torch.device) -> str:
+    """What ``config.precision`` means on ``device``: "bf16-autocast" (bf16 autocast,
+    the parameters in ``config.dtype``) or the dtype itself ("float32", "float64")."""
+    cuda = device.type == "cuda"
+    if config.precision == "bf16" or (config.precision == "auto" and cuda):
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"bf16 autocast is not supported on {device}")
+        return "bf16-autocast"
+    return config.dtype
+
+
+# --------------------------------------------------------------------------------------
+# measurements
+
+
+def _orthogonal_layers(model, parametrised_only):
+    layers = orthogonal_layers(model)
+    if parametrised_only:
+        layers = [m for m in layers if parametrize.is_parametrized(m, "weight")]
+    return layers
+
+
+@torch.no_grad()
+def filters_cos2(model: nn.Module) -> list[float]:
+    """Per Linear/Conv2d layer, the mean squared cosine between distinct filters: 0 when
+    the filters are orthogonal (Eq. 11), what the penalty of Section 5 drives down."""
+    out = []
+    for m in orthogonal_layers(model):
+        F = filter_matrix(m.weight.detach()).double()
+        n = F.norm(dim=1, keepdim=True)
+        F = F / torch.where(n > 0, n, torch.ones_like(n))
+        G = (F @ F.T) ** 2
+        k = G.shape[0]
+        out.append(float((G.sum() - G.diagonal().sum()) / max(k * (k - 1), 1)))
+    return out
+
+
+@torch.no_grad()
+def orthogonality_error(
+    model: nn.Module, parametrised_only: bool = False, normalized: bool = False
+) -> float:
+    """Largest ``|G - I|`` over the Linear/Conv2d layers (``parametrised_only``: those
+    with an exact parametrisation), ``G`` the Gram matrix of the filters (rows of
+    :func:`smaso.orthogonal.filter_matrix`; of its columns when a layer has more filters
+    than inputs). ~1e-6 in float32 for an exactly orthogonal layer (Eq. 11).
+    ``normalized``: of the unit vectors, for filters orthogonal but not of norm 1 (the
+    authors' unnormalised Gram-Schmidt)."""
+    err = 0.0
+    for m in _orthogonal_layers(model, parametrised_only):
+        F = filter_matrix(m.weight.detach()).double()
+        if F.shape[0] > F.shape[1]:
+            F = F.T
+        if normalized:
+            F = F / F.norm(dim=1, keepdim=True)
+        G = F @ F.T
+        eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+        err = max(err, float((G - eye).abs().max()))
+    return err
+
+
+def _learned_eta(model) -> list[torch.Tensor]:
+    """η of the activations with a learnable β (ρ a trainable parameter)."""
+    return [
+        m.eta.detach().flatten().double().cpu()
+        for m in model.modules()
+        if isinstance(getattr(m, "rho", None), nn.Parameter) and m.rho.requires_grad
+    ]
+
+
+def _summary(history):
+    acc = [r["test_acc"] for r in history]
+    return {
+        "final_test_acc": float(np.mean(acc[-3:])),
+        "best_test_acc": float(max(acc)),
+        "last_test_acc": float(acc[-1]),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# the steps of a run
+
+
+def data_key(config: RunConfig) -> tuple:
+    """The config fields the loaded data depends on (a sweep loads each once)."""
+    return (
+        config.dataset,
+        config.preprocess,
+        config.dtype,
+        config.upsample,
+        config.limit_train,
+        config.limit_test,
+    )
+
+
+def load_data(config: RunConfig, device, rt: Runtime) -> TensorData:
+    return load(
+        config.dataset,
+        rt.data_root,
+        preprocess=config.preprocess,
+        download=rt.download,
+        dtype=DTYPES[config.dtype],
+        device=device,
+        upsample=config.upsample,
+        subset_path=rt.subset_path,
+        limit_train=config.limit_train,
+        limit_test=config.limit_test,
+    )
+
+
+def _finished(config: RunConfig, out_dir, log) -> dict | None:
+    """The stored results of ``config`` if it has finished (else None); a results file
+    of another configuration under its name is an error."""
+    res_file = result_path(out_dir, config)
+    if not res_file.exists():
+        return None
+    r = load_result(res_file)
+    if r["config"] != config.to_dict():
+        raise ResultsError(
+            f"{res_file} holds another configuration than {config.run_id()}; it was "
+            "left in place"
+        )
+    if log:
+        log(f"{config.run_id()}: finished already ({res_file}), skipped")
+    return r
+
+
+@contextlib.contextmanager
+def _threads(n):
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _claimed(config, out_dir, rt):
+    held = claim(out_dir, config, rt.stale_after)
+    if held is None:
+        raise RunClaimedError(
+            f"{config.run_id()} is being trained by another process (claim file in "
+            f"{out_dir}/claims); skipped"
+        )
+    return held
+
+
+def _prepare_data(config, data, device, rt) -> TensorData:
+    data = load_data(config, device, rt) if data is None else data.to(device)
+    expected = DATASETS[config.dataset].num_classes
+    if data.num_classes != expected:
+        raise ValueError(
+            f"data has {data.num_classes} classes, {config.dataset} has {expected}"
+        )
+    return data
+
+
+def _place(model, data, config, device):
+    """Model and images in the config's dtype on ``device`` (channels-last on CUDA)."""
+    dtype = DTYPES[config.dtype]
+    model = model.to(device, dtype)
+    x_train, x_test = data.x_train.to(dtype), data.x_test.to(dtype)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        x_train = x_train.contiguous(memory_format=torch.channels_last)
+        x_test = x_test.contiguous(memory_format=torch.channels_last)
+    return model, x_train, x_test
+
+
+@dataclass
+class _State:
+    history: list = field(default_factory=list)
+    start: int = 0
+    wall_before: float = 0.0
+    resumes: list = field(default_factory=list)
+    started: str = field(default_factory=now)
+
+
+def _resume(config, out_dir, model, opt, sched, precision, device, say) -> _State:
+    """The state after the last finished epoch of the checkpoint, if there is one,
+    loaded into ``model``, ``opt`` and ``sched``; refused if the checkpoint belongs to
+    another configuration, or was trained under another precision or device type."""
+    file = checkpoint_path(out_dir, config)
+    if not file.exists():
+        return _State()
+    state = load_checkpoint(file)
+    rid = config.run_id()
+    try:
+        same = RunConfig.from_dict(state.get("config")) == config
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise CheckpointError(
+            f"checkpoint {file} belongs to another configuration than {rid}; it was "
+            "left in place"
+        )
+    was = (state.get("precision"), state.get("device_type"))
+    if was != (precision, device.type):
+        raise CheckpointError(
+            f"checkpoint {file} was trained in {was[0]} on {was[1]}; resuming it in "
+            f"{precision} on {device.type} would mix two precisions in one run. Resume "
+            "it where it ran (--device / --precision), or move the checkpoint away to "
+            "restart the run."
+        )
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {file} does not fit run {rid} ({e}); it was left in place"
+        ) from None
+    start = int(state["epoch"])
+    say(f"{rid}: resuming after epoch {start} from {file}")
+    return _State(
+        list(state["history"]),
+        start,
+        float(state["wall_s"]),
+        [*state["resumes"], start],
+        state["started"],
+    )
+
+
+def _epoch(
+    config, epoch, model, opt, sched, extra, autocast, x, y, x_test, y_test, on_batch
+):
+    """Train one epoch and measure the model: the epoch's record."""
+    t0 = time.perf_counter()
+    batches = epoch_batches(
+        y,
+        config.batch_size,
+        config.seed,
+        epoch,
+        config.balanced,
+        DATASETS[config.dataset].num_classes,
+    )
+    tr = train_epoch(model, opt, x, y, batches, extra, autocast, on_batch, sched)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    train_s = time.perf_counter() - t0
+    if not math.isfinite(tr["loss"]):
+        raise FloatingPointError(
+            f"{config.run_id()}: training loss {tr['loss']} in epoch {epoch + 1}: the "
+            "run diverged"
+        )
+    te = evaluate(model, x_test, y_test, autocast_dtype=autocast)
+    rec = {
+        "epoch": epoch + 1,
+        "train_loss": tr["loss"],
+        "train_acc": tr["acc"],
+        "penalty": tr["penalty"],
+        "test_loss": te["loss"],
+        "test_acc": te["acc"],
+        "filters_cos2": filters_cos2(model),
+    }
+    if config.orthogonality in EXACT:
+        rec["orthogonality_error"] = orthogonality_error(
+            model, True, config.orthogonality == "gs-unnormalised"
+        )
+    eta = _learned_eta(model)
+    if eta:
+        rec["eta_mean"] = float(torch.cat(eta).mean())
+    rec["train_s"] = train_s
+    rec["epoch_s"] = time.perf_counter() - t0
+    return rec
+
+
+def _checkpoint(config, out_dir, epoch, model, opt, sched, st, wall, precision, device):
+    save_torch_atomic(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "config": config.to_dict(),
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "history": st.history,
+            "wall_s": wall,
+            "resumes": st.resumes,
+            "started": st.started,
+            "precision": precision,
+            "device_type": device.type,
+        },
+        checkpoint_path(out_dir, config),
+    )
+
+
+def _finish(config, out_dir, model, st, wall, precision, device, save_model) -> dict:
+    """Write the results JSON (and the weights), remove the checkpoint and any failure
+    record: the run is done."""
+    commit, dirty = git_commit()
+    cuda = device.type == "cuda"
+    result = {
+        "format": RESULT_FORMAT,
+        "run_id": config.run_id(),
+        "config": config.to_dict(),
+        "seed": config.seed,
+        "status": "done",
+        "history": st.history,
+        **_summary(st.history),
+        "wall_s": wall,
+        "epoch_s_mean": float(np.mean([r["epoch_s"] for r in st.history])),
+        "num_parameters": num_parameters(model),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
+        "threads": torch.get_num_threads(),
+        "precision": precision,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "smaso": __version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "started": st.started,
+        "finished": now(),
+        "resumes": st.resumes,
+    }
+    if save_model:
+        save_torch_atomic(
+            {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            model_path(out_dir, config),
+        )
+    write_json_atomic(result_path(out_dir, config), result)
+    ckpt = checkpoint_path(out_dir, config)
+    ckpt.unlink(missing_ok=True)
+    failed_path(out_dir, config).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        ckpt.parent.rmdir()  # only if no other run's checkpoint is in there
+    return result
+
+
+def run(
+    config: RunConfig,
+    out_dir,
+    *,
+    data: TensorData | None = None,
+    log: Callable[[str], None] | None = print,
+    on_epoch: Callable[[int, nn.Module, dict], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    **runtime,
+) -> dict:
+    """Train one configuration of the Table 2 experiment (Section 5) into ``out_dir``;
+    its results dict.
+
+    Writes ``out_dir/checkpoints/RUN_ID.pt`` after every epoch and, at the end,
+    ``out_dir/RUN_ID.json`` (see :func:`smaso.experiment.load_result`) and the trained
+    weights ``out_dir/models/RUN_ID.pt``; the checkpoint is then removed. If the results
+    file exists and holds this configuration, nothing is trained and it is returned (a
+    finished run is skipped); if it holds another, ``ResultsError``. If a checkpoint
+    exists, training resumes after its last epoch, so a killed run loses at most the
+    epoch in progress; the resumed run computes the same numbers as an uninterrupted one
+    (the batches of epoch ``e`` depend only on ``(seed, e)``). A checkpoint trained in
+    another precision or on another device type is refused. While it trains, the run is
+    claimed (``out_dir/claims/``): a second process asking for it gets
+    :class:`RunClaimedError`.
+
+    ``data`` reuses a loaded dataset (it must match the config's dataset options).
+    ``runtime``: the fields of :class:`Runtime` (device, threads, data_root, download,
+    subset_path, save_model, stale_after). ``log`` receives one line per epoch (None:
+    silent). ``on_epoch(epoch, model, record)`` is called after each epoch's checkpoint
+    is written, ``on_batch(i)`` after each step.
+    """
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
+    rt = Runtime(**runtime)
+    done = _finished(config, out_dir, log)
+    if done is not None:
+        return done
+    say = log or (lambda s: None)
+    rid = config.run_id()
+    with _threads(rt.threads), _claimed(config, out_dir, rt) as held:
+        device = resolve_device(rt.device)
+        precision = effective_precision(config, device)
+        autocast = torch.bfloat16 if precision == "bf16-autocast" else None
+        data = _prepare_data(config, data, device, rt)
+        model = build_model(config, data.x_train.shape[1], data.num_classes)
+        model, x_train, x_test = _place(model, data, config, device)
+        extra = build_loss(config)
+        opt, sched = build_optimizer(config, model)
+        st = _resume(config, out_dir, model, opt, sched, precision, device, say)
+        t_run = time.perf_counter()
+        for epoch in range(st.start, config.epochs):
+            rec = _epoch(
+                config,
+                epoch,
+                model,
+                opt,
+                sched,
+                extra,
+                autocast,
+                x_train,
+                data.y_train,
+                x_test,
+                data.y_test,
+                on_batch,
+            )
+            st.history.append(rec)
+            if not held.held():
+                raise RunClaimedError(f"{rid}: another process took over the run")
+            wall = st.wall_before + time.perf_counter() - t_run
+            _checkpoint(
+                config,
+                out_dir,
+                epoch + 1,
+                model,
+                opt,
+                sched,
+                st,
+                wall,
+                precision,
+                device,
+            )
+            held.touch()
+            say(
+                f"{rid} epoch {epoch + 1}/{config.epochs}: train loss "
+                f"{rec['train_loss']:.3f} acc {rec['train_acc']:.3f}, "
+                f"test acc {rec['test_acc']:.3f} ({rec['epoch_s']:.1f} s)"
+            )
+            if on_epoch is not None:
+                on_epoch(epoch + 1, model, rec)
+        wall = st.wall_before + time.perf_counter() - t_run
+        result = _finish(
+            config, out_dir, model, st, wall, precision, device, rt.save_model
+        )
+    say(
+        f"{rid}: done, final test acc (mean of last 3 epochs) "
+        f"{result['final_test_acc']:.4f}, {result['wall_s']:.0f} s"
+    )
+    return result
+
+
+def load_trained_model(out_dir, config: RunConfig, in_channels: int = 3) -> nn.Module:
+    """The trained network of a finished run (from ``out_dir/models/RUN_ID.pt``), in
+    evaluation mode."""
+    file = model_path(out_dir, config)
+    if not file.is_file():
+        raise FileNotFoundError(f"no trained weights for {config.run_id()} at {file}")
+    model = build_model(config, in_channels, DATASETS[config.dataset].num_classes)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as e:
+        raise CheckpointError(
+            f"weights file {file} cannot be used ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
+    return model.to(DTYPES[config.dtype]).eval()
+
+
+def runtime_fields() -> list[dataclasses.Field]:
+    """The fields of :class:`Runtime`, for building a command line."""
+    return list(dataclasses.fields(Runtime))

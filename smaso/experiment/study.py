@@ -1,0 +1,549 @@
+"""The Table 2 study (Section 5): its grid of runs, sweeps over them (sharded, claimed,
+failures isolated), and the table that aggregates their results.
+
+* :class:`Table2Grid` and :func:`table2_configs` list the runs of Table 2 (datasets x
+  learning rates x {baseline, penalty} x seeds, plus the exactly orthogonal + swish row
+  and, optionally, its controls); :func:`shard` splits them across machines.
+* :func:`sweep` runs a list of them: finished runs are skipped, partial ones resumed,
+  runs another process has claimed left to it, and a run that raises is recorded
+  (``RUN_ID.failed.json``, with its traceback) while the sweep goes on.
+* :func:`table2` / :func:`format_table` aggregate results into Table 2's layout (mean ±
+  std over seeds), refusing to average runs of different commits, precisions or torch
+  versions unless told to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..data import DATASETS, download_dataset
+from ..filters import EXACT
+from ..models import ACTIVATIONS, MODELS
+from ..orthogonal import PENALTIES
+from .config import ORTHOGONALITY, PROTOCOLS, TABLE2_LRS, RunConfig
+from .runner import (
+    RunClaimedError,
+    Runtime,
+    data_key,
+    load_data,
+    resolve_device,
+    run,
+)
+from .store import FAILED_FORMAT, failed_path, now, run_status, write_json_atomic
+
+__all__ = [
+    "METRICS",
+    "PROVENANCE",
+    "SUBSET_STUDY",
+    "MixedRunsError",
+    "Table2Grid",
+    "download",
+    "format_table",
+    "parse_shard",
+    "record_failure",
+    "setting_of",
+    "shard",
+    "subset_study",
+    "sweep",
+    "table2",
+    "table2_configs",
+]
+
+METRICS = ("final_test_acc", "best_test_acc", "last_test_acc")
+#: What the runs averaged in one cell of the table must share.
+PROVENANCE = ("git_commit", "precision", "torch")
+
+
+def _grid(default, help, kind=None, choices=None):
+    """A grid field: its help, how the CLI parses it (``kind``: "names", "floats",
+    "seeds") and its choices."""
+    return field(
+        default=default, metadata={"help": help, "kind": kind, "choices": choices}
+    )
+
+
+@dataclass(frozen=True)
+class Table2Grid:
+    """The runs of Table 2 (Section 5) beyond what each run's :class:`RunConfig` says.
+    Fields left at None take the protocol's value (:data:`PROTOCOLS`, ``grid``)."""
+
+    datasets: tuple = _grid(
+        ("cifar10", "cifar100", "svhn"), "comma-separated datasets", "names", DATASETS
+    )
+    lrs: tuple = _grid(TABLE2_LRS, "comma-separated learning rates", "floats")
+    seeds: tuple = _grid(
+        tuple(range(5)), "a seed count (5: seeds 0-4) or a list (0,3,7)", "seeds"
+    )
+    penalty: str | None = _grid(
+        None,
+        "penalty of the Ortho rows: filters (paper), templates (authors' code)",
+        choices=PENALTIES,
+    )
+    exact: bool = _grid(True, "the exactly orthogonal + swish row")
+    exact_model: str | None = _grid(
+        None, "network of the exact row (default: version 2 of --model)", None, MODELS
+    )
+    exact_activation: str | None = _grid(
+        None, "activation of the exact row", None, ACTIVATIONS
+    )
+    exact_method: str | None = _grid(
+        None, "qr: the same function as Gram-Schmidt (gs), faster", None, EXACT
+    )
+    exact_datasets: tuple | None = _grid(
+        None, "default: cifar100 if swept, else the first", "names", DATASETS
+    )
+    exact_lrs: tuple | None = _grid(
+        None,
+        "learning rates of the exact row (if the protocol has none: --lrs)",
+        "floats",
+    )
+    exact_epochs: int | None = _grid(
+        None, "epochs of the exact row (if the protocol has none: --epochs)"
+    )
+    exact_reference: bool = _grid(
+        False, "also the exact row's network with ReLU and no orthogonality"
+    )
+    exact_control: bool | None = _grid(
+        None,
+        "the 2x2 control of the exact row: {its activation, ReLU} x {exact, none}",
+    )
+
+    def resolved(self, protocol: str) -> Table2Grid:
+        preset = PROTOCOLS[protocol].grid
+        return dataclasses.replace(
+            self,
+            **{k: v for k, v in preset.items() if getattr(self, k) is None},
+        )
+
+
+def table2_configs(
+    datasets=Table2Grid.datasets, lrs=TABLE2_LRS, seeds=tuple(range(5)), **options
+) -> list[RunConfig]:
+    """The runs of Table 2 (Section 5): ``datasets`` x ``lrs`` x {baseline, penalty} x
+    ``seeds``, plus (``exact=True``) the exactly orthogonal + swish row of the paragraph
+    after it.
+
+    ``options`` are the other fields of :class:`Table2Grid` and any field of
+    :class:`RunConfig` but the per-row ones, given to every run (``protocol`` among
+    them, which also fills the grid's unset fields). Baseline: ReLU, no penalty.
+    Penalty: ``penalty`` with weight ``lam``. Exact row: ``exact_model`` (default:
+    version 2 of ``model``, whose layers can all be orthogonal) with
+    ``exact_activation`` and ``exact_method`` on ``exact_datasets`` at ``exact_lrs`` for
+    ``exact_epochs``; ``exact_reference`` adds that network with ReLU and no
+    orthogonality, ``exact_control`` the full 2x2 of {activation, ReLU} x {exact, none}.
+    Ordered seed by seed, so that a partial sweep (or shard) holds whole tables for the
+    first seeds.
+    """
+    grid_names = {f.name for f in dataclasses.fields(Table2Grid)}
+    row_names = {f.name for f in dataclasses.fields(RunConfig) if f.metadata["row"]}
+    bad = set(options) & row_names
+    if bad:
+        raise ValueError(f"{sorted(bad)} are set per row of the grid, not for all runs")
+    grid = Table2Grid(
+        tuple(datasets),
+        tuple(float(v) for v in lrs),
+        tuple(seeds),
+        **{k: v for k, v in options.items() if k in grid_names},
+    ).resolved(options.get("protocol", "paper"))
+    common = {k: v for k, v in options.items() if k not in grid_names}
+    if not grid.datasets or not grid.lrs or not grid.seeds:
+        raise ValueError("datasets, lrs and seeds must be non-empty")
+    if grid.penalty not in PENALTIES:
+        raise ValueError(f"penalty must be one of {PENALTIES}, got {grid.penalty!r}")
+    model = common.get("model", RunConfig.model)
+    epochs = common.get("epochs", RunConfig.epochs)
+    exact_model = grid.exact_model or (
+        model + "-v2" if model + "-v2" in MODELS else model
+    )
+    exact_datasets = grid.exact_datasets or (
+        ["cifar100"] if "cifar100" in grid.datasets else list(grid.datasets[:1])
+    )
+    exact_lrs = grid.exact_lrs
+    if callable(exact_lrs):
+        exact_lrs = exact_lrs(exact_model)
+    exact_lrs = [float(v) for v in (exact_lrs or grid.lrs)]
+    exact_common = {
+        **common,
+        "model": exact_model,
+        "epochs": grid.exact_epochs or epochs,
+    }
+    act, method = grid.exact_activation, grid.exact_method
+    if grid.exact_control:
+        exact_rows = [("relu", "none"), (act, "none"), ("relu", method), (act, method)]
+    elif grid.exact_reference:
+        exact_rows = [("relu", "none"), (act, method)]
+    else:
+        exact_rows = [(act, method)]
+    configs = []
+    for seed in grid.seeds:
+        for ds in grid.datasets:
+            for lr in grid.lrs:
+                row = dict(common, dataset=ds, lr=lr, seed=seed)
+                configs.append(RunConfig(**row))
+                configs.append(RunConfig(**row, orthogonality=grid.penalty))
+            if grid.exact and ds in exact_datasets:
+                for lr in exact_lrs:
+                    row = dict(exact_common, dataset=ds, lr=lr, seed=seed)
+                    configs += [
+                        RunConfig(**row, activation=a, orthogonality=o)
+                        for a, o in exact_rows
+                    ]
+    return configs
+
+
+#: The subset-scale study of the chapter "Experiments" (book/experiments.md): Table 2's
+#: grid on the CIFAR-10 subset (4000 training, 1000 test images) with the smallCNN, 10
+#: epochs, seeds 0-2, batch-norm momentum 0.1 (few steps per epoch), the exact row's
+#: ReLU twin; per protocol, the folder under ``book/results/`` it is stored in.
+SUBSET_STUDY = {
+    "paper": (
+        "experiments",
+        dict(
+            datasets=["cifar10-subset"],
+            seeds=range(3),
+            model="small-cnn",
+            epochs=10,
+            exact_reference=True,
+            bn_momentum=0.1,
+        ),
+    ),
+    "authors": (
+        "experiments/authors",
+        dict(
+            datasets=["cifar10-subset"],
+            seeds=range(3),
+            model="small-cnn",
+            epochs=10,
+            exact_epochs=10,  # the subset's budget, not the Gram-Schmidt runs' 100
+            bn_momentum=0.1,
+            protocol="authors",
+        ),
+    ),
+}
+
+
+def subset_study(
+    protocol: str = "paper", penalty: bool | None = None
+) -> list[RunConfig]:
+    """The runs of the subset-scale study (:data:`SUBSET_STUDY`) under ``protocol``.
+
+    ``penalty``: with the penalty rows (default: for the paper's protocol only). The
+    authors' template penalty costs about 25 plain steps per step on a CPU (ten
+    backward passes and a double backward), about two CPU-hours for its nine runs here;
+    without it the authors' study is its baselines and the 2x2 control of the exact row.
+    """
+    if protocol not in SUBSET_STUDY:
+        raise ValueError(f"protocol must be one of {', '.join(SUBSET_STUDY)}")
+    configs = table2_configs(**SUBSET_STUDY[protocol][1])
+    if penalty is None:
+        penalty = protocol == "paper"
+    return [c for c in configs if penalty or c.orthogonality not in PENALTIES]
+
+
+def parse_shard(text: str | None, environ=None) -> tuple[int, int]:
+    """``"i/n"`` (0 <= i < n) -> (i, n); ``"slurm"`` reads ``SLURM_ARRAY_TASK_ID``
+    (minus ``SLURM_ARRAY_TASK_MIN``) and ``SLURM_ARRAY_TASK_COUNT``; None -> (0, 1)."""
+    env = os.environ if environ is None else environ
+    if text is None:
+        return 0, 1
+    if text == "slurm":
+        try:
+            i = int(env["SLURM_ARRAY_TASK_ID"]) - int(
+                env.get("SLURM_ARRAY_TASK_MIN", 0)
+            )
+            n = int(env["SLURM_ARRAY_TASK_COUNT"])
+        except (KeyError, ValueError) as e:
+            raise ValueError(
+                "--shard slurm needs SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT "
+                f"({e})"
+            ) from None
+    else:
+        try:
+            a, b = text.split("/")
+            i, n = int(a), int(b)
+        except ValueError:
+            raise ValueError(
+                f"shard must look like i/n (e.g. 0/4) or be 'slurm', got {text!r}"
+            ) from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"shard i/n needs 0 <= i < n, got {i}/{n}")
+    return i, n
+
+
+def shard(configs, index: int, count: int) -> list:
+    """Shard ``index`` of ``count``: every ``count``-th config from ``index``. The
+    shards are disjoint and together hold every config, and each gets a mix of datasets
+    and settings."""
+    if not (count >= 1 and 0 <= index < count):
+        raise ValueError(f"shard needs 0 <= index < count, got {index}/{count}")
+    return list(configs)[index::count]
+
+
+def record_failure(out_dir, config: RunConfig, error: BaseException) -> None:
+    """Write ``RUN_ID.failed.json``: the run, the error and its traceback (replacing an
+    earlier failure record of the same run)."""
+    write_json_atomic(
+        failed_path(out_dir, config),
+        {
+            "format": FAILED_FORMAT,
+            "run_id": config.run_id(),
+            "config": config.to_dict(),
+            "error": f"{type(error).__name__}: {error}",
+            "traceback": "".join(traceback.format_exception(error)),
+            "host": socket.gethostname(),
+            "time": now(),
+        },
+        overwrite=True,
+    )
+
+
+def sweep(
+    configs,
+    out_dir,
+    *,
+    log: Callable[[str], None] | None = print,
+    epoch_lines: bool = True,
+    retry_failed: bool = False,
+    **runtime,
+) -> list[dict]:
+    """Run ``configs`` one after another into ``out_dir`` (:func:`run`); the results
+    of the finished ones, in order.
+
+    Finished runs are skipped and partial ones resumed; each dataset is loaded once.
+    A run claimed by another live process (another shard) is left to it. A run that
+    raises (a divergence, out of memory, ...) gets a failure record
+    (``RUN_ID.failed.json``, with the traceback) and the sweep goes on; failed runs are
+    retried by a later sweep only with ``retry_failed``. ``runtime`` goes to
+    :func:`run` (the fields of :class:`~smaso.experiment.runner.Runtime`). Prints
+    progress: which run, how many are left, and an estimate of the time left from the
+    epochs trained so far (``epoch_lines=False``: no per-epoch lines).
+    """
+    say = log or (lambda s: None)
+    configs = list(configs)
+    rt = Runtime(**runtime)
+    status = {c.run_id(): run_status(out_dir, c) for c in configs}
+    todo = [c for c in configs if status[c.run_id()] != "done"]
+    say(
+        f"sweep: {len(configs)} runs, {len(configs) - len(todo)} finished already, "
+        f"{len(todo)} to train"
+    )
+    cache, results, failed, others = {}, [], [], []
+    epochs_left = sum(c.epochs for c in todo)
+    t0, trained = time.perf_counter(), 0
+    for k, c in enumerate(configs, 1):
+        rid = c.run_id()
+        st = run_status(out_dir, c)
+        if st == "done":
+            results.append(run(c, out_dir, log=None))
+            continue
+        if st == "failed" and not retry_failed:
+            say(f"[{k}/{len(configs)}] {rid}: failed before (see its .failed.json)")
+            failed.append(rid)
+            epochs_left -= c.epochs
+            continue
+        dev = resolve_device(rt.device)
+        key = (*data_key(c), str(dev))
+        if key not in cache:
+            cache.clear()  # keep one dataset in memory
+            cache[key] = load_data(c, dev, rt)
+        rate = (time.perf_counter() - t0) / trained if trained else None
+        eta = f", about {rate * epochs_left / 60:.0f} min left" if rate else ""
+        say(f"[{k}/{len(configs)}] {rid} ({epochs_left} epochs to go{eta})")
+
+        def count(epoch, model, rec):
+            nonlocal trained, epochs_left
+            trained += 1
+            epochs_left -= 1
+
+        before = epochs_left
+        try:
+            results.append(
+                run(
+                    c,
+                    out_dir,
+                    data=cache[key],
+                    log=log if epoch_lines else None,
+                    on_epoch=count,
+                    **runtime,
+                )
+            )
+        except RunClaimedError as e:
+            say(f"[{k}/{len(configs)}] {e}")
+            others.append(rid)
+        except Exception as e:  # one run's failure must not stop the shard
+            record_failure(out_dir, c, e)
+            say(f"[{k}/{len(configs)}] {rid} FAILED: {type(e).__name__}: {e}")
+            failed.append(rid)
+        # a resumed or failed run trained fewer epochs than it counted for
+        epochs_left = before - c.epochs
+    say(
+        f"sweep: done, {len(results)} runs finished, {len(failed)} failed, "
+        f"{len(others)} left to other processes, "
+        f"{(time.perf_counter() - t0) / 60:.1f} min"
+    )
+    return results
+
+
+def download(datasets, root=None, log: Callable[[str], None] | None = print) -> None:
+    """Fetch the torchvision datasets among ``datasets`` into the data root once
+    (:func:`smaso.data.download_dataset`), before the shards of a sweep start."""
+    for name in dict.fromkeys(datasets):
+        if DATASETS[name].files is None:
+            continue
+        files = download_dataset(name, root)
+        if log:
+            log(f"{name}: {len(files)} files in {files[0].parent}")
+
+
+# --------------------------------------------------------------------------------------
+# tables
+
+
+class MixedRunsError(ValueError):
+    """Runs that would be averaged in one cell come from different commits, precisions
+    or torch versions."""
+
+
+def setting_of(config: dict) -> str:
+    """The row label of a config within its dataset: "baseline", "Ortho (penalty ...)",
+    "exact ...", with the network (and the protocol, if not the paper's)."""
+    act = "" if config["activation"] == "relu" else f" + {config['activation']}"
+    o = config["orthogonality"]
+    if o == "none":
+        s = "baseline" if not act else f"no orthogonality{act}"
+    elif o in PENALTIES:
+        s = f"Ortho (penalty {o}, λ={config['lam']:g}){act}"
+    else:
+        s = f"exact orthogonal ({o}){act}"
+    protocol = config.get("protocol", "paper")
+    tag = "" if protocol == "paper" else f", {protocol}"
+    return f"{s} [{config['model']}{tag}]"
+
+
+def _check_provenance(label, lr, runs):
+    """Which of :data:`PROVENANCE` differ among ``runs`` (one cell), as text."""
+    out = []
+    for key in PROVENANCE:
+        values = [r.get(key) for r in runs]
+        if len(set(map(str, values))) > 1:
+            counts = {str(v): values.count(v) for v in dict.fromkeys(values)}
+            out.append(
+                f"{label} at lr {lr:g}: {key} differs ("
+                + ", ".join(f"{v} x{n}" for v, n in counts.items())
+                + ")"
+            )
+    return out
+
+
+def table2(
+    results,
+    metric: str = "final_test_acc",
+    ddof: int = 1,
+    allow_mixed: bool = False,
+) -> list[dict]:
+    """Aggregate results into Table 2's layout: one row per dataset and setting (every
+    config field but ``lr`` and ``seed``), one cell per learning rate with the mean and
+    standard deviation over seeds of ``metric`` in percent (``ddof=1``: the sample
+    standard deviation, 0 for a single seed; the authors' plot script uses ``ddof=0``),
+    and the seed count.
+
+    The runs of a cell must share their git commit, effective precision and torch
+    version (:data:`PROVENANCE`); otherwise :class:`MixedRunsError` says which cells
+    differ in what, unless ``allow_mixed``.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
+    groups = {}
+    for r in results:
+        c = RunConfig.from_dict(r["config"]).to_dict()
+        lr = c.pop("lr")
+        c.pop("seed")
+        key = json.dumps(c, sort_keys=True)
+        groups.setdefault(key, {"config": c, "cells": {}})["cells"].setdefault(
+            lr, []
+        ).append(r)
+    rows, mixed = [], []
+    for g in groups.values():
+        c = g["config"]
+        label = f"{c['dataset']} {setting_of(c)}"
+        cells = {}
+        for lr, runs in sorted(g["cells"].items(), reverse=True):
+            mixed += _check_provenance(label, lr, runs)
+            v = [100 * r[metric] for r in runs]
+            cells[lr] = {
+                "mean": float(np.mean(v)),
+                "std": float(np.std(v, ddof=ddof)) if len(v) > ddof else 0.0,
+                "n": len(v),
+                "values": v,
+            }
+        rows.append(
+            {
+                "dataset": c["dataset"],
+                "setting": setting_of(c),
+                "config": c,
+                "cells": cells,
+            }
+        )
+    if mixed and not allow_mixed:
+        raise MixedRunsError(
+            "refusing to average runs that differ in "
+            + "/".join(PROVENANCE)
+            + " (allow it with allow_mixed=True, CLI --allow-mixed):\n  "
+            + "\n  ".join(mixed)
+        )
+    order = {
+        name: list(reg) for name, reg in (("dataset", DATASETS), ("model", MODELS))
+    }
+    rows.sort(
+        key=lambda r: (
+            order["dataset"].index(r["dataset"]),
+            order["model"].index(r["config"]["model"]),
+            ORTHOGONALITY.index(r["config"]["orthogonality"]),
+            r["setting"],
+        )
+    )
+    return rows
+
+
+def format_table(rows, lrs=None, fmt: str = "markdown") -> str:
+    """Table 2's layout as text: a row per setting, a column per learning rate, cells
+    "mean ± std (n)"."""
+    if fmt not in ("markdown", "text"):
+        raise ValueError(f"fmt must be markdown or text, got {fmt!r}")
+    if lrs is None:
+        lrs = sorted({lr for r in rows for lr in r["cells"]}, reverse=True)
+    head = ["Setting"] + [f"LR = {lr:g}" for lr in lrs]
+    body = []
+    for r in rows:
+        cells = []
+        for lr in lrs:
+            c = r["cells"].get(lr)
+            cells.append(f"{c['mean']:.1f} ± {c['std']:.1f} ({c['n']})" if c else "–")
+        body.append([f"{r['dataset']} {r['setting']}", *cells])
+    if fmt == "markdown":
+        lines = [
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join("---" for _ in head) + "|",
+        ]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+        return "\n".join(lines)
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+
+    def fmt_row(x):
+        return "  ".join(
+            s.ljust(w) if i == 0 else s.rjust(w)
+            for i, (s, w) in enumerate(zip(x, widths, strict=True))
+        )
+
+    return "\n".join([fmt_row(head)] + [fmt_row(b) for b in body])

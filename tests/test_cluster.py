@@ -1,0 +1,81 @@
+"""Tests for smaso.experiment.cluster: a sweep as a job array through submitit, run here
+with submitit's local executor (a SLURM array on a cluster): two tiny runs, one of them
+preempted mid-way and requeued, resuming from its checkpoint."""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from smaso.experiment import (
+    RunConfig,
+    checkpoint_path,
+    load_checkpoint,
+    load_result,
+    result_path,
+    run,
+)
+
+submitit = pytest.importorskip("submitit")
+
+from smaso.experiment.cluster import executor, submit  # noqa: E402
+
+TIMING = ("train_s", "epoch_s")
+
+
+def tiny(**kw):
+    base = dict(
+        dataset="digits",
+        model="small-cnn",
+        upsample=2,
+        limit_train=200,
+        limit_test=50,
+        dtype="float64",
+        bn_momentum=0.1,
+        epochs=12,
+    )
+    return RunConfig(**{**base, **kw})
+
+
+def strip(history):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
+
+
+def test_job_array_one_run_per_task_requeued_on_preemption(tmp_path):
+    out = tmp_path / "out"
+    configs = [tiny(seed=0), tiny(seed=1, epochs=2)]
+    ex = executor(tmp_path / "logs", cluster="local", timeout_min=60)
+    jobs = submit(configs, out, ex, threads=1)
+    assert len(jobs) == 2  # one task per run
+    ckpt = checkpoint_path(out, configs[0])
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait for a checkpoint, then preempt the task
+        try:
+            if ckpt.exists() and load_checkpoint(ckpt)["epoch"] >= 2:
+                break
+        except ValueError:
+            pass  # being replaced
+        time.sleep(0.05)
+    else:
+        pytest.fail("the first task wrote no checkpoint in 300 s")
+    # preempt the task: the signal SLURM sends before preemption (USR2) goes to the
+    # task process (a child of submitit's local controller)
+    controller = jobs[0]._process.pid
+    children = Path(f"/proc/{controller}/task/{controller}/children").read_text()
+    (task,) = [int(p) for p in children.split()]
+    os.kill(task, signal.SIGUSR2)
+    summaries = [j.result() for j in jobs]
+    assert [s["run_id"] for s in summaries] == [c.run_id() for c in configs]
+    r = load_result(result_path(out, configs[0]))
+    assert len(r["resumes"]) == 1 and 2 <= r["resumes"][0] < 12  # resumed once
+    log = jobs[0].stdout() + jobs[0].stderr()
+    assert "this job is preempted" in log and "Requeued job" in log
+    # the requeued run computed what an uninterrupted one computes
+    torch.set_num_threads(1)
+    whole = run(configs[0], tmp_path / "whole", log=None)
+    assert strip(r["history"]) == strip(whole["history"])
+    assert load_result(result_path(out, configs[1]))["resumes"] == []
+    assert submit(configs, out, ex) == []  # nothing left to submit
