@@ -149,7 +149,7 @@ def block_dct(factor, dtype=torch.float32):
     x = torch.arange(factor, dtype=torch.float64)
     u = x[:, None]
     C = torch.cos(torch.pi * (2 * x[None, :] + 1) * u / (2 * factor))
-    C = C * torch.where(u == 0, 1.0, 2.0).div(factor).sqrt()
+    C = C * torch.where(u == 0, 1.0, 2.0).double().div(factor).sqrt()
     D = torch.einsum("ux,vy->uvxy", C, C).reshape(factor**2, factor**2)
     D = torch.where(D.diagonal()[:, None] < 0, -D, D)
     return D.to(dtype)
