@@ -44,8 +44,17 @@ from smaso.orthogonal import OrthogonalFilters
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-# (c_in, c_out, k, n): square, fewer and more output channels, 1x1, even and odd n
-SIZES = [(2, 2, 3, 4), (3, 5, 3, 5), (5, 2, 3, 4), (1, 1, 1, 3), (2, 3, 5, 6)]
+# (c_in, c_out, k, n): square, fewer and more output channels, 1x1, even and odd n,
+# a generator as large as the dense kernel (k = n + 1 for even n)
+SIZES = [
+    (2, 2, 3, 4),
+    (3, 5, 3, 5),
+    (5, 2, 3, 4),
+    (1, 1, 1, 3),
+    (2, 3, 5, 6),
+    (2, 2, 3, 2),
+    (2, 3, 5, 4),
+]
 
 
 def gen(seed):
@@ -196,7 +205,7 @@ def test_frequency_operator_diagonalises_the_convolution():
 
 
 @pytest.mark.parametrize(
-    ("ci", "co", "k", "n"), [(2, 2, 3, 4), (3, 5, 3, 5), (5, 2, 3, 5)]
+    ("ci", "co", "k", "n"), [(2, 2, 3, 4), (3, 5, 3, 5), (5, 2, 3, 5), (2, 2, 5, 4)]
 )
 def test_cayley_right_inverse_is_exact_on_the_image(ci, co, k, n):
     a, b = make("cayley", ci, co, k, n, seed=0), make("cayley", ci, co, k, n, seed=1)
@@ -305,7 +314,7 @@ def test_cayley_registration_errors():
     # a plain nn.Conv2d needs the padding of the dense kernel
     with pytest.raises(ValueError, match=r"needs \(3, 3\)"):
         register_cayley(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"), 6)
-    with pytest.raises(ValueError, match="exceeds the input size"):
+    with pytest.raises(ValueError, match="exceeds the dense kernel size"):
         register_cayley(CircularConv2d(2, 2, 5), 3)
     with pytest.raises(ValueError, match="positive int"):
         register_cayley(CircularConv2d(2, 2, 3), 0)
@@ -319,7 +328,7 @@ def test_cayley_registration_errors():
     with pytest.raises(ValueError, match="odd"):
         CircularConv2d(2, 2, 2)
     with pytest.raises(ValueError, match="odd square kernel no larger"):
-        cayley_kernel(torch.randn(2, 2, 3, 3), 2)
+        cayley_kernel(torch.randn(2, 2, 3, 3), 1)
     with pytest.raises(ValueError, match="odd square kernel"):
         bcop_kernel(torch.randn(2, 2, 2, 2))
 
