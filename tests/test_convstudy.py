@@ -139,3 +139,32 @@ def test_stored_results_match_the_current_configuration():
         (a, s) for a in convstudy.DENOISE_ARMS for s in ("soft", "beta")
     }
     assert set(results["cnn"]) == {(a, s) for a in convstudy.CNN_ARMS for s in range(3)}
+
+
+def test_stored_denoising_results_support_the_chapter():
+    den = convstudy.load_results()["denoise"]
+    psnr = {k: [x["psnr"] for x in r["runs"]] for k, r in den.items()}
+    noisy = [x["psnr_noisy"] for x in den["dct", "soft"]["runs"]]
+    for (arm, shrink), r in den.items():
+        assert all(p > q + 2 for p, q in zip(psnr[arm, shrink], noisy, strict=True))
+        rec = [x["psnr_reconstruction"] for x in r["runs"]]
+        err = [x["operator_error"] for x in r["runs"]]
+        if arm in ("dct", "cayley", "bcop"):
+            assert min(rec) > 100 and max(err) < 1e-5
+        else:
+            assert max(rec) < 60 and min(err) > 0.01
+    for s in ("soft", "beta"):
+        for i in range(len(convstudy.SIGMAS)):
+            assert psnr["cayley", s][i] > psnr["dct", s][i]
+            assert psnr["bcop", s][i] > psnr["dct", s][i]
+            assert psnr["free", s][i] > psnr["qr", s][i] > psnr["cayley", s][i]
+            assert abs(psnr["cayley", "soft"][i] - psnr["cayley", "beta"][i]) < 0.1
+
+
+def test_stored_benchmark_orders_the_costs():
+    path = convstudy.RESULTS.parents[2] / "benchmarks" / "results" / "orthoconv.json"
+    bench = json.loads(path.read_text())
+    ratio = {r["arm"]: r["ratio_to_baseline"] for r in bench["cnn"]}
+    assert ratio["none"] == 1.0
+    assert ratio["cayley-spatial"] > 3 * ratio["cayley"] > 3 * ratio["bcop"]
+    assert ratio["cayley"] > max(ratio["bcop"], ratio["qr"])

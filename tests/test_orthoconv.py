@@ -391,3 +391,67 @@ def test_theorem4_for_an_orthogonal_convolution_and_not_for_qr_filters():
     z, _ = sample_factorial(A, B, 400, generator=g)
     mismatch = (joint_map(A, B, z) != factorised_map(A, B, z)).any(1)
     assert mismatch.double().mean() > 0.05
+
+
+def _coherence(c_in, c_out, k, stride, n, variant, seed):
+    from smaso.orthogonal import orthogonalize
+
+    V = torch.randn(c_out, c_in, k, k, generator=gen(seed), dtype=F64)
+    W = {
+        "qr": lambda: orthogonalize(V),
+        "hamming": lambda: orthogonalize(apodize(V, centred=False)),
+        "centred": lambda: orthogonalize(apodize(V)),
+    }[variant]()
+    conv = nn.Conv2d(c_in, c_out, k, stride=stride, bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(W)
+    A, _ = layer_maso([conv, nn.ReLU()], (c_in, n, n))
+    return mutual_coherence(A).item()
+
+
+@pytest.mark.parametrize("variant", ["qr", "hamming", "centred"])
+def test_orthonormal_filters_give_an_orthogonal_operator_iff_no_overlap(variant):
+    for k, s, n in [(3, 1, 3), (3, 3, 9), (5, 5, 10)]:  # one position / disjoint
+        assert _coherence(4, 4, k, s, n, variant, 0) < 1e-12
+    for k, s, n in [(3, 1, 4), (3, 2, 7), (5, 3, 11)]:  # overlapping patches
+        assert _coherence(4, 4, k, s, n, variant, 0) > 1e-3
+
+
+def test_apodisation_helps_at_stride_2_and_hurts_at_stride_1():
+    def mean(k, s, n, v):
+        return np.mean([_coherence(4, 4, k, s, n, v, seed) for seed in range(5)])
+
+    for v in ("hamming", "centred"):
+        assert mean(3, 2, 7, v) < 0.5 * mean(3, 2, 7, "qr")
+        assert mean(3, 1, 4, v) > mean(3, 1, 4, "qr")
+        assert mean(5, 1, 8, v) > mean(5, 1, 8, "qr")
+
+
+def test_eq18_is_false_and_the_constant_kk_fixes_it():
+    z = torch.randn(3, 2, 10, 9, dtype=F64, generator=gen(16))
+    z_hat = torch.randn(3, 2, 10, 9, dtype=F64, generator=gen(17))
+    for k in (2, 3, 5):
+        h = hamming_window(k)
+        v = apodized_patches(z - z_hat, h)  # the residuals of Eq. (18), per patch
+        lhs = (assemble_patches(v, (2, 10, 9), k) ** 2).sum((1, 2, 3))
+        rhs = (v**2).sum((1, 2))
+        assert torch.allclose(rhs, (h**2).sum() * lhs, rtol=1e-12)
+        assert (lhs > rhs).all()  # the paper's inequality fails ...
+        # ... Cauchy-Schwarz with k*k holds (with equality for a flat window, k = 2)
+        assert (lhs <= k * k * rhs * (1 + 1e-12)).all()
+    # two equal vectors: ||2v||^2 = 4 ||v||^2 > 2 ||v||^2
+    v = torch.randn(7, dtype=F64, generator=gen(18))
+    assert ((v + v) ** 2).sum() > 2 * (v**2).sum()
+
+
+def test_theorem4_joint_map_is_the_relu_pattern():
+    """At sigma^2 = 1 with the Theorem-2 prior, the joint MAP of an orthogonal conv
+    layer is the layer's ReLU on/off pattern, read from the module's output."""
+    for kind, (ci, co, n) in [("cayley", (2, 2, 2)), ("bcop", (3, 2, 2))]:
+        conv = make(kind, ci, co, 3, n, seed=6)
+        with torch.no_grad():
+            conv.bias.normal_(generator=gen(19))
+        A, B = layer_maso([conv, nn.ReLU()], (ci, n, n))
+        z = torch.randn(300, ci * n * n, dtype=F64, generator=gen(20))
+        relu_on = conv(z.reshape(-1, ci, n, n)).flatten(1) > 0
+        assert torch.equal(joint_map(A, B, z) == 0, relu_on)
