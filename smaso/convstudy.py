@@ -1,0 +1,335 @@
+"""The stored experiments of the convolution chapter (Theorem 4 for convolutions,
+Section 5; future work 3 and 4 of Section 6), on the CIFAR-10 subset, CPU scale.
+
+* **Accuracy** (:func:`run_cnn`): the smallCNN of the authors' code (version 1,
+  :func:`smaso.models.small_cnn`) with every convolution made circular 'same'
+  (:func:`circular_small_cnn`), in four arms: plain, QR-orthonormal filters
+  (:class:`smaso.orthogonal.OrthogonalFilters`), Cayley and BCOP exactly orthogonal
+  operators (:mod:`smaso.orthoconv`); Adam, a few epochs, 3 seeds.
+* **Denoising** (:func:`run_denoise`): grayscale subset images plus Gaussian noise,
+  denoised by :class:`smaso.denoise.TransformDenoiser` with the fixed block DCT, or a
+  trained Cayley, BCOP, QR-filter or free convolution, soft or β-VQ shrinkage, at
+  several noise levels.
+
+Each run writes one JSON file into ``book/results/convolution/`` (atomically, never
+over an existing file unless ``force``). Regenerate with::
+
+    python -m smaso.convstudy cnn [--force]
+    python -m smaso.convstudy denoise [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .data import cifar10_subset
+from .denoise import TransformDenoiser, block_dct, psnr
+from .experiment import write_json_atomic
+from .models import small_cnn
+from .orthoconv import (
+    CircularConv2d,
+    frequency_operator,
+    offset_kernel,
+    register_bcop,
+    register_cayley,
+    semi_unitary_error,
+)
+from .orthogonal import OrthogonalFilters
+from .train import fit
+
+__all__ = [
+    "CNN_ARMS",
+    "DENOISE_ARMS",
+    "RESULTS",
+    "SIGMAS",
+    "circular_small_cnn",
+    "denoiser",
+    "grayscale_subset",
+    "load_results",
+    "operator_error",
+    "run_cnn",
+    "run_denoise",
+]
+
+RESULTS = Path(__file__).resolve().parents[1] / "book" / "results" / "convolution"
+CNN_ARMS = ("none", "qr", "cayley", "bcop")
+CNN_CONFIG = dict(epochs=10, lr=1e-3, batch_size=64, bn_momentum=0.1)
+DENOISE_ARMS = ("dct", "cayley", "bcop", "qr", "free")
+SIGMAS = (0.05, 0.1, 0.2, 0.3)
+DENOISE_CONFIG = dict(
+    factor=4, kernel_size=3, steps=1000, lr=1e-3, lr_shrink=1e-2, batch_size=64
+)
+
+
+def _circular(conv, arm, n):
+    ci, co, k = conv.in_channels, conv.out_channels, conv.kernel_size[0]
+    if arm == "cayley":
+        new = CircularConv2d(ci, co, k, bias=conv.bias is not None)
+    else:
+        new = nn.Conv2d(
+            ci, co, k, padding=(k - 1) // 2, padding_mode="circular",
+            bias=conv.bias is not None,
+        )  # fmt: skip
+    with torch.no_grad():
+        new.weight.copy_(conv.weight)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    if arm == "qr":
+        parametrize.register_parametrization(new, "weight", OrthogonalFilters("qr"))
+    elif arm == "cayley":
+        register_cayley(new, n)
+    elif arm == "bcop":
+        register_bcop(new)
+    return new
+
+
+def circular_small_cnn(arm="none", image_size=32, num_classes=10, in_channels=3):
+    """:func:`smaso.models.small_cnn` (version 1, batch-norm momentum 0.1) with each
+    convolution replaced by a circular 'same' one, same initial weights: ``arm`` "none"
+    (plain), "qr" (orthonormal flattened filters, Eq. 11 at one position), "cayley" or
+    "bcop" (exactly orthogonal operators, Eq. 11 at all positions; the first layer, 3
+    -> 32 channels, has orthonormal columns). Maps 32 -> 16 -> 8 pixels."""
+    if arm not in CNN_ARMS:
+        raise ValueError(f"arm must be one of {CNN_ARMS}, got {arm!r}")
+    base = small_cnn(num_classes, in_channels, version=1, bn_momentum=0.1)
+    layers, n = [], image_size
+    for m in base:
+        if isinstance(m, nn.Conv2d):
+            m = _circular(m, arm, n)
+        elif isinstance(m, nn.MaxPool2d):
+            n //= 2
+        layers.append(m)
+    return nn.Sequential(*layers)
+
+
+def operator_error(conv, n):
+    """Largest deviation from orthonormal rows (``c_out <= c_in``) or columns of the
+    circular convolution ``conv`` on ``n x n`` inputs, from its per-frequency
+    matrices (:func:`smaso.orthoconv.frequency_operator`)."""
+    w = conv.weight.detach().double()
+    return semi_unitary_error(frequency_operator(offset_kernel(w, n)))
+
+
+def _meta():
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _path(out_dir, name):
+    return Path(out_dir) / f"{name}.json"
+
+
+def run_cnn(arm, seed, out_dir=RESULTS, force=False, progress=False):
+    """Train :func:`circular_small_cnn` (``arm``, ``seed``) on the CIFAR-10 subset
+    with :func:`smaso.train.fit` (:data:`CNN_CONFIG`) and write
+    ``cnn-ARM-seedSEED.json``: the history, final test accuracy, the orthogonality
+    error of each convolution operator after training, and the wall time. An existing
+    file is returned as is unless ``force``."""
+    path = _path(out_dir, f"cnn-{arm}-seed{seed}")
+    if path.exists() and not force:
+        return json.loads(path.read_text())
+    data = cifar10_subset()
+    torch.manual_seed(seed)
+    model = circular_small_cnn(arm)
+    c = CNN_CONFIG
+    t0 = time.perf_counter()
+    history = fit(
+        model,
+        data,
+        c["epochs"],
+        lr=c["lr"],
+        batch_size=c["batch_size"],
+        seed=seed,
+        progress=progress,
+    )
+    wall = time.perf_counter() - t0
+    n, errors = 32, []
+    for m in model:
+        if isinstance(m, nn.Conv2d):
+            errors.append(operator_error(m, n))
+        elif isinstance(m, nn.MaxPool2d):
+            n //= 2
+    result = {
+        "config": {"arm": arm, "seed": seed, **c},
+        "history": history,
+        "test_acc": history[-1]["test_acc"],
+        "operator_errors": errors,
+        "wall_s": wall,
+        **_meta(),
+    }
+    write_json_atomic(path, result, overwrite=force)
+    return result
+
+
+def grayscale_subset():
+    """The CIFAR-10 subset's training and test images as luma ``0.299 R + 0.587 G +
+    0.114 B`` in [0, 1], (N, 1, 32, 32) each."""
+    d = cifar10_subset(standardize=False)
+    w = torch.tensor([0.299, 0.587, 0.114])[None, :, None, None]
+    return (d.x_train * w).sum(1, keepdim=True), (d.x_test * w).sum(1, keepdim=True)
+
+
+def denoiser(arm, shrink="soft", factor=4, kernel_size=3):
+    """A :class:`smaso.denoise.TransformDenoiser` on ``factor``-unshuffled grayscale
+    images whose transform starts as the block DCT (:func:`smaso.denoise.block_dct`,
+    at the centre tap): "dct" keeps it fixed; "cayley" (exactly orthogonal, set through
+    the parametrization's right inverse), "qr" (orthonormal filters) and "free" (no
+    constraint) train it; "bcop" (exactly orthogonal) starts from ``H0 = DCT``
+    with random projectors."""
+    if arm not in DENOISE_ARMS:
+        raise ValueError(f"arm must be one of {DENOISE_ARMS}, got {arm!r}")
+    c, k = factor**2, kernel_size
+    D = block_dct(factor)
+    if arm == "cayley":
+        conv = CircularConv2d(c, c, k, bias=False)
+        register_cayley(conv, 32 // factor)
+        K = conv.weight.shape[-1]
+        Wd = torch.zeros(c, c, K, K)
+        Wd[:, :, (K - 1) // 2, (K - 1) // 2] = D
+        conv.weight = Wd  # right inverse: the DCT's Cayley generator
+    else:
+        kk = 1 if arm == "dct" else k
+        conv = nn.Conv2d(
+            c, c, kk, padding=(kk - 1) // 2, padding_mode="circular", bias=False
+        )
+        with torch.no_grad():
+            if arm == "bcop":
+                conv.weight[:, :, 0, 0] = D
+            else:
+                conv.weight.zero_()
+                conv.weight[:, :, (kk - 1) // 2, (kk - 1) // 2] = D
+        if arm == "dct":
+            conv.weight.requires_grad_(False)
+        elif arm == "qr":
+            parametrize.register_parametrization(conv, "weight", OrthogonalFilters())
+        elif arm == "bcop":
+            register_bcop(conv)
+    return TransformDenoiser(conv, factor, shrink)
+
+
+def _evaluate(model, x, sigma, seed=123):
+    """Mean test PSNR of the denoised and of the noisy images (noise seeded by
+    ``seed``), and of ``W^T W x`` against the clean ``x``."""
+    g = torch.Generator().manual_seed(seed)
+    y = x + sigma * torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        return (
+            psnr(model(y, sigma), x).mean().item(),
+            psnr(y, x).mean().item(),
+            psnr(model.reconstruct(x), x).mean().item(),
+        )
+
+
+def run_denoise(arm, shrink, out_dir=RESULTS, force=False, seed=0, sigmas=SIGMAS):
+    """Train :func:`denoiser` (``arm``, ``shrink``) at each noise level in ``sigmas``
+    on the grayscale training subset (:data:`DENOISE_CONFIG`: Adam on the mean squared
+    error, fresh noise every batch; the shrinkage parameters at ``lr_shrink``) and
+    write ``denoise-ARM-SHRINK.json``: test PSNR (1000 images, fixed noise) before and
+    after, the PSNR of ``W^T W x`` (clean images), the learned thresholds, and the
+    trained operator's orthogonality error. An existing file is returned unless
+    ``force``."""
+    path = _path(out_dir, f"denoise-{arm}-{shrink}")
+    if path.exists() and not force:
+        return json.loads(path.read_text())
+    x_train, x_test = grayscale_subset()
+    c = DENOISE_CONFIG
+    rows = []
+    for sigma in sigmas:
+        torch.manual_seed(seed)
+        model = denoiser(arm, shrink, c["factor"], c["kernel_size"])
+        transform = [p for p in model.conv.parameters() if p.requires_grad]
+        shrinkage = [model.tau_raw, model.eta_raw]
+        opt = torch.optim.Adam(
+            [{"params": transform}, {"params": shrinkage, "lr": c["lr_shrink"]}],
+            lr=c["lr"],
+        )
+        g = torch.Generator().manual_seed(seed)
+        t0 = time.perf_counter()
+        for _ in range(c["steps"]):
+            idx = torch.randint(0, len(x_train), (c["batch_size"],), generator=g)
+            x = x_train[idx]
+            y = x + sigma * torch.randn(x.shape, generator=g)
+            loss = ((model(y, sigma) - x) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        p, p_noisy, p_recon = _evaluate(model, x_test, sigma)
+        tau, eta = model.thresholds()
+        rows.append(
+            {
+                "sigma": sigma,
+                "psnr": p,
+                "psnr_noisy": p_noisy,
+                "psnr_reconstruction": p_recon,
+                "tau": tau.tolist(),
+                "eta": eta.tolist(),
+                "operator_error": operator_error(model.conv, 32 // c["factor"]),
+                "train_s": time.perf_counter() - t0,
+            }
+        )
+    result = {
+        "config": {"arm": arm, "shrink": shrink, "seed": seed, **c},
+        "runs": rows,
+        **_meta(),
+    }
+    write_json_atomic(path, result, overwrite=force)
+    return result
+
+
+def load_results(out_dir=RESULTS):
+    """All stored results: ``{"cnn": {(arm, seed): result}, "denoise": {(arm,
+    shrink): result}}`` (missing runs are absent)."""
+    out = {"cnn": {}, "denoise": {}}
+    for p in sorted(Path(out_dir).glob("*.json")):
+        r = json.loads(p.read_text())
+        c = r["config"]
+        if p.name.startswith("cnn-"):
+            out["cnn"][c["arm"], c["seed"]] = r
+        elif p.name.startswith("denoise-"):
+            out["denoise"][c["arm"], c["shrink"]] = r
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=("cnn", "denoise"))
+    p.add_argument("--force", action="store_true", help="replace stored results")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--arms", nargs="+", default=None)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.what == "cnn":
+        for seed in args.seeds:
+            for arm in args.arms or CNN_ARMS:
+                r = run_cnn(arm, seed, args.out, args.force, progress=True)
+                print(
+                    f"cnn {arm} seed {seed}: test acc {r['test_acc']:.3f}", flush=True
+                )
+    else:
+        for arm in args.arms or DENOISE_ARMS:
+            for shrink in TransformDenoiser.SHRINKS:
+                r = run_denoise(arm, shrink, args.out, args.force)
+                print(
+                    f"denoise {arm} {shrink}: "
+                    + ", ".join(f"{x['sigma']}: {x['psnr']:.2f} dB" for x in r["runs"]),
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
