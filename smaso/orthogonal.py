@@ -346,6 +346,36 @@ class OrthogonalFilters(nn.Module):
     def forward(self, weight):
         return orthogonalize(weight, self.method, self.tall, self.keep_norms)
 
+    def right_inverse(self, weight):
+        """A raw weight whose orthogonalisation is ``weight``, so that ``layer.weight =
+        W`` works after registration, as with PyTorch's own parametrizations.
+
+        :func:`orthogonalize` leaves filters that already satisfy Eq. (11) as they are
+        (orthonormal ones; orthogonal ones with ``keep_norms=True``), so the raw weight
+        is ``weight`` itself (a copy: the layer does not share the caller's tensor).
+        Other filters end up orthogonalised, as ``parametrizations.orthogonal`` does
+        with a matrix that is not orthogonal. With ``tall="columns"`` and
+        ``keep_norms=True`` the map has no such inverse (``NotImplementedError``, as
+        PyTorch raises for its Cayley map): set ``parametrizations.weight.original``.
+        The first call (registration) fixes the shape; a weight of another shape is
+        refused (one instance per layer, as :func:`register_orthogonal` does).
+        """
+        _check_weight(weight, "weight")
+        shape = getattr(self, "shape", None)
+        if shape is None:
+            self.shape = tuple(weight.shape)
+        elif tuple(weight.shape) != shape:
+            raise ValueError(
+                f"expected a weight of shape {shape}, got {tuple(weight.shape)}"
+            )
+        M = filter_matrix(weight)
+        if self.keep_norms and M.shape[0] > M.shape[1]:
+            raise NotImplementedError(
+                "a tall weight with keep_norms=True cannot be assigned through the "
+                "parametrization; set parametrizations.weight.original instead"
+            )
+        return weight.detach().clone()
+
     def extra_repr(self):
         return (
             f"method={self.method!r}, tall={self.tall!r}, keep_norms={self.keep_norms}"

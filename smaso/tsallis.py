@@ -43,6 +43,7 @@ from .maso import apply_vq, check_params, scores
 from .vq import _as_beta, beta_select, beta_softmax, entropy
 
 __all__ = [
+    "CLOSED_FORM_ALPHAS",
     "HARD_SWISH_ETA",
     "beta_entmax",
     "entmax",
@@ -55,6 +56,7 @@ __all__ = [
     "tsallis_objective",
     "tsallis_pool2d",
     "tsallis_sigmoid",
+    "tsallis_sigmoid_slope",
     "tsallis_vq",
     "tsallis_vq_abs",
     "tsallis_vq_leaky_relu",
@@ -63,6 +65,10 @@ __all__ = [
 
 #: The scale η (β = η / (1 + η) = 1/4) at which the Gini-VQ (α = 2) of the ReLU is hard-swish.
 HARD_SWISH_ETA = 1.0 / 3.0
+
+#: The α whose two-region weight :func:`tsallis_sigmoid` has a closed form (and a slope,
+#: :func:`tsallis_sigmoid_slope`); other α solve Eq. (T2) by bisection.
+CLOSED_FORM_ALPHAS = (1.0, 1.5, 2.0)
 
 
 def _check_alpha(alpha) -> float:
@@ -353,6 +359,31 @@ def tsallis_sigmoid(x: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
         d = (x / 2).clamp(-1, 1)
         return ((d + torch.sqrt(2 - d * d)) / 2) ** 2
     return entmax(torch.stack([x, torch.zeros_like(x)], -1), alpha)[..., 0]
+
+
+def tsallis_sigmoid_slope(u: torch.Tensor, w: torch.Tensor, alpha: float = 2.0):
+    """dw/du of the two-region weight w = :func:`tsallis_sigmoid`(u, α), given w (Eq.
+    T2).
+
+    α = 1: σ(u)(1 − σ(u)), from w alone; α = 2: ½ where (u + 1)/2 ∈ [0, 1] (ends
+    included, as autograd's clamp), else 0; α = 1.5: q (1 − d/√(2 − d²)) / 2 with d =
+    clip(u/2, −1, 1) and q = (d + √(2 − d²))/2 (0 beyond |u| = 2). The backward of the
+    α-entropy VQ activations (:func:`smaso.activations.two_piece_vq_grads`).
+    """
+    alpha = _check_alpha(alpha)
+    if alpha == 1.0:
+        return w * (1 - w)
+    if alpha == 2.0:
+        p = (u + 1) / 2
+        return torch.where((p >= 0) & (p <= 1), 0.5, 0.0).to(u.dtype)
+    if alpha == 1.5:
+        d = (u / 2).clamp(-1, 1)
+        r = torch.sqrt(2 - d * d)
+        return (d + r) / 2 * (1 - d / r) / 2
+    raise ValueError(
+        f"tsallis_sigmoid_slope has closed forms for alpha in {CLOSED_FORM_ALPHAS}, "
+        f"got {alpha}"
+    )
 
 
 def _check_eta(eta, x):

@@ -1,0 +1,213 @@
+"""Benchmark: forward + backward of every learnable activation against its closest
+PyTorch peer, on the CPU.
+
+Each learnable activation (one β per channel) runs three ways: as constructed by
+default (``fused=None``: the compiled kernels of :mod:`smaso.fused` where they run),
+with ``fused=True`` (required) and with ``fused=False`` (eager autograd). Peers:
+``nn.SiLU`` for the β-VQ ReLU and the β-VQ maxout, ``nn.LeakyReLU``, ``nn.Tanh`` for
+the β-VQ absolute value x·tanh(ηx), ``nn.Hardswish`` for the Gini-VQ ReLU and
+``nn.MaxPool2d`` for β-softmax pooling.
+
+One run, float32, (64, 96, 32, 32) by default. Every repeat times each variant next
+to its peer (peer first in odd repeats, last in even ones), in an order rotated from
+repeat to repeat, so that changes of load (the machine may be shared) hit both alike;
+the ratio reported is the median over repeats of variant time / peer time, beside
+the median times. Writes benchmarks/results/activations.json (atomically; the
+previous file is kept as .bak).
+
+    .venv/bin/python benchmarks/activations.py [--shape 64 96 32 32] [--repeats 30]
+    [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from smaso import fused
+from smaso.activations import (
+    BetaVQAbs,
+    BetaVQLeakyReLU,
+    BetaVQMaxout,
+    BetaVQMaxPool2d,
+    BetaVQReLU,
+    TsallisVQReLU,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results" / "activations.json"
+TARGET = 1.3  # the β-VQ ReLU's default, as a multiple of nn.SiLU (issue 14)
+
+
+def cases(C: int):
+    """(activation, peer name, peer module, {variant: module}) for each activation."""
+
+    def three(make):
+        return {
+            "default": make(),
+            "fused=True": make(fused=True),
+            "eager (fused=False)": make(fused=False),
+        }
+
+    relu = three(lambda **k: BetaVQReLU(C, **k))
+    relu["default, beta fixed"] = BetaVQReLU(C, learnable=False)
+    return [
+        ("BetaVQReLU", "nn.SiLU", nn.SiLU(), relu),
+        (
+            "BetaVQLeakyReLU",
+            "nn.LeakyReLU",
+            nn.LeakyReLU(0.01),
+            three(lambda **k: BetaVQLeakyReLU(0.01, C, **k)),
+        ),
+        ("BetaVQAbs", "nn.Tanh", nn.Tanh(), three(lambda **k: BetaVQAbs(C, **k))),
+        (
+            "TsallisVQReLU (alpha=2)",
+            "nn.Hardswish",
+            nn.Hardswish(),
+            three(lambda **k: TsallisVQReLU(C, **k)),
+        ),
+        (
+            "BetaVQMaxout (3 pieces)",
+            "nn.SiLU",
+            nn.SiLU(),
+            three(lambda **k: BetaVQMaxout(C, 3, **k)),
+        ),
+        (
+            "BetaVQMaxPool2d (2x2)",
+            "nn.MaxPool2d",
+            nn.MaxPool2d(2),
+            three(lambda **k: BetaVQMaxPool2d(2, num_channels=C, **k)),
+        ),
+    ]
+
+
+def step_time(module: nn.Module, x: torch.Tensor, grads: dict) -> float:
+    """Seconds for one forward + backward (gradients w.r.t. the input and parameters)."""
+    x.grad = None
+    module.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    y = module(x)
+    y.backward(grads[y.shape])
+    return time.perf_counter() - t0
+
+
+def check(name: str, variants: dict, x: torch.Tensor, grads: dict) -> None:
+    """Every variant computes the same output and gradients as the eager one."""
+    outs = {}
+    for label, m in variants.items():
+        x.grad = None
+        m.zero_grad(set_to_none=True)
+        y = m(x)
+        y.backward(grads[y.shape])
+        outs[label] = [y.detach(), x.grad] + [p.grad for p in m.parameters()]
+    for label, out in outs.items():
+        for a, b in zip(out, outs["eager (fused=False)"]):
+            if a is not None and b is not None:
+                scale = b.abs().max().clamp(min=1)
+                err = ((a - b).abs().max() / scale).item()
+                assert err < 1e-4, (name, label, err)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", type=int, nargs=4, default=[64, 96, 32, 32])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--only", nargs="*", help="activations whose name starts with one of these"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shape = tuple(args.shape)
+    x = torch.randn(shape, requires_grad=True)
+    pooled = (*shape[:2], shape[2] // 2, shape[3] // 2)
+    grads = {torch.Size(s): torch.randn(s) for s in (shape, pooled)}
+    table = [
+        c
+        for c in cases(shape[1])
+        if not args.only or any(c[0].startswith(o) for o in args.only)
+    ]
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    for name, _, peer, variants in table:  # correctness, and compilation (warm-up)
+        check(name, variants, x, grads)
+        for m in (peer, *variants.values()):
+            step_time(m, x, grads)
+    warmup = time.perf_counter() - t0
+    pairs = [
+        (name, peer_name, peer, label, m)
+        for name, peer_name, peer, variants in table
+        for label, m in variants.items()
+    ]
+    times = {(p[0], p[3]): ([], []) for p in pairs}  # (variant's, peer's)
+    for r in range(args.repeats):
+        k = r % len(pairs)
+        for name, _, peer, label, m in pairs[k:] + pairs[:k]:
+            tv, tp = times[name, label]
+            if r % 2:
+                tp.append(step_time(peer, x, grads))
+                tv.append(step_time(m, x, grads))
+            else:
+                tv.append(step_time(m, x, grads))
+                tp.append(step_time(peer, x, grads))
+    load_after = os.getloadavg()
+    print(
+        f"forward+backward on {shape} float32, CPU, {args.threads} threads, "
+        f"median of {args.repeats}; load average {load_before[0]:.1f} -> "
+        f"{load_after[0]:.1f}"
+    )
+    results = []
+    for name, peer_name, _, variants in table:
+        row = {"activation": name, "peer": peer_name, "variants": {}}
+        for label in variants:
+            tv, tp = times[name, label]
+            row["variants"][label] = v = {
+                "ratio": statistics.median(a / b for a, b in zip(tv, tp)),
+                "median_ms": 1e3 * statistics.median(tv),
+                "peer_median_ms": 1e3 * statistics.median(tp),
+            }
+            print(
+                f"  {name:24s} {label:20s} {v['median_ms']:8.1f} ms "
+                f"{v['ratio']:6.2f}x {peer_name} ({v['peer_median_ms']:.1f} ms)"
+            )
+        results.append(row)
+    relu = results[0]["variants"]["default"]["ratio"]
+    result = {
+        "benchmark": "learnable activations vs PyTorch peers, forward+backward",
+        "shape": list(shape),
+        "dtype": "float32",
+        "device": "cpu",
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "results": results,
+        "target_ratio": TARGET,
+        "beta_vq_relu_default_ratio": relu,
+        "warmup_seconds": warmup,
+        "load_average_before_after": [load_before[0], load_after[0]],
+        "compile_errors": fused.compile_errors(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(),
+    }
+    print(f"BetaVQReLU default: {relu:.2f}x nn.SiLU (target <= {TARGET})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.exists():
+        args.out.replace(args.out.with_suffix(".json.bak"))
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
