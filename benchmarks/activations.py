@@ -8,15 +8,17 @@ with ``fused=True`` (required) and with ``fused=False`` (eager autograd). Peers:
 the β-VQ absolute value x·tanh(ηx), ``nn.Hardswish`` for the Gini-VQ ReLU and
 ``nn.MaxPool2d`` for β-softmax pooling.
 
-One run, float32, (64, 96, 32, 32) by default. Every repeat times each variant next
-to its peer (peer first in odd repeats, last in even ones), in an order rotated from
-repeat to repeat, so that changes of load (the machine may be shared) hit both alike;
-the ratio reported is the median over repeats of variant time / peer time, beside
-the median times. Writes benchmarks/results/activations.json (atomically; the
-previous file is kept as .bak).
+One run, float32, (64, 96, 32, 32) by default, with 1 thread and with PyTorch's
+default number of threads. Every repeat times each variant next to its peer (peer
+first in odd repeats, last in even ones), in an order rotated from repeat to repeat,
+so that changes of load (the machine may be shared) hit both alike. The ratio reported
+is the median over repeats of variant time / peer time, in process CPU time (which
+other processes competing for the cores inflate much less than wall-clock time; with
+one thread it is the time the step computed), and in wall-clock time. Writes
+benchmarks/results/activations.json (atomically; the previous file is kept as .bak).
 
     .venv/bin/python benchmarks/activations.py [--shape 64 96 32 32] [--repeats 30]
-    [--threads N]
+    [--threads 1 2] [--only BetaVQReLU ...]
 """
 
 from __future__ import annotations
@@ -88,14 +90,15 @@ def cases(C: int):
     ]
 
 
-def step_time(module: nn.Module, x: torch.Tensor, grads: dict) -> float:
-    """Seconds for one forward + backward (gradients w.r.t. the input and parameters)."""
+def step_time(module: nn.Module, x: torch.Tensor, grads: dict) -> tuple:
+    """(wall, process CPU) seconds for one forward + backward (gradients w.r.t. the
+    input and the parameters)."""
     x.grad = None
     module.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
+    w, c = time.perf_counter(), time.process_time()
     y = module(x)
     y.backward(grads[y.shape])
-    return time.perf_counter() - t0
+    return time.perf_counter() - w, time.process_time() - c
 
 
 def check(name: str, variants: dict, x: torch.Tensor, grads: dict) -> None:
@@ -115,17 +118,55 @@ def check(name: str, variants: dict, x: torch.Tensor, grads: dict) -> None:
                 assert err < 1e-4, (name, label, err)
 
 
+def measure(table, x, grads, repeats: int) -> list:
+    """Interleaved paired timings of every variant against its peer (see the module
+    docstring); one result row per activation."""
+    pairs = [
+        (name, peer, label, m)
+        for name, _, peer, variants in table
+        for label, m in variants.items()
+    ]
+    times = {(p[0], p[2]): [] for p in pairs}  # [(variant's, peer's) (wall, cpu)]
+    for r in range(repeats):
+        k = r % len(pairs)
+        for name, peer, label, m in pairs[k:] + pairs[:k]:
+            if r % 2:
+                tp = step_time(peer, x, grads)
+                tv = step_time(m, x, grads)
+            else:
+                tv = step_time(m, x, grads)
+                tp = step_time(peer, x, grads)
+            times[name, label].append((tv, tp))
+    results = []
+    for name, peer_name, _, variants in table:
+        row = {"activation": name, "peer": peer_name, "variants": {}}
+        for label in variants:
+            t = times[name, label]
+            row["variants"][label] = {
+                f"{kind}_{stat}": value
+                for i, kind in enumerate(("wall", "cpu"))
+                for stat, value in (
+                    ("ratio", statistics.median(v[i] / p[i] for v, p in t)),
+                    ("ms", 1e3 * statistics.median(v[i] for v, _ in t)),
+                    ("peer_ms", 1e3 * statistics.median(p[i] for _, p in t)),
+                )
+            }
+        results.append(row)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", type=int, nargs=4, default=[64, 96, 32, 32])
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, torch.get_num_threads()]
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--only", nargs="*", help="activations whose name starts with one of these"
     )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shape = tuple(args.shape)
     x = torch.randn(shape, requires_grad=True)
@@ -136,70 +177,52 @@ def main() -> None:
         for c in cases(shape[1])
         if not args.only or any(c[0].startswith(o) for o in args.only)
     ]
-    load_before = os.getloadavg()
     t0 = time.perf_counter()
     for name, _, peer, variants in table:  # correctness, and compilation (warm-up)
         check(name, variants, x, grads)
         for m in (peer, *variants.values()):
             step_time(m, x, grads)
     warmup = time.perf_counter() - t0
-    pairs = [
-        (name, peer_name, peer, label, m)
-        for name, peer_name, peer, variants in table
-        for label, m in variants.items()
-    ]
-    times = {(p[0], p[3]): ([], []) for p in pairs}  # (variant's, peer's)
-    for r in range(args.repeats):
-        k = r % len(pairs)
-        for name, _, peer, label, m in pairs[k:] + pairs[:k]:
-            tv, tp = times[name, label]
-            if r % 2:
-                tp.append(step_time(peer, x, grads))
-                tv.append(step_time(m, x, grads))
-            else:
-                tv.append(step_time(m, x, grads))
-                tp.append(step_time(peer, x, grads))
-    load_after = os.getloadavg()
-    print(
-        f"forward+backward on {shape} float32, CPU, {args.threads} threads, "
-        f"median of {args.repeats}; load average {load_before[0]:.1f} -> "
-        f"{load_after[0]:.1f}"
-    )
-    results = []
-    for name, peer_name, _, variants in table:
-        row = {"activation": name, "peer": peer_name, "variants": {}}
-        for label in variants:
-            tv, tp = times[name, label]
-            row["variants"][label] = v = {
-                "ratio": statistics.median(a / b for a, b in zip(tv, tp)),
-                "median_ms": 1e3 * statistics.median(tv),
-                "peer_median_ms": 1e3 * statistics.median(tp),
+    runs = []
+    for threads in dict.fromkeys(args.threads):
+        torch.set_num_threads(threads)
+        load = os.getloadavg()[0]
+        results = measure(table, x, grads, args.repeats)
+        runs.append(
+            {
+                "threads": threads,
+                "load_average_before_after": [load, os.getloadavg()[0]],
+                "results": results,
             }
-            print(
-                f"  {name:24s} {label:20s} {v['median_ms']:8.1f} ms "
-                f"{v['ratio']:6.2f}x {peer_name} ({v['peer_median_ms']:.1f} ms)"
-            )
-        results.append(row)
-    relu = results[0]["variants"]["default"]["ratio"]
+        )
+        print(
+            f"forward+backward on {shape} float32, CPU, {threads} threads, median "
+            f"of {args.repeats} paired ratios (CPU time; wall-clock); load average "
+            f"{load:.1f}"
+        )
+        for row in results:
+            for label, v in row["variants"].items():
+                print(
+                    f"  {row['activation']:24s} {label:20s} {v['cpu_ms']:8.1f} ms "
+                    f"{v['cpu_ratio']:6.2f}x ({v['wall_ratio']:5.2f}x) {row['peer']}"
+                )
     result = {
         "benchmark": "learnable activations vs PyTorch peers, forward+backward",
         "shape": list(shape),
         "dtype": "float32",
         "device": "cpu",
-        "threads": args.threads,
         "repeats": args.repeats,
-        "results": results,
+        "ratio": "median over repeats of (variant / peer) process CPU time; wall_* "
+        "the same with wall-clock time",
+        "runs": runs,
         "target_ratio": TARGET,
-        "beta_vq_relu_default_ratio": relu,
         "warmup_seconds": warmup,
-        "load_average_before_after": [load_before[0], load_after[0]],
         "compile_errors": fused.compile_errors(),
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
     }
-    print(f"BetaVQReLU default: {relu:.2f}x nn.SiLU (target <= {TARGET})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.exists():
         args.out.replace(args.out.with_suffix(".json.bak"))

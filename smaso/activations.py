@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused
+from . import fused, native
 from .tsallis import (
     CLOSED_FORM_ALPHAS,
     _check_alpha,
@@ -296,9 +296,17 @@ def _make_two_piece_kernels(slope: float, alpha: float) -> fused.Kernels:
         dx, deta = two_piece_vq_grads(x, eta, slope, alpha)
         return g * dx, (g * deta).sum_to_size(eta.shape)
 
+    def native_forward(x, eta):
+        return native.two_piece_forward(x, eta, slope)
+
+    def native_backward(g, x, eta):
+        return native.two_piece_backward(g, x, eta, slope)
+
     if alpha not in CLOSED_FORM_ALPHAS:
         return fused.Kernels(value)  # entmax by bisection: eager only
-    return fused.Kernels(value, forward, backward)
+    if alpha != 1.0:
+        return fused.Kernels(value, forward, backward)
+    return fused.Kernels(value, forward, backward, native_forward, native_backward)
 
 
 def swish_fused(

@@ -36,6 +36,8 @@ where it cannot run); ``fused=False`` never takes it.
 
 from __future__ import annotations
 
+import logging
+import sys
 import types
 from collections.abc import Callable
 from typing import NamedTuple
@@ -50,11 +52,18 @@ FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 class Kernels(NamedTuple):
     """The maths of one activation for :func:`run` (see the module docstring);
-    ``forward`` and ``backward`` None where a configuration has no fused kernels."""
+    ``forward`` and ``backward`` None where a configuration has no fused kernels.
+
+    ``native_forward`` and ``native_backward``, optional, are hand-written kernels of
+    the same signatures (:mod:`smaso.native`), run as they are instead of the compiled
+    ones; they return None where they do not apply, and the compiled kernels run.
+    """
 
     value: Callable
     forward: Callable | None = None
     backward: Callable | None = None
+    native_forward: Callable | None = None
+    native_backward: Callable | None = None
 
 
 DYNAMIC = None
@@ -64,7 +73,8 @@ _FAILED: dict[Callable, BaseException] = {}
 
 def compile_errors() -> dict[str, str]:
     """Why ``torch.compile`` failed, per kernel (empty when it never failed): the
-    kernels named here run eagerly from then on."""
+    kernels named here run eagerly from then on. (Why the hand-written kernels of
+    :mod:`smaso.native` are not in use: :func:`smaso.native.build_error`.)"""
     return {fn.__qualname__: f"{type(e).__name__}: {e}" for fn, e in _FAILED.items()}
 
 
@@ -80,6 +90,7 @@ def _compiled(fn: Callable, args, unit_dim: int) -> Callable:
     """
     key = (fn, *[_signature(a, unit_dim) for a in args])
     if key not in _COMPILED:
+        _import_cpp_extension_quietly()
         own = types.FunctionType(
             fn.__code__.replace(),
             fn.__globals__,
@@ -94,6 +105,22 @@ def _compiled(fn: Callable, args, unit_dim: int) -> Callable:
     return _COMPILED[key]
 
 
+def _import_cpp_extension_quietly() -> None:
+    """Import ``torch.utils.cpp_extension`` (which the compiler's C++ backend imports)
+    with its logger muted: on a machine with no CUDA runtime it warns that it found
+    none, which says nothing about CPU kernels and would differ from machine to
+    machine in a notebook's output."""
+    if "torch.utils.cpp_extension" in sys.modules:
+        return
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        logger.setLevel(level)
+
+
 def _signature(a: torch.Tensor, unit_dim: int) -> tuple:
     """What a compiled kernel specialises on: dtype, device, layout, and the shape of
     ``a`` with the number of units (> 1) left open."""
@@ -102,11 +129,23 @@ def _signature(a: torch.Tensor, unit_dim: int) -> tuple:
     return a.dtype, a.device.type, shape, layout
 
 
-def _call(fn: Callable, args, compiled: bool, required: bool, unit_dim: int):
-    """``fn(*args)`` without autograd, compiled when asked; a failed compilation falls
-    back to running ``fn`` eagerly (the same kernel) unless ``required``."""
+def _call(
+    fn: Callable,
+    args,
+    compiled: bool,
+    required: bool,
+    unit_dim: int,
+    native: Callable | None = None,
+):
+    """``fn(*args)`` without autograd: by the ``native`` kernel where it applies, else
+    compiled when asked; a failed compilation falls back to running ``fn`` eagerly (the
+    same kernel) unless ``required``."""
     args = [a.detach() for a in args]
     with torch.no_grad():
+        if compiled and native is not None:
+            out = native(*args)
+            if out is not None:
+                return out
         if not compiled or fn in _FAILED:
             return fn(*args)
         try:
@@ -164,7 +203,14 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kernels, compiled, required, unit_dim, x, *params):
-        y, *saved = _call(kernels.forward, (x, *params), compiled, required, unit_dim)
+        y, *saved = _call(
+            kernels.forward,
+            (x, *params),
+            compiled,
+            required,
+            unit_dim,
+            kernels.native_forward,
+        )
         ctx.kernels, ctx.compiled, ctx.required = kernels, compiled, required
         ctx.unit_dim = unit_dim
         ctx.n_params = len(params)
@@ -185,8 +231,9 @@ class _Fused(torch.autograd.Function):
             grads = iter(torch.autograd.grad(y, inputs, g, create_graph=True))
             return (None,) * 4 + tuple(next(grads) if n else None for n in need)
         args = (g.contiguous(), x, *params, *saved)
+        k = ctx.kernels
         grads = _call(
-            ctx.kernels.backward, args, ctx.compiled, ctx.required, ctx.unit_dim
+            k.backward, args, ctx.compiled, ctx.required, ctx.unit_dim, k.native_backward
         )
         return (None,) * 4 + tuple(d if n else None for d, n in zip(grads, need))
 
@@ -212,7 +259,9 @@ def run(
     required = bool(fused)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
         return _Fused.apply(kernels, compiled, required, unit_dim, x, *params)
-    return _call(kernels.forward, (x, *params), compiled, required, unit_dim)[0]
+    args = (x, *params)
+    k = kernels
+    return _call(k.forward, args, compiled, required, unit_dim, k.native_forward)[0]
 
 
 def fold(x: torch.Tensor, *per_channel: torch.Tensor, spatial: bool = False):

@@ -365,8 +365,8 @@ def tsallis_sigmoid_slope(u: torch.Tensor, w: torch.Tensor, alpha: float = 2.0):
     """dw/du of the two-region weight w = :func:`tsallis_sigmoid`(u, α), given w (Eq.
     T2).
 
-    α = 1: σ(u)(1 − σ(u)), from w alone; α = 2: ½ where (u + 1)/2 ∈ [0, 1] (ends
-    included, as autograd's clamp), else 0; α = 1.5: q (1 − d/√(2 − d²)) / 2 with d =
+    α = 1: σ(u)(1 − σ(u)), from w alone; α = 2: ½ where 0 < (u + 1)/2 < 1 (0 at the
+    kinks u = ±1, as autograd's clamp), else 0; α = 1.5: q (1 − d/√(2 − d²)) / 2 with d =
     clip(u/2, −1, 1) and q = (d + √(2 − d²))/2 (0 beyond |u| = 2). The backward of the
     α-entropy VQ activations (:func:`smaso.activations.two_piece_vq_grads`).
     """
@@ -375,7 +375,7 @@ def tsallis_sigmoid_slope(u: torch.Tensor, w: torch.Tensor, alpha: float = 2.0):
         return w * (1 - w)
     if alpha == 2.0:
         p = (u + 1) / 2
-        return torch.where((p >= 0) & (p <= 1), 0.5, 0.0).to(u.dtype)
+        return torch.where((p > 0) & (p < 1), 0.5, 0.0).to(u.dtype)
     if alpha == 1.5:
         d = (u / 2).clamp(-1, 1)
         r = torch.sqrt(2 - d * d)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smaso import fused
+from smaso import fused, native
 from smaso.activations import (
     BetaVQAbs,
     BetaVQLeakyReLU,
@@ -177,12 +177,48 @@ def _as_function(m):
     )
 
 
+NATIVE = ["relu", "relu, one beta", "relu, linear", "leaky", "abs"]  # C++ kernels
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
 @pytest.mark.parametrize("name", MODULES)
 def test_modules_gradcheck_input_and_parameters_on_both_paths(name, fused):
     m, x = _module(name, fused=fused)
     f, params = _as_function(m)
     assert torch.autograd.gradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_compiled_kernels_where_the_native_ones_are_switched_off(name, monkeypatch):
+    """The kernels compiled by torch.compile, which run where the C++ kernels of
+    smaso.native cannot be built: gradcheck, and the same numbers as eager."""
+    monkeypatch.setenv("SMASO_NATIVE", "0")
+    assert native.build_error() == "switched off (SMASO_NATIVE=0)"
+    m, x = _module(name, fused=True)
+    f, params = _as_function(m)
+    assert torch.autograd.gradcheck(f, (x, *params))
+    y = m(x)
+    m.fused = False
+    torch.testing.assert_close(y, m(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("slope", [0.0, 0.1, -1.0])
+def test_native_kernels_compute_the_maths(slope, dtype):
+    if native.build_error():
+        pytest.skip(f"no C++ kernels here: {native.build_error()}")
+    g = torch.Generator().manual_seed(0)
+    x = 4 * torch.randn(37, 45, generator=g, dtype=dtype)  # odd length: scalar tail
+    eta = torch.rand(37, 1, generator=g, dtype=dtype) + 0.1
+    gy = torch.randn(37, 45, generator=g, dtype=dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+    (y,) = native.two_piece_forward(x, eta, slope)
+    torch.testing.assert_close(y, two_piece_vq(x, eta, slope), **tol)
+    gx, geta = native.two_piece_backward(gy, x, eta, slope)
+    fx, fe = two_piece_vq_grads(x, eta, slope)
+    torch.testing.assert_close(gx, gy * fx, **tol)
+    torch.testing.assert_close(geta, (gy * fe).sum(-1, keepdim=True), **tol)
+    assert native.two_piece_forward(x.half(), eta.half(), slope) is None  # not for it
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -278,6 +314,7 @@ def test_a_failed_compilation_falls_back_to_the_same_kernels_eagerly(monkeypatch
 
         return fail
 
+    monkeypatch.setenv("SMASO_NATIVE", "0")  # no C++ kernels either
     monkeypatch.setattr(fused, "_COMPILED", {})
     monkeypatch.setattr(fused, "_FAILED", {})
     monkeypatch.setattr(fused.torch, "compile", no_compiler)
@@ -294,6 +331,16 @@ def test_a_failed_compilation_falls_back_to_the_same_kernels_eagerly(monkeypatch
     fused._FAILED.clear()
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         m(x)
+
+
+def test_native_kernels_that_cannot_be_built_leave_the_compiled_ones(monkeypatch):
+    monkeypatch.setattr(native, "_STATE", {"error": "RuntimeError: no C++ compiler"})
+    assert native.two_piece_forward(torch.ones(2, 3), torch.ones(2, 1), 0.0) is None
+    m, x = _module("relu")
+    y = m(x)
+    assert _ran_fused(y)  # the compiled kernels
+    m.fused = False
+    torch.testing.assert_close(y, m(x), rtol=1e-12, atol=1e-12)
 
 
 def test_maths_of_the_fused_kernels_against_autograd_and_closed_forms():

@@ -19,6 +19,7 @@ from smaso.activations import (
 from smaso.layers import layer_maso
 from smaso.maso import hard_vq, scores
 from smaso.tsallis import (
+    CLOSED_FORM_ALPHAS,
     HARD_SWISH_ETA,
     beta_entmax,
     entmax,
@@ -31,6 +32,7 @@ from smaso.tsallis import (
     tsallis_objective,
     tsallis_pool2d,
     tsallis_sigmoid,
+    tsallis_sigmoid_slope,
     tsallis_vq,
     tsallis_vq_abs,
     tsallis_vq_leaky_relu,
@@ -335,6 +337,29 @@ def test_tsallis_sigmoid_is_entmax_of_the_pair(alpha):
         atol=1e-13,
     )
     assert (tsallis_sigmoid(X, alpha).diff() >= -1e-15).all()
+
+
+@pytest.mark.parametrize("alpha", CLOSED_FORM_ALPHAS)
+def test_tsallis_sigmoid_slope_is_the_derivative(alpha):
+    """The slope the fused backward uses equals autograd's derivative of the weight
+    (0 at the kinks u = -1, 1 for alpha = 2, as autograd's clamp) and a central
+    difference of the pair's entmax (an independent reference) away from kinks."""
+    u = torch.cat([X, torch.tensor([-2.0, -1.0, 1.0, 2.0], dtype=D64)])
+    t = u.clone().requires_grad_(True)
+    w = tsallis_sigmoid(t, alpha)
+    (autograd,) = torch.autograd.grad(w.sum(), t)
+    slope = tsallis_sigmoid_slope(u, w.detach(), alpha)
+    assert torch.allclose(slope, autograd, atol=1e-14)
+    h = 1e-6
+    away = (u.abs() - 1).abs().gt(1e-3) & (u.abs() - 2).abs().gt(1e-3)
+    pair = lambda v: entmax(torch.stack([v, torch.zeros_like(v)], -1), alpha)[:, 0]
+    central = (pair(u + h) - pair(u - h)) / (2 * h)
+    assert torch.allclose(slope[away], central[away], atol=1e-7)
+
+
+def test_tsallis_sigmoid_slope_refuses_alpha_without_closed_form():
+    with pytest.raises(ValueError, match="closed forms for alpha"):
+        tsallis_sigmoid_slope(X, tsallis_sigmoid(X, 1.3), 1.3)
 
 
 def test_sparse_sigmoid_closed_forms():
