@@ -111,7 +111,7 @@ def check(name: str, variants: dict, x: torch.Tensor, grads: dict) -> None:
         y.backward(grads[y.shape])
         outs[label] = [y.detach(), x.grad] + [p.grad for p in m.parameters()]
     for label, out in outs.items():
-        for a, b in zip(out, outs["eager (fused=False)"]):
+        for a, b in zip(out, outs["eager (fused=False)"], strict=True):
             if a is not None and b is not None:
                 scale = b.abs().max().clamp(min=1)
                 err = ((a - b).abs().max() / scale).item()

@@ -7,10 +7,15 @@ Three layers of the same idea:
    applied elementwise (:func:`scalar_beta_maso`) — the *derivation*, straight from Eq.
    (9) and Eq. (2);
 2. the closed forms that derivation gives (:func:`swish`, :func:`beta_vq_abs`,
-   :func:`beta_vq_leaky_relu`, :func:`beta_softmax_pool2d`) — what a network runs;
+   :func:`beta_vq_leaky_relu`, :func:`beta_softmax_pool2d`), and the maths the
+   modules run with its derivatives (:func:`two_piece_vq`, :func:`two_piece_vq_grads`,
+   :func:`max_affine_vq`, :func:`max_affine_vq_grads`, :func:`softmax_pool_windows`,
+   :func:`softmax_pool_grads`): the forward and hand-written backward of their fused
+   kernels (:mod:`smaso.fused`, :mod:`smaso.native`);
 3. drop-in ``nn.Module`` activations with a learnable β per channel or per layer
    (:class:`BetaVQReLU`, :class:`BetaVQLeakyReLU`, :class:`BetaVQAbs`,
-   :class:`BetaVQMaxPool2d`).
+   :class:`BetaVQMaxPool2d`, :class:`BetaVQMaxout`, :class:`TsallisVQReLU`), which run
+   those fused kernels by default and fall back to autograd where they cannot.
 
 The closed forms take η = β / (1 − β) ≥ 0 (the swish parameter, Proposition 7). The
 modules learn ρ = logit(β), so β = sigmoid(ρ) stays in (0, 1) and η = exp(ρ).
@@ -64,12 +69,13 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 1. MASO parameters of scalar activations, and their β-VQ (the derivation)
 
 
 def convex_maso(slopes, offsets, dtype=torch.float64):
-    """(A (1, R, 1), B (1, R)) of the scalar max-affine function max_r (a_r x + b_r), Eq. (1) with D = K = 1."""
+    """(A (1, R, 1), B (1, R)) of the scalar max-affine function max_r (a_r x + b_r),
+    Eq. (1) with D = K = 1."""
     a = torch.as_tensor(slopes, dtype=dtype).flatten()
     b = torch.as_tensor(offsets, dtype=dtype).flatten()
     if a.numel() == 0 or a.shape != b.shape:
@@ -86,7 +92,8 @@ def relu_maso(dtype=torch.float64):
 
 
 def leaky_relu_maso(negative_slope: float = 0.01, dtype=torch.float64):
-    """Leaky-ReLU as a MASO: pieces x and s·x, valid for s ≤ 1 (for s > 1 it is min(x, sx), concave)."""
+    """Leaky-ReLU as a MASO: pieces x and s·x, valid for s ≤ 1 (for s > 1 it is
+    min(x, sx), concave)."""
     if not negative_slope <= 1:
         raise ValueError(
             f"leaky-ReLU with negative_slope = {negative_slope} > 1 is concave, not a "
@@ -119,7 +126,7 @@ def scalar_beta_maso(A, B, x: torch.Tensor, beta) -> torch.Tensor:
     )
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 2. Closed forms
 
 
@@ -143,7 +150,8 @@ def beta_vq_abs(x: torch.Tensor, eta=1.0) -> torch.Tensor:
 def beta_vq_leaky_relu(
     x: torch.Tensor, eta=1.0, negative_slope: float = 0.01
 ) -> torch.Tensor:
-    """β-VQ of the leaky-ReLU MASO (pieces x, s x): s x + (1 − s) x · sigmoid(η (1 − s) x)."""
+    """β-VQ of the leaky-ReLU MASO (pieces x, s x): s x + (1 − s) x · sigmoid(η (1 − s)
+    x)."""
     if not negative_slope <= 1:
         raise ValueError(
             f"leaky-ReLU with negative_slope = {negative_slope} > 1 is concave, not a "
@@ -235,7 +243,7 @@ def window_pool(
     return (w * u.masked_fill(~valid, 0.0)).sum(2).view(N, C, Ho, Wo)
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # The maths the learnable modules run, with its derivatives: the hand-written backward
 # of their fused kernels (:mod:`smaso.fused`)
 
@@ -356,7 +364,7 @@ def max_affine_vq(x: torch.Tensor, slopes, offsets, eta) -> torch.Tensor:
     """
     s = _pieces(x, slopes, offsets)
     T = _softmax_weights(s, eta)
-    return functools.reduce(operator.add, [t * v for t, v in zip(T, s)])
+    return functools.reduce(operator.add, [t * v for t, v in zip(T, s, strict=True)])
 
 
 def max_affine_vq_grads(x: torch.Tensor, slopes, offsets, eta):
@@ -369,9 +377,10 @@ def max_affine_vq_grads(x: torch.Tensor, slopes, offsets, eta):
     """
     s = _pieces(x, slopes, offsets)
     T = _softmax_weights(s, eta)
-    y = functools.reduce(operator.add, [t * v for t, v in zip(T, s)])
-    dy_ds = [t * (1 + eta * (v - y)) for t, v in zip(T, s)]
-    dy_deta = functools.reduce(operator.add, [t * v * (v - y) for t, v in zip(T, s)])
+    pairs = list(zip(T, s, strict=True))
+    y = functools.reduce(operator.add, [t * v for t, v in pairs])
+    dy_ds = [t * (1 + eta * (v - y)) for t, v in pairs]
+    dy_deta = functools.reduce(operator.add, [t * v * (v - y) for t, v in pairs])
     return dy_ds, dy_deta
 
 
@@ -462,7 +471,7 @@ def _make_pool_kernels(kh: int, kw: int) -> fused.Kernels:
     return fused.Kernels(value, forward, backward)
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 3. Modules with a learnable β
 
 
@@ -637,7 +646,7 @@ class BetaVQMaxPool2d(_LearnableBeta, nn.Module):
         return unfold(y)
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 4. Beyond the paper (Section 6, future work 1 and 2): a learned convex max-affine
 #    activation under β-VQ, and activations from the Tsallis α-entropy VQ
 #    (:mod:`smaso.tsallis`)
@@ -706,7 +715,8 @@ class BetaVQMaxout(_LearnableBeta, nn.Module):
         ).view(shape)
 
     def hard(self, x):
-        """The hard-VQ (β = 1) output: the convex max-affine function max_r s_r (Eq. 1)."""
+        """The hard-VQ (β = 1) output: the convex max-affine function max_r s_r (Eq.
+        1)."""
         return self.scores(x).amax(2)
 
     def forward(self, x):

@@ -12,7 +12,10 @@ learnable activation of :mod:`smaso.activations` supplies its maths as three fun
 * ``forward(x, *params) -> (y, *saved)``: the output and what the backward needs
   besides the inputs (compiled by ``torch.compile``, one pass);
 * ``backward(g, x, *params, *saved) -> (grad_x, *grad_params)``: the hand-written
-  derivatives (compiled, one pass).
+  derivatives (compiled, one pass);
+* optionally the same two as hand-written C++ (:mod:`smaso.native`, for the β-VQ
+  ReLU, leaky-ReLU and absolute value on the CPU), which run instead of the compiled
+  ones wherever they apply.
 
 **Units as rows (a two-stage reduction).** A per-channel parameter's gradient is a sum
 over the batch and the positions. Reduced in one go (over N, H and W for each channel),
@@ -26,12 +29,13 @@ each channel (a tiny second stage).
 
 **When the fast path runs** (:func:`use_fast`): ``fused=None`` (the modules' default)
 takes it where it works and otherwise silently runs ``value`` under autograd, with the
-same numbers up to rounding: under TorchScript tracing or scripting, inside an outer
-``torch.compile`` / ``torch.export`` (which fuses the maths itself), inside
-``torch.func`` transforms, for dtypes other than float32/64, bfloat16 and float16, on
-devices other than CPU and CUDA, and after ``torch.compile`` failed once for a kernel
-(no C++ compiler, unsupported Python). ``fused=True`` requires the fast path (raising
-where it cannot run); ``fused=False`` never takes it.
+same numbers up to rounding (the paths differ in the order of the sums and in the
+rounding of the exponential: about 1e-7 in float32). The eager path runs under
+TorchScript tracing, inside an outer ``torch.compile`` / ``torch.export`` (which fuses
+the maths itself), inside ``torch.func`` transforms, for dtypes other than float32/64,
+bfloat16 and float16, on devices other than CPU and CUDA, and after ``torch.compile``
+failed once for a kernel (no C++ compiler, unsupported Python). ``fused=True``
+requires the fast path (raising where it cannot run); ``fused=False`` never takes it.
 """
 
 from __future__ import annotations
@@ -225,7 +229,7 @@ class _Fused(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: the backward itself must be differentiable, so
             # recompute the value under autograd and differentiate that
-            inputs = [t for t, n in zip((x, *params), need) if n]
+            inputs = [t for t, n in zip((x, *params), need, strict=True) if n]
             with torch.enable_grad():
                 y = ctx.kernels.value(x, *params)
             grads = iter(torch.autograd.grad(y, inputs, g, create_graph=True))
@@ -233,9 +237,16 @@ class _Fused(torch.autograd.Function):
         args = (g.contiguous(), x, *params, *saved)
         k = ctx.kernels
         grads = _call(
-            k.backward, args, ctx.compiled, ctx.required, ctx.unit_dim, k.native_backward
+            k.backward,
+            args,
+            ctx.compiled,
+            ctx.required,
+            ctx.unit_dim,
+            k.native_backward,
         )
-        return (None,) * 4 + tuple(d if n else None for d, n in zip(grads, need))
+        return (None,) * 4 + tuple(
+            d if n else None for d, n in zip(grads, need, strict=True)
+        )
 
 
 def run(

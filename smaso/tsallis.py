@@ -63,7 +63,8 @@ __all__ = [
     "tsallis_vq_relu",
 ]
 
-#: The scale η (β = η / (1 + η) = 1/4) at which the Gini-VQ (α = 2) of the ReLU is hard-swish.
+#: The scale η (β = η / (1 + η) = 1/4) at which the Gini-VQ (α = 2) of the ReLU is
+#: hard-swish.
 HARD_SWISH_ETA = 1.0 / 3.0
 
 #: The α whose two-region weight :func:`tsallis_sigmoid` has a closed form (and a slope,
@@ -109,17 +110,19 @@ def tsallis_entropy(t: torch.Tensor, alpha: float = 2.0, dim: int = -1) -> torch
 def tsallis_objective(
     t: torch.Tensor, s: torch.Tensor, beta=0.5, alpha: float = 2.0
 ) -> torch.Tensor:
-    """The α-entropy VQ objective β <t, s> + (1 − β) H_α(t) of Eq. (T1) (Eq. 8 with H → H_α)."""
+    """The α-entropy VQ objective β <t, s> + (1 − β) H_α(t) of Eq. (T1) (Eq. 8 with H
+    → H_α)."""
     beta = _as_beta(beta, s)
     return beta * (t * s).sum(-1) + (1 - beta) * tsallis_entropy(t, alpha)
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # α-entmax: the maximiser of <t, u> + H_α(t) over the simplex (Eq. T2 with η s = u)
 
 
 def _sparsemax_last(x: torch.Tensor) -> torch.Tensor:
-    """Sparsemax along the last dim by sorting: t = [x − τ]_+ with τ = (Σ_{top k} x − 1)/k."""
+    """Sparsemax along the last dim by sorting: t = [x − τ]_+ with τ = (Σ_{top k} x −
+    1)/k."""
     xs, _ = torch.sort(x, dim=-1, descending=True)
     k = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype, device=x.device)
     cums = xs.cumsum(-1)
@@ -262,7 +265,7 @@ def entmax_kkt_residual(
     return torch.maximum(feas, torch.maximum(on, off))
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # The α-entropy VQ of a MASO (Eq. T1/T2) and its output (Eq. 2)
 
 
@@ -334,7 +337,7 @@ def scalar_tsallis_maso(
     ).sum(-1)
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Two regions: the α-sigmoid, and closed forms of the ReLU, leaky-ReLU and absolute
 # value
 
@@ -366,9 +369,9 @@ def tsallis_sigmoid_slope(u: torch.Tensor, w: torch.Tensor, alpha: float = 2.0):
     T2).
 
     α = 1: σ(u)(1 − σ(u)), from w alone; α = 2: ½ where 0 < (u + 1)/2 < 1 (0 at the
-    kinks u = ±1, as autograd's clamp), else 0; α = 1.5: q (1 − d/√(2 − d²)) / 2 with d =
-    clip(u/2, −1, 1) and q = (d + √(2 − d²))/2 (0 beyond |u| = 2). The backward of the
-    α-entropy VQ activations (:func:`smaso.activations.two_piece_vq_grads`).
+    kinks u = ±1, as autograd's clamp), else 0; α = 1.5: q (1 − d/√(2 − d²)) / 2 with
+    d = clip(u/2, −1, 1) and q = (d + √(2 − d²))/2 (0 beyond |u| = 2). The backward of
+    the α-entropy VQ activations (:func:`smaso.activations.two_piece_vq_grads`).
     """
     alpha = _check_alpha(alpha)
     if alpha == 1.0:
@@ -410,7 +413,8 @@ def tsallis_vq_relu(
 def tsallis_vq_leaky_relu(
     x: torch.Tensor, eta=1.0, alpha: float = 2.0, negative_slope: float = 0.01
 ) -> torch.Tensor:
-    """α-entropy VQ of the leaky-ReLU MASO (pieces x, s x; s ≤ 1): s x + (1 − s) x · tsallis_sigmoid(η (1 − s) x)."""
+    """α-entropy VQ of the leaky-ReLU MASO (pieces x, s x; s ≤ 1): s x + (1 − s) x ·
+    tsallis_sigmoid(η (1 − s) x)."""
     _check_float_tensor(x, "x")
     if not negative_slope <= 1:
         raise ValueError(
@@ -434,7 +438,7 @@ def tsallis_vq_abs(x: torch.Tensor, eta=1.0, alpha: float = 2.0) -> torch.Tensor
     return x * (2 * tsallis_sigmoid(2 * _check_eta(eta, x) * x, alpha) - 1)
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Pooling: the α-entropy VQ of the max-pooling MASO (Proposition 4 with H → H_α)
 
 

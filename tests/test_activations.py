@@ -1,4 +1,5 @@
-"""Nonlinearities induced by soft/β-VQ (Props. 3–7, Table 1) and the learnable-β modules."""
+"""Nonlinearities induced by soft/β-VQ (Props. 3–7, Table 1) and the learnable-β
+modules, on their fast (fused) and eager paths."""
 
 import pytest
 import torch
@@ -172,7 +173,9 @@ def _as_function(m):
     names = [n for n, _ in m.named_parameters()]
     params = [p.detach().clone().requires_grad_(True) for p in m.parameters()]
     return (
-        lambda t, *ps: torch.func.functional_call(m, dict(zip(names, ps)), (t,)),
+        lambda t, *ps: torch.func.functional_call(
+            m, dict(zip(names, ps, strict=True)), (t,)
+        ),
         params,
     )
 
@@ -233,7 +236,7 @@ def test_the_fast_path_is_the_default_and_computes_the_eager_numbers(name):
     assert not _ran_fused(y_eager)
     grads_eager = torch.autograd.grad(y_eager, (x, *m.parameters()), g)
     torch.testing.assert_close(y, y_eager, rtol=1e-12, atol=1e-12)
-    for a, b in zip(grads, grads_eager):
+    for a, b in zip(grads, grads_eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     with torch.no_grad():  # inference runs the compiled forward alone
         m.fused = None
@@ -252,7 +255,7 @@ def test_fast_path_float32_matches_float64(name):
     assert _ran_fused(y32)
     grads32 = torch.autograd.grad(y32, (x32, *m.parameters()), g.float())
     torch.testing.assert_close(y32, y64.float(), rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads32, grads64):
+    for a, b in zip(grads32, grads64, strict=True):
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
 
 
