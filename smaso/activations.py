@@ -314,7 +314,9 @@ def _make_two_piece_kernels(slope: float, alpha: float) -> fused.Kernels:
         return fused.Kernels(value)  # entmax by bisection: eager only
     if alpha != 1.0:
         return fused.Kernels(value, forward, backward)
-    return fused.Kernels(value, forward, backward, native_forward, native_backward)
+    return fused.Kernels(
+        value, forward, backward, native_forward, native_backward, native.applies
+    )
 
 
 def swish_fused(

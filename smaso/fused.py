@@ -61,6 +61,8 @@ class Kernels(NamedTuple):
     ``native_forward`` and ``native_backward``, optional, are hand-written kernels of
     the same signatures (:mod:`smaso.native`), run as they are instead of the compiled
     ones; they return None where they do not apply, and the compiled kernels run.
+    ``native_applies(x)`` tells beforehand whether they will run for input ``x`` (they
+    need no ``torch.compile``).
     """
 
     value: Callable
@@ -68,9 +70,9 @@ class Kernels(NamedTuple):
     backward: Callable | None = None
     native_forward: Callable | None = None
     native_backward: Callable | None = None
+    native_applies: Callable | None = None  # (x) -> whether the native kernels run
 
 
-DYNAMIC = None
 _COMPILED: dict[tuple, Callable] = {}
 _FAILED: dict[Callable, BaseException] = {}
 
@@ -168,19 +170,31 @@ def _why_not(x: torch.Tensor, kernels: Kernels) -> str | None:
         return "this configuration has no fused kernels"
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return "TorchScript"
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return "inside torch.compile or torch.export (the outer compiler fuses)"
-    if torch._C._are_functorch_transforms_active():
+    if _functorch_active():
         return "inside a torch.func transform"
     if x.dtype not in FAST_DTYPES:
         return f"dtype {x.dtype} (compiled kernels for {FAST_DTYPES})"
     if x.device.type not in ("cpu", "cuda"):
         return f"device {x.device.type}"
+    if kernels.native_applies is not None and kernels.native_applies(x):
+        return None  # hand-written kernels: no compiler needed
     if not torch._dynamo.is_dynamo_supported():
         return "torch.compile is not supported on this Python"
     if kernels.forward in _FAILED or kernels.backward in _FAILED:
         return "torch.compile failed earlier: " + str(compile_errors())
     return None
+
+
+def _is_compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling() if is_compiling else torch._dynamo.is_compiling())
+
+
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active and active())
 
 
 def use_fast(x: torch.Tensor, kernels: Kernels, fused: bool | None) -> bool:
@@ -197,7 +211,7 @@ def use_fast(x: torch.Tensor, kernels: Kernels, fused: bool | None) -> bool:
     reason = _why_not(x, kernels)
     if reason is None:
         return True
-    if fused and not torch.compiler.is_compiling():
+    if fused and not _is_compiling():
         raise RuntimeError(f"fused=True, but the fused kernels cannot run: {reason}")
     return False
 

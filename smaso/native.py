@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["build_error", "two_piece_backward", "two_piece_forward"]
+__all__ = ["applies", "build_error", "two_piece_backward", "two_piece_forward"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "two_piece.cpp"
 _DTYPES = (torch.float32, torch.float64)
@@ -78,6 +78,12 @@ def _ops():
 
 def _applies(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype in _DTYPES for t in tensors)
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether the C++ kernels run for input ``x``: float32 or float64 on the CPU, and
+    the extension builds (built here if it is not yet)."""
+    return _applies(x) and _ops() is not None
 
 
 def two_piece_forward(x: torch.Tensor, eta: torch.Tensor, slope: float):
