@@ -86,10 +86,15 @@ def applies(x: torch.Tensor) -> bool:
     return _applies(x) and _ops() is not None
 
 
+def _rows(x: torch.Tensor, eta: torch.Tensor) -> bool:
+    return x.ndim == 2 and eta.numel() == x.shape[0]
+
+
 def two_piece_forward(x: torch.Tensor, eta: torch.Tensor, slope: float):
     """(y,) = (two_piece_vq(x, eta, slope),) for rows ``x`` (M, L) and ``eta`` (M, 1)
-    (α = 1); None where the C++ kernels do not apply (device, dtype, no build)."""
-    ops = _ops() if _applies(x, eta) else None
+    (α = 1); None where the C++ kernels do not apply (layout, device, dtype, no
+    build)."""
+    ops = _ops() if _rows(x, eta) and _applies(x, eta) else None
     if ops is None:
         return None
     return (ops.two_piece_forward(x.contiguous(), eta.reshape(-1).contiguous(), slope),)
@@ -99,7 +104,7 @@ def two_piece_backward(g: torch.Tensor, x: torch.Tensor, eta: torch.Tensor, slop
     """(grad_x, grad_eta) of :func:`two_piece_forward`, grad_eta per row (M, 1), from
     :func:`smaso.activations.two_piece_vq_grads`; None where the kernels do not
     apply."""
-    ops = _ops() if _applies(g, x, eta) else None
+    ops = _ops() if _rows(x, eta) and _applies(g, x, eta) else None
     if ops is None:
         return None
     gx, geta = ops.two_piece_backward(

@@ -402,6 +402,12 @@ def test_swish_fused_backward_gradcheck_and_value():
         lambda t, e: swish_fused(t, e, compiled=False), (inp, eta)
     )
     assert torch.allclose(swish_fused(inp, eta, compiled=False), swish(inp, eta))
+    y = swish_fused(inp, eta)  # compiled (natural layout: no C++ kernels)
+    torch.testing.assert_close(y, swish(inp, eta))
+    dx, de = torch.autograd.grad(y.sum(), (inp, eta))
+    ex, ee = torch.autograd.grad(swish(inp, eta).sum(), (inp, eta))
+    torch.testing.assert_close(dx, ex)
+    torch.testing.assert_close(de, ee)
     fixed = eta.detach()  # no gradient wanted for eta: the input-only backward kernel
     assert torch.autograd.gradcheck(
         lambda t: swish_fused(t, fixed, compiled=False), (inp,)
