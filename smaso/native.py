@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,13 +61,15 @@ def _ops():
             level = logger.level
             logger.setLevel(logging.ERROR)  # no compiler-version notes in outputs
             try:
-                load(
-                    f"smaso_native_{cap.lower()}",
-                    [str(SOURCE)],
-                    extra_cflags=flags + _FLAGS.get(cap, []),
-                    is_python_module=False,
-                    verbose=False,
-                )
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    load(
+                        f"smaso_native_{cap.lower()}",
+                        [str(SOURCE)],
+                        extra_cflags=flags + _FLAGS.get(cap, []),
+                        is_python_module=False,
+                        verbose=False,
+                    )
             finally:
                 logger.setLevel(level)
             _STATE["ops"] = torch.ops.smaso_native
