@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smaso import fused
+from smaso import fused, native
 from smaso.activations import (
     BetaVQAbs,
     BetaVQLeakyReLU,
@@ -218,6 +218,7 @@ def main() -> None:
         "target_ratio": TARGET,
         "warmup_seconds": warmup,
         "compile_errors": fused.compile_errors(),
+        "native_kernels": native.build_error() or "built and used",
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
