@@ -7,10 +7,15 @@ Three layers of the same idea:
    applied elementwise (:func:`scalar_beta_maso`) — the *derivation*, straight from Eq.
    (9) and Eq. (2);
 2. the closed forms that derivation gives (:func:`swish`, :func:`beta_vq_abs`,
-   :func:`beta_vq_leaky_relu`, :func:`beta_softmax_pool2d`) — what a network runs;
+   :func:`beta_vq_leaky_relu`, :func:`beta_softmax_pool2d`), and the maths the
+   modules run with its derivatives (:func:`two_piece_vq`, :func:`two_piece_vq_grads`,
+   :func:`max_affine_vq`, :func:`max_affine_vq_grads`, :func:`softmax_pool_windows`,
+   :func:`softmax_pool_grads`): the forward and hand-written backward of their fused
+   kernels (:mod:`smaso.fused`, :mod:`smaso.native`);
 3. drop-in ``nn.Module`` activations with a learnable β per channel or per layer
    (:class:`BetaVQReLU`, :class:`BetaVQLeakyReLU`, :class:`BetaVQAbs`,
-   :class:`BetaVQMaxPool2d`).
+   :class:`BetaVQMaxPool2d`, :class:`BetaVQMaxout`, :class:`TsallisVQReLU`), which run
+   those fused kernels by default and fall back to autograd where they cannot.
 
 The closed forms take η = β / (1 − β) ≥ 0 (the swish parameter, Proposition 7). The
 modules learn ρ = logit(β), so β = sigmoid(ρ) stays in (0, 1) and η = exp(ρ).
@@ -18,16 +23,22 @@ modules learn ρ = logit(β), so β = sigmoid(ρ) stays in (0, 1) and η = exp(�
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import as_beta as _as_beta
-from .checks import check_alpha as _check_alpha
-from .checks import check_eta as _check_eta
-from .tsallis import entmax, tsallis_sigmoid
+from . import fused, native
+from .checks import as_beta, as_pair, check_alpha, check_eta
+from .tsallis import (
+    CLOSED_FORM_ALPHAS,
+    entmax,
+    tsallis_sigmoid,
+    tsallis_sigmoid_slope,
+)
 from .vq import beta_softmax, window_pool
 
 __all__ = [
@@ -44,20 +55,27 @@ __all__ = [
     "beta_vq_leaky_relu",
     "convex_maso",
     "leaky_relu_maso",
+    "max_affine_vq",
+    "max_affine_vq_grads",
     "relu_maso",
     "scalar_beta_maso",
+    "softmax_pool_grads",
+    "softmax_pool_windows",
     "swish",
     "swish_fused",
+    "two_piece_vq",
+    "two_piece_vq_grads",
     "window_pool",
 ]
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 1. MASO parameters of scalar activations, and their β-VQ (the derivation)
 
 
 def convex_maso(slopes, offsets, dtype=torch.float64):
-    """(A (1, R, 1), B (1, R)) of the scalar max-affine function max_r (a_r x + b_r), Eq. (1) with D = K = 1."""
+    """(A (1, R, 1), B (1, R)) of the scalar max-affine function max_r (a_r x + b_r),
+    Eq. (1) with D = K = 1."""
     a = torch.as_tensor(slopes, dtype=dtype).flatten()
     b = torch.as_tensor(offsets, dtype=dtype).flatten()
     if a.numel() == 0 or a.shape != b.shape:
@@ -74,7 +92,8 @@ def relu_maso(dtype=torch.float64):
 
 
 def leaky_relu_maso(negative_slope: float = 0.01, dtype=torch.float64):
-    """Leaky-ReLU as a MASO: pieces x and s·x, valid for s ≤ 1 (for s > 1 it is min(x, sx), concave)."""
+    """Leaky-ReLU as a MASO: pieces x and s·x, valid for s ≤ 1 (for s > 1 it is
+    min(x, sx), concave)."""
     if not negative_slope <= 1:
         raise ValueError(
             f"leaky-ReLU with negative_slope = {negative_slope} > 1 is concave, not a "
@@ -101,13 +120,13 @@ def scalar_beta_maso(A, B, x: torch.Tensor, beta) -> torch.Tensor:
             f"{tuple(A.shape)}, {tuple(B.shape)}"
         )
     s = x.unsqueeze(-1) * A[0, :, 0].to(x) + B[0].to(x)  # (..., R) region scores
-    beta = _as_beta(beta, x)
+    beta = as_beta(beta, x)
     return (beta_softmax(s, beta.unsqueeze(-1) if beta.ndim else beta, dim=-1) * s).sum(
         -1
     )
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 2. Closed forms
 
 
@@ -118,26 +137,27 @@ def swish(x: torch.Tensor, eta=1.0) -> torch.Tensor:
     η = 1 (β = ½, soft VQ) is the SiLU / sigmoid-weighted linear unit (Proposition 3); η
     → ∞ gives the ReLU, η = 0 the linear x/2.
     """
-    eta = _check_eta(eta, x)
+    eta = check_eta(eta, x)
     return x * torch.sigmoid(eta * x)
 
 
 def beta_vq_abs(x: torch.Tensor, eta=1.0) -> torch.Tensor:
     """β-VQ of the absolute-value MASO (pieces ±x): x · tanh(η x)."""
-    eta = _check_eta(eta, x)
+    eta = check_eta(eta, x)
     return x * torch.tanh(eta * x)
 
 
 def beta_vq_leaky_relu(
     x: torch.Tensor, eta=1.0, negative_slope: float = 0.01
 ) -> torch.Tensor:
-    """β-VQ of the leaky-ReLU MASO (pieces x, s x): s x + (1 − s) x · sigmoid(η (1 − s) x)."""
+    """β-VQ of the leaky-ReLU MASO (pieces x, s x): s x + (1 − s) x · sigmoid(η (1 − s)
+    x)."""
     if not negative_slope <= 1:
         raise ValueError(
             f"leaky-ReLU with negative_slope = {negative_slope} > 1 is concave, not a "
             "MASO"
         )
-    eta = _check_eta(eta, x)
+    eta = check_eta(eta, x)
     s = negative_slope
     return s * x + (1 - s) * x * torch.sigmoid(eta * (1 - s) * x)
 
@@ -164,75 +184,237 @@ def beta_softmax_pool2d(
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# A fused swish for training speed: one pass forward, one pass backward (custom autograd
-# with kernels compiled by torch.compile), same function as :func:`swish`.
+# --------------------------------------------------------------------------------------
+# The maths the learnable modules run, with its derivatives: the hand-written backward
+# of their fused kernels (:mod:`smaso.fused`)
 
 
-def _swish_forward(x, eta):
-    return x * torch.sigmoid(eta * x)
+def two_piece_vq(x: torch.Tensor, eta, slope: float = 0.0, alpha: float = 1.0):
+    """β-VQ of the two-piece MASO with pieces x and s·x (s = ``slope`` ≤ 1), the maths
+    of :class:`BetaVQReLU` (s = 0), :class:`BetaVQLeakyReLU` and :class:`BetaVQAbs`
+    (s = −1): Theorem 3 (Eq. 9) with R = 2, then Eq. (2).
+
+    The two regions' scores differ by (1 − s) x, so the first gets the weight w(u),
+    u = η (1 − s) x, with w = sigmoid (Eq. 9); the output is
+    s x + (1 − s) x w(u) = x (s + (1 − s) w(u)): swish at s = 0 (Proposition 7),
+    x tanh(η x) at s = −1. ``alpha`` > 1 takes the α-entropy VQ weight
+    :func:`smaso.tsallis.tsallis_sigmoid` instead (Eq. T2; :class:`TsallisVQReLU`).
+    ``eta`` broadcasts against ``x``.
+    """
+    c = 1 - slope
+    return x * (slope + c * tsallis_sigmoid(eta * (c * x), alpha))
 
 
-def _swish_backward(g, x, eta):
-    s = torch.sigmoid(eta * x)
-    ds = s * (1 - s)
-    grad_x = g * (s + eta * x * ds)
-    grad_eta = (g * x * x * ds).sum_to_size(eta.shape)
-    return grad_x, grad_eta
+def two_piece_vq_grads(x: torch.Tensor, eta, slope: float = 0.0, alpha: float = 1.0):
+    """(∂f/∂x, ∂f/∂η) of :func:`two_piece_vq` f = x (s + (1 − s) w(u)), u = η (1 − s) x.
+
+    ∂f/∂x = s + (1 − s) (w + u w′) and ∂f/∂η = ((1 − s) x)² w′, with w′ = dw/du
+    (:func:`smaso.tsallis.tsallis_sigmoid_slope`; σ (1 − σ) for Eq. 9). Both come from
+    the weight w and its slope w′, computed once: the dη of a learnable β costs a
+    product and a sum on top of the input gradient.
+    """
+    c = 1 - slope
+    v = c * x
+    u = eta * v
+    w = tsallis_sigmoid(u, alpha)
+    dw = tsallis_sigmoid_slope(u, w, alpha)
+    return slope + c * (w + u * dw), v * v * dw
 
 
-def _swish_backward_x(g, x, eta):
-    s = torch.sigmoid(eta * x)
-    return g * (s + eta * x * s * (1 - s))
+_KERNELS: dict[tuple, fused.Kernels] = {}  # one set of kernels per configuration
 
 
-_KERNELS = {"fwd": _swish_forward, "bwd": _swish_backward, "bwd_x": _swish_backward_x}
-_COMPILED: dict[str, object] = {}
+def _two_piece_kernels(slope: float, alpha: float) -> fused.Kernels:
+    """Fused kernels of :func:`two_piece_vq` for one (slope, α); ``eta`` (M, 1) per
+    row of (M, L) rows, or anything broadcastable (the sum is to ``eta``'s shape)."""
+    key = ("two_piece", slope, alpha)
+    if key not in _KERNELS:
+        _KERNELS[key] = _make_two_piece_kernels(slope, alpha)
+    return _KERNELS[key]
 
 
-def _kernel(name: str, compiled: bool):
-    if not compiled:
-        return _KERNELS[name]
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(_KERNELS[name], dynamic=False)
-    return _COMPILED[name]
+def _make_two_piece_kernels(slope: float, alpha: float) -> fused.Kernels:
 
+    def value(x, eta):
+        return two_piece_vq(x, eta, slope, alpha)
 
-class _Swish(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, eta, compiled):
-        ctx.save_for_backward(x, eta)
-        ctx.compiled = compiled
-        return _kernel("fwd", compiled)(x, eta)
+    def forward(x, eta):
+        return (two_piece_vq(x, eta, slope, alpha),)
 
-    @staticmethod
-    def backward(ctx, g):
-        x, eta = ctx.saved_tensors
-        if ctx.needs_input_grad[
-            1
-        ]:  # learnable β: the per-channel reduction for dη as well
-            grad_x, grad_eta = _kernel("bwd", ctx.compiled)(g.contiguous(), x, eta)
-            return grad_x, grad_eta, None
-        return _kernel("bwd_x", ctx.compiled)(g.contiguous(), x, eta), None, None
+    def backward(g, x, eta):
+        dx, deta = two_piece_vq_grads(x, eta, slope, alpha)
+        return g * dx, (g * deta).sum_to_size(eta.shape)
+
+    def native_forward(x, eta):
+        return native.two_piece_forward(x, eta, slope)
+
+    def native_backward(g, x, eta):
+        return native.two_piece_backward(g, x, eta, slope)
+
+    if alpha not in CLOSED_FORM_ALPHAS:
+        return fused.Kernels(value)  # entmax by bisection: eager only
+    if alpha != 1.0:
+        return fused.Kernels(value, forward, backward)
+    return fused.Kernels(
+        value, forward, backward, native_forward, native_backward, native.applies
+    )
 
 
 def swish_fused(
     x: torch.Tensor, eta: torch.Tensor, compiled: bool = True
 ) -> torch.Tensor:
-    """:func:`swish` with a hand-written backward (grad w.r.t. x and η), fused by
-    ``torch.compile``.
+    """:func:`swish` through the fused kernels of :class:`BetaVQReLU`: a compiled
+    forward and the hand-written backward :func:`two_piece_vq_grads` (grad w.r.t. x
+    and η).
 
     ``eta`` is a tensor broadcastable to ``x`` (e.g. (1, C, 1, 1)). ``compiled=False``
-    runs the same kernels eagerly (used to check the backward with ``gradcheck``). The
-    first compiled call per shape and dtype takes seconds (code generation); later calls
-    are fast.
+    runs the same kernels eagerly (used to check the backward with ``gradcheck``).
+    Raises where the fused kernels cannot run (e.g. an integer dtype).
     """
     if not isinstance(eta, torch.Tensor):
         raise TypeError("swish_fused needs eta as a tensor broadcastable to x")
-    return _Swish.apply(x, eta.to(x.dtype), compiled)
+    return fused.run(
+        _two_piece_kernels(0.0, 1.0),
+        x,
+        eta.to(x.dtype),
+        fused=True,
+        compiled=compiled,
+    )
 
 
-# ----------------------------------------------------------------------------------------------
+def _pieces(x, slopes, offsets):
+    """The R region scores s_r = a_r x + b_r of rows ``x`` (M, L), slopes and offsets
+    (M, R): a list of R (M, L) tensors (pieces unrolled: R is small)."""
+    return [
+        x * slopes[:, r : r + 1] + offsets[:, r : r + 1] for r in range(slopes.shape[1])
+    ]
+
+
+def _softmax_weights(s, eta):
+    """T = softmax(η s) over the list of scores ``s`` (Eq. 9), stabilised by the max."""
+    m = functools.reduce(torch.maximum, s)
+    z = [torch.exp(eta * (v - m)) for v in s]
+    inv = 1 / functools.reduce(operator.add, z)
+    return [zr * inv for zr in z]
+
+
+def max_affine_vq(x: torch.Tensor, slopes, offsets, eta) -> torch.Tensor:
+    """β-VQ of scalar max-affine units max_r (a_r x + b_r), one unit per row:
+    Σ_r T_r s_r with s_r = a_r x + b_r and T = softmax(η s) (Theorem 3, Eq. 9; Eq. 2).
+
+    ``x`` (M, L), ``slopes`` and ``offsets`` (M, R), ``eta`` (M, 1): the maths of
+    :class:`BetaVQMaxout` (α = 1) on units as rows (:func:`smaso.fused.fold`).
+    """
+    s = _pieces(x, slopes, offsets)
+    T = _softmax_weights(s, eta)
+    return functools.reduce(operator.add, [t * v for t, v in zip(T, s, strict=True)])
+
+
+def max_affine_vq_grads(x: torch.Tensor, slopes, offsets, eta):
+    """Derivatives of :func:`max_affine_vq` y = Σ_r T_r s_r: the R tensors ∂y/∂s_r =
+    T_r (1 + η (s_r − y)) and ∂y/∂η = Σ_r T_r s_r (s_r − y).
+
+    From Eq. (9), ∂T_r/∂(η s_q) = T_r (δ_rq − T_q); everything follows from the weights
+    T the forward computes. The chain rule gives ∂y/∂x = Σ_r a_r ∂y/∂s_r, ∂y/∂a_r = x
+    ∂y/∂s_r and ∂y/∂b_r = ∂y/∂s_r.
+    """
+    s = _pieces(x, slopes, offsets)
+    T = _softmax_weights(s, eta)
+    pairs = list(zip(T, s, strict=True))
+    y = functools.reduce(operator.add, [t * v for t, v in pairs])
+    dy_ds = [t * (1 + eta * (v - y)) for t, v in pairs]
+    dy_deta = functools.reduce(operator.add, [t * v * (v - y) for t, v in pairs])
+    return dy_ds, dy_deta
+
+
+def _max_affine_value(x, slopes, offsets, eta):
+    return max_affine_vq(x, slopes, offsets, eta)
+
+
+def _max_affine_forward(x, slopes, offsets, eta):
+    return (max_affine_vq(x, slopes, offsets, eta),)
+
+
+def _max_affine_backward(g, x, slopes, offsets, eta):
+    dy_ds, dy_deta = max_affine_vq_grads(x, slopes, offsets, eta)
+    gs = [g * d for d in dy_ds]
+    gx = functools.reduce(
+        operator.add, [slopes[:, r : r + 1] * d for r, d in enumerate(gs)]
+    )
+    g_slopes = torch.cat([(d * x).sum(-1, keepdim=True) for d in gs], 1)
+    g_offsets = torch.cat([d.sum(-1, keepdim=True) for d in gs], 1)
+    return gx, g_slopes, g_offsets, (g * dy_deta).sum_to_size(eta.shape)
+
+
+_MAX_AFFINE_KERNELS = fused.Kernels(
+    _max_affine_value, _max_affine_forward, _max_affine_backward
+)
+
+
+def softmax_pool_windows(x: torch.Tensor, eta, kh: int, kw: int):
+    """β-softmax pooling over non-overlapping kh×kw windows (stride = kernel, no
+    padding; H, W multiples of kh, kw), and each window's log-partition: (y, lse).
+
+    y = Σ_i w_i u_i with w = softmax(η u) over the window (Proposition 4, Eq. 9) and
+    lse = log Σ_i exp(η u_i), so that w_i = exp(η u_i − lse): the backward recomputes
+    the weights of any entry from (y, lse) without the window. ``x`` (N, C, H, W),
+    ``eta`` (C,) or (1, C, 1, 1).
+    """
+    N, C, H, W = x.shape
+    u = x.view(N, C, H // kh, kh, W // kw, kw)
+    e = eta.view(1, C, 1, 1, 1, 1)
+    lse = torch.logsumexp(e * u, dim=(3, 5))
+    w = torch.exp(e * u - lse[:, :, :, None, :, None])
+    return (w * u).sum((3, 5)), lse
+
+
+def _per_entry(t, kh, kw):
+    """A per-window (N, C, Ho, Wo) tensor repeated to each entry of its window."""
+    N, C, Ho, Wo = t.shape
+    t = t[:, :, :, None, :, None].expand(N, C, Ho, kh, Wo, kw)
+    return t.reshape(N, C, Ho * kh, Wo * kw)
+
+
+def softmax_pool_grads(x: torch.Tensor, eta, y, lse, kh: int, kw: int):
+    """Derivatives of :func:`softmax_pool_windows` for every input entry u_i: ∂y/∂u_i =
+    w_i (1 + η (u_i − y)), and w_i u_i (u_i − y), the entry's term of ∂y/∂η.
+
+    With w = softmax(η u), ∂w_j/∂(η u_i) = w_j (δ_ij − w_i) (Eq. 9) gives both; w_i =
+    exp(η u_i − lse) comes from the forward's (y, lse), entry by entry.
+    """
+    e = eta.view(1, -1, 1, 1)
+    w = torch.exp(e * x - _per_entry(lse, kh, kw))
+    d = x - _per_entry(y, kh, kw)
+    return w * (1 + e * d), w * x * d
+
+
+def _pool_kernels(kh: int, kw: int) -> fused.Kernels:
+    """Fused kernels of β-softmax pooling over non-overlapping kh×kw windows; ``x``
+    (1, M, H, W) (units as channels), ``eta`` (1, M, 1, 1)."""
+    key = ("pool", kh, kw)
+    if key not in _KERNELS:
+        _KERNELS[key] = _make_pool_kernels(kh, kw)
+    return _KERNELS[key]
+
+
+def _make_pool_kernels(kh: int, kw: int) -> fused.Kernels:
+
+    def value(x, eta):
+        return beta_softmax_pool2d(x, eta.view(-1), (kh, kw))
+
+    def forward(x, eta):
+        y, lse = softmax_pool_windows(x, eta, kh, kw)
+        return y, y, lse  # the output, then what the backward needs besides x, eta
+
+    def backward(g, x, eta, y, lse):
+        dx, deta = softmax_pool_grads(x, eta, y, lse, kh, kw)
+        gu = _per_entry(g, kh, kw)
+        return gu * dx, (gu * deta).sum((0, 2, 3), keepdim=True)
+
+    return fused.Kernels(value, forward, backward)
+
+
+# --------------------------------------------------------------------------------------
 # 3. Modules with a learnable β
 
 
@@ -255,18 +437,17 @@ def _init_rho(num_channels, beta_init, learnable):
     return nn.Parameter(rho, requires_grad=learnable)
 
 
-def _channel_eta(rho, x, channel_dim=1):
-    """η = exp(ρ) shaped to broadcast along ``x``'s channel dimension (or a scalar for one β)."""
-    if rho.numel() == 1:
-        return rho.exp().to(x.dtype).reshape(())
-    if x.ndim <= channel_dim or x.shape[channel_dim] != rho.numel():
-        raise ValueError(
-            f"input of shape {tuple(x.shape)} does not have {rho.numel()} channels in "
-            f"dim {channel_dim}"
-        )
-    shape = [1] * x.ndim
-    shape[channel_dim] = -1
-    return rho.exp().to(x.dtype).view(shape)
+def _check_fused(fused):
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused must be None, True or False, got {fused!r}")
+    return fused
+
+
+def _two_piece_module(module, x, slope, alpha):
+    """Run :func:`two_piece_vq` with the module's learnable η = exp(ρ) per channel."""
+    rows, (eta,), unfold = fused.fold(x, module.rho.exp().to(x.dtype))
+    kernels = _two_piece_kernels(float(slope), float(alpha))
+    return unfold(fused.run(kernels, rows, eta.unsqueeze(-1), fused=module.fused))
 
 
 class _LearnableBeta:
@@ -284,7 +465,8 @@ class _LearnableBeta:
 
     def extra_repr(self):
         n = self.rho.numel()
-        return f"{'num_channels=' + str(n) if n > 1 else 'one beta'}, learnable={self.rho.requires_grad}"
+        channels = f"num_channels={n}" if n > 1 else "one beta"
+        return f"{channels}, learnable={self.rho.requires_grad}, fused={self.fused}"
 
 
 class BetaVQReLU(_LearnableBeta, nn.Module):
@@ -292,8 +474,11 @@ class BetaVQReLU(_LearnableBeta, nn.Module):
     like ``nn.SiLU``.
 
     ``num_channels`` gives one β per channel (dim 1), ``None`` one β for the layer.
-    ``beta_init = ½`` starts at the SiLU. ``fused=True`` uses :func:`swish_fused`
-    (compiled kernels) for speed.
+    ``beta_init = ½`` starts at the SiLU. The maths is :func:`two_piece_vq` (slope 0).
+    ``fused`` (default ``None``): the compiled kernels with the hand-written backward
+    :func:`two_piece_vq_grads` where they can run, else eager autograd (same numbers
+    up to rounding); ``True`` requires them, ``False`` never uses them
+    (:mod:`smaso.fused`). The first call per dtype compiles (seconds).
     """
 
     def __init__(
@@ -301,21 +486,19 @@ class BetaVQReLU(_LearnableBeta, nn.Module):
         num_channels: int | None = None,
         beta_init: float = 0.5,
         learnable: bool = True,
-        fused: bool = False,
+        fused: bool | None = None,
     ):
         super().__init__()
         self.rho = _init_rho(num_channels, beta_init, learnable)
-        self.fused = fused
+        self.fused = _check_fused(fused)
 
     def forward(self, x):
-        eta = _channel_eta(self.rho, x)
-        if self.fused:
-            return swish_fused(x, eta if eta.ndim else eta.view([1] * x.ndim))
-        return x * torch.sigmoid(eta * x)
+        return _two_piece_module(self, x, 0.0, 1.0)
 
 
 class BetaVQLeakyReLU(_LearnableBeta, nn.Module):
-    """β-VQ leaky-ReLU s x + (1 − s) x · sigmoid(η (1 − s) x) with learnable β; slope s ≤ 1."""
+    """β-VQ leaky-ReLU s x + (1 − s) x · sigmoid(η (1 − s) x) with learnable β; slope
+    s ≤ 1 (:func:`two_piece_vq`). ``fused`` as in :class:`BetaVQReLU`."""
 
     def __init__(
         self,
@@ -323,6 +506,7 @@ class BetaVQLeakyReLU(_LearnableBeta, nn.Module):
         num_channels: int | None = None,
         beta_init: float = 0.5,
         learnable: bool = True,
+        fused: bool | None = None,
     ):
         super().__init__()
         if not negative_slope <= 1:
@@ -332,29 +516,41 @@ class BetaVQLeakyReLU(_LearnableBeta, nn.Module):
             )
         self.negative_slope = negative_slope
         self.rho = _init_rho(num_channels, beta_init, learnable)
+        self.fused = _check_fused(fused)
 
     def forward(self, x):
-        return beta_vq_leaky_relu(x, _channel_eta(self.rho, x), self.negative_slope)
+        return _two_piece_module(self, x, self.negative_slope, 1.0)
 
 
 class BetaVQAbs(_LearnableBeta, nn.Module):
-    """β-VQ absolute value x · tanh(η x) with learnable β."""
+    """β-VQ absolute value x · tanh(η x) with learnable β: :func:`two_piece_vq` with
+    pieces x and −x. ``fused`` as in :class:`BetaVQReLU`."""
 
     def __init__(
         self,
         num_channels: int | None = None,
         beta_init: float = 0.5,
         learnable: bool = True,
+        fused: bool | None = None,
     ):
         super().__init__()
         self.rho = _init_rho(num_channels, beta_init, learnable)
+        self.fused = _check_fused(fused)
 
     def forward(self, x):
-        return beta_vq_abs(x, _channel_eta(self.rho, x))
+        return _two_piece_module(self, x, -1.0, 1.0)
 
 
 class BetaVQMaxPool2d(_LearnableBeta, nn.Module):
-    """β-softmax pooling with learnable β (Proposition 4, Table 1); ``beta_init = ½`` is softmax pooling."""
+    """β-softmax pooling with learnable β (Proposition 4, Table 1); ``beta_init = ½``
+    is softmax pooling.
+
+    Non-overlapping windows (``stride`` None or equal to ``kernel_size``, no padding;
+    like max-pooling, rows and columns that do not fill a window are dropped) run the
+    fused kernels :func:`softmax_pool_windows` / :func:`softmax_pool_grads`
+    (``fused`` as in :class:`BetaVQReLU`); other windows run
+    :func:`beta_softmax_pool2d` eagerly.
+    """
 
     def __init__(
         self,
@@ -364,23 +560,36 @@ class BetaVQMaxPool2d(_LearnableBeta, nn.Module):
         num_channels: int | None = None,
         beta_init: float = 0.5,
         learnable: bool = True,
+        fused: bool | None = None,
     ):
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.rho = _init_rho(num_channels, beta_init, learnable)
+        self.fused = _check_fused(fused)
 
     def forward(self, x):
         eta = self.rho.exp().to(x.dtype)
-        return beta_softmax_pool2d(
-            x,
-            eta if eta.numel() > 1 else eta.reshape(()),
-            self.kernel_size,
-            self.stride,
-            self.padding,
-        )
+        k = as_pair(self.kernel_size)
+        s = as_pair(self.stride if self.stride is not None else self.kernel_size)
+        windows = x.ndim == 4 and x.shape[2] >= k[0] and x.shape[3] >= k[1]
+        if not (windows and s == k and as_pair(self.padding) == (0, 0)):
+            eta = eta if eta.numel() > 1 else eta.reshape(())
+            kernels = fused.Kernels(
+                lambda x, eta: beta_softmax_pool2d(
+                    x, eta, self.kernel_size, self.stride, self.padding
+                )
+            )
+            return fused.run(kernels, x, eta, fused=self.fused)
+        Ho, Wo = x.shape[2] // k[0], x.shape[3] // k[1]
+        if (Ho * k[0], Wo * k[1]) != x.shape[2:]:
+            x = x[:, :, : Ho * k[0], : Wo * k[1]].contiguous()
+        rows, (eta,), unfold = fused.fold(x, eta, spatial=True)
+        eta = eta.view(1, -1, 1, 1)
+        y = fused.run(_pool_kernels(*k), rows, eta, fused=self.fused, unit_dim=1)
+        return unfold(y)
 
 
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 4. Beyond the paper (Section 6, future work 1 and 2): a learned convex max-affine
 #    activation under β-VQ, and activations from the Tsallis α-entropy VQ
 #    (:mod:`smaso.tsallis`)
@@ -395,7 +604,8 @@ class BetaVQMaxout(_LearnableBeta, nn.Module):
     the α-entropy VQ α-entmax(η s) of :mod:`smaso.tsallis` (Eq. T2) when ``alpha`` > 1.
     The hard VQ (β = 1, :meth:`hard`) is the convex max-affine function itself (Eq. 1).
     Initialisation: slopes evenly spaced in [0, 1], offsets 0, so the hard version
-    starts as the ReLU.
+    starts as the ReLU. At α = 1 the maths is :func:`max_affine_vq`, with fused kernels
+    (``fused`` as in :class:`BetaVQReLU`); α > 1 runs eagerly.
     """
 
     def __init__(
@@ -405,6 +615,7 @@ class BetaVQMaxout(_LearnableBeta, nn.Module):
         alpha: float = 1.0,
         beta_init: float = 0.5,
         learnable: bool = True,
+        fused: bool | None = None,
     ):
         super().__init__()
         if (
@@ -421,12 +632,13 @@ class BetaVQMaxout(_LearnableBeta, nn.Module):
                 "pieces must be an int >= 2 (R affine pieces per channel), got "
                 f"{pieces!r}"
             )
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_alpha(alpha)
         self.slopes = nn.Parameter(
             torch.linspace(0.0, 1.0, pieces).repeat(num_channels, 1)
         )
         self.offsets = nn.Parameter(torch.zeros(num_channels, pieces))
         self.rho = _init_rho(num_channels, beta_init, learnable)
+        self.fused = _check_fused(fused)
 
     def scores(self, x):
         """Region scores s_r = a_cr x + b_cr of ``x`` (N, C, ...), shape (N, C, R, ...):
@@ -446,23 +658,38 @@ class BetaVQMaxout(_LearnableBeta, nn.Module):
         ).view(shape)
 
     def hard(self, x):
-        """The hard-VQ (β = 1) output: the convex max-affine function max_r s_r (Eq. 1)."""
+        """The hard-VQ (β = 1) output: the convex max-affine function max_r s_r (Eq.
+        1)."""
         return self.scores(x).amax(2)
 
     def forward(self, x):
-        s = self.scores(x)
-        eta = self.rho.exp().to(x.dtype).view((1, -1) + (1,) * (x.ndim - 1))
-        u = eta * s
-        T = (
-            torch.softmax(u, dim=2)
-            if self.alpha == 1.0
-            else entmax(u, self.alpha, dim=2)
+        if self.alpha != 1.0:
+            if self.fused:
+                raise RuntimeError(
+                    f"fused=True, but alpha = {self.alpha} has no fused kernels"
+                )
+            s = self.scores(x)
+            eta = self.rho.exp().to(x.dtype).view((1, -1) + (1,) * (x.ndim - 1))
+            return (entmax(eta * s, self.alpha, dim=2) * s).sum(2)
+        C = self.slopes.shape[0]
+        if x.ndim < 2 or x.shape[1] != C:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not have {C} channels in dim 1"
+            )
+        dt = x.dtype
+        params = self.slopes.to(dt), self.offsets.to(dt), self.rho.exp().to(dt)
+        rows, (a, b, eta), unfold = fused.fold(x, *params)
+        y = fused.run(
+            _MAX_AFFINE_KERNELS, rows, a, b, eta.unsqueeze(-1), fused=self.fused
         )
-        return (T * s).sum(2)
+        return unfold(y)
 
     def extra_repr(self):
         C, R = self.slopes.shape
-        return f"num_channels={C}, pieces={R}, alpha={self.alpha}, learnable={self.rho.requires_grad}"
+        return (
+            f"num_channels={C}, pieces={R}, alpha={self.alpha}, "
+            f"learnable={self.rho.requires_grad}, fused={self.fused}"
+        )
 
 
 class TsallisVQReLU(_LearnableBeta, nn.Module):
@@ -472,7 +699,9 @@ class TsallisVQReLU(_LearnableBeta, nn.Module):
     α = 1 is swish (:class:`BetaVQReLU`); α = 2 the Gini-VQ x · clip((η x + 1)/2, 0, 1),
     which at β = 1/4 (η = 1/3) is hard-swish; α = 1.5 lies between (smooth, exactly 0
     for η x ≤ −2 and x for η x ≥ 2). ``num_channels`` gives one β per channel (dim 1),
-    ``None`` one for the layer.
+    ``None`` one for the layer. The maths is :func:`two_piece_vq` (slope 0, weight
+    :func:`smaso.tsallis.tsallis_sigmoid`); α ∈ {1, 1.5, 2} have fused kernels
+    (``fused`` as in :class:`BetaVQReLU`), other α run eagerly.
     """
 
     def __init__(
@@ -481,13 +710,15 @@ class TsallisVQReLU(_LearnableBeta, nn.Module):
         alpha: float = 2.0,
         beta_init: float = 0.25,
         learnable: bool = True,
+        fused: bool | None = None,
     ):
         super().__init__()
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_alpha(alpha)
         self.rho = _init_rho(num_channels, beta_init, learnable)
+        self.fused = _check_fused(fused)
 
     def forward(self, x):
-        return x * tsallis_sigmoid(_channel_eta(self.rho, x) * x, self.alpha)
+        return _two_piece_module(self, x, 0.0, self.alpha)
 
     def extra_repr(self):
         return f"alpha={self.alpha}, " + super().extra_repr()

@@ -67,8 +67,8 @@ def _check_weight(W, name="W"):
 
 def filter_matrix(W):
     """The filters of a weight as rows, ``(out, fan_in)``: a Linear weight as is, a conv
-    weight
-    ``(out, in, kh, kw)`` flattened to ``(out, in * kh * kw)``: the slopes of Eq. (11)."""
+    weight ``(out, in, kh, kw)`` flattened to ``(out, in * kh * kw)``: the slopes of Eq.
+    (11)."""
     _check_weight(W)
     return W.reshape(W.shape[0], -1)
 
@@ -106,8 +106,8 @@ def maso_orthogonality_penalty(A):
 
 def orthogonal_layers(model):
     """The ``nn.Linear`` and ``nn.Conv2d`` modules of ``model`` (in ``model.modules()``
-    order): the
-    layers whose filters Eq. (11) constrains and the penalties / exact parametrisation act on."""
+    order): the layers whose filters Eq. (11) constrains and the penalties / exact
+    parametrisation act on."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -204,7 +204,8 @@ def penalty_loss(kind, lam=1.0):
 
 
 def _check_rank(norms, M):
-    """Refuse numerically dependent rows (a Gram-Schmidt norm / R diagonal ~ 0) instead of NaN."""
+    """Refuse numerically dependent rows (a Gram-Schmidt norm / R diagonal ~ 0)
+    instead of NaN."""
     n = norms.abs()
     tol = (
         max(M.shape)
@@ -220,7 +221,8 @@ def _check_rank(norms, M):
 
 
 def _wide(W, tall):
-    """Rows to orthogonalise: the filters, or (out > fan_in, tall='columns') the columns."""
+    """Rows to orthogonalise: the filters, or (out > fan_in, tall='columns') the
+    columns."""
     M = filter_matrix(W)
     if tall not in TALL:
         raise ValueError(f"tall must be one of {TALL}, got {tall!r}")
@@ -254,7 +256,8 @@ def _gs_rows(M):
 
 
 def _mgs_rows(M):
-    """Modified Gram-Schmidt: normalise the next row, then remove it from all remaining rows."""
+    """Modified Gram-Schmidt: normalise the next row, then remove it from all remaining
+    rows."""
     rows, norms = [], []
     V = M
     for _ in range(M.shape[0]):
@@ -269,8 +272,8 @@ def _mgs_rows(M):
 
 def _qr_rows(M):
     """Orthonormal rows by QR of M^T with the signs of R's diagonal folded into Q, so
-    that R has a
-    positive diagonal: the unique such factorisation, hence the same rows as Gram-Schmidt."""
+    that R has a positive diagonal: the unique such factorisation, hence the same rows
+    as Gram-Schmidt."""
     Q, Rm = torch.linalg.qr(M.T)
     d = Rm.diagonal()
     _check_rank(d, M)
@@ -315,12 +318,14 @@ def gram_schmidt(W, tall="columns", keep_norms=False):
 
 
 def modified_gram_schmidt(W, tall="columns", keep_norms=False):
-    """Modified Gram-Schmidt (Björck, 1967; :func:`orthogonalize` with ``method="mgs"``), Eq. (11)."""
+    """Modified Gram-Schmidt (Björck, 1967; :func:`orthogonalize` with
+    ``method="mgs"``), Eq. (11)."""
     return orthogonalize(W, "mgs", tall, keep_norms)
 
 
 def qr_orthogonalize(W, tall="columns", keep_norms=False):
-    """Sign-fixed QR (:func:`orthogonalize` with ``method="qr"``): same function as Gram-Schmidt, Eq. (11)."""
+    """Sign-fixed QR (:func:`orthogonalize` with ``method="qr"``): same function as
+    Gram-Schmidt, Eq. (11)."""
     return orthogonalize(W, "qr", tall, keep_norms)
 
 
@@ -347,6 +352,36 @@ class OrthogonalFilters(nn.Module):
         # autocast off: Gram-Schmidt's matmuls in bf16 leave filters orthogonal to ~1e-3
         with torch.autocast(weight.device.type, enabled=False):
             return orthogonalize(weight, self.method, self.tall, self.keep_norms)
+
+    def right_inverse(self, weight):
+        """A raw weight whose orthogonalisation is ``weight``, so that ``layer.weight =
+        W`` works after registration, as with PyTorch's own parametrizations.
+
+        :func:`orthogonalize` leaves filters that already satisfy Eq. (11) as they are
+        (orthonormal ones; orthogonal ones with ``keep_norms=True``), so the raw weight
+        is ``weight`` itself (a copy: the layer does not share the caller's tensor).
+        Other filters end up orthogonalised, as ``parametrizations.orthogonal`` does
+        with a matrix that is not orthogonal. With ``tall="columns"`` and
+        ``keep_norms=True`` the map has no such inverse (``NotImplementedError``, as
+        PyTorch raises for its Cayley map): set ``parametrizations.weight.original``.
+        The first call (registration) fixes the shape; a weight of another shape is
+        refused (one instance per layer, as :func:`register_orthogonal` does).
+        """
+        _check_weight(weight, "weight")
+        shape = getattr(self, "shape", None)
+        if shape is None:
+            self.shape = tuple(weight.shape)
+        elif tuple(weight.shape) != shape:
+            raise ValueError(
+                f"expected a weight of shape {shape}, got {tuple(weight.shape)}"
+            )
+        M = filter_matrix(weight)
+        if self.keep_norms and M.shape[0] > M.shape[1]:
+            raise NotImplementedError(
+                "a tall weight with keep_norms=True cannot be assigned through the "
+                "parametrization; set parametrizations.weight.original instead"
+            )
+        return weight.detach().clone()
 
     def extra_repr(self):
         return (

@@ -42,6 +42,7 @@ from .maso import apply_vq, check_params, scores
 from .vq import beta_select, beta_softmax, entropy, window_pool
 
 __all__ = [
+    "CLOSED_FORM_ALPHAS",
     "HARD_SWISH_ETA",
     "beta_entmax",
     "entmax",
@@ -54,6 +55,7 @@ __all__ = [
     "tsallis_objective",
     "tsallis_pool2d",
     "tsallis_sigmoid",
+    "tsallis_sigmoid_slope",
     "tsallis_vq",
     "tsallis_vq_abs",
     "tsallis_vq_leaky_relu",
@@ -63,6 +65,10 @@ __all__ = [
 #: The scale η (β = η / (1 + η) = 1/4) at which the Gini-VQ (α = 2) of the ReLU is
 #: hard-swish.
 HARD_SWISH_ETA = 1.0 / 3.0
+
+#: The α whose two-region weight :func:`tsallis_sigmoid` has a closed form (and a slope,
+#: :func:`tsallis_sigmoid_slope`); other α solve Eq. (T2) by bisection.
+CLOSED_FORM_ALPHAS = (1.0, 1.5, 2.0)
 
 
 def tsallis_entropy(t: torch.Tensor, alpha: float = 2.0, dim: int = -1) -> torch.Tensor:
@@ -83,10 +89,8 @@ def tsallis_entropy(t: torch.Tensor, alpha: float = 2.0, dim: int = -1) -> torch
 def tsallis_objective(
     t: torch.Tensor, s: torch.Tensor, beta=0.5, alpha: float = 2.0
 ) -> torch.Tensor:
-    """The α-entropy VQ objective β <t, s> + (1 − β) H_α(t) of Eq. (T1).
-
-    (Eq. 8 with H → H_α.)
-    """
+    """The α-entropy VQ objective β <t, s> + (1 − β) H_α(t) of Eq. (T1) (Eq. 8 with H
+    → H_α)."""
     beta = as_beta(beta, s)
     return beta * (t * s).sum(-1) + (1 - beta) * tsallis_entropy(t, alpha)
 
@@ -96,7 +100,8 @@ def tsallis_objective(
 
 
 def _sparsemax_last(x: torch.Tensor) -> torch.Tensor:
-    """Sparsemax along the last dim by sorting: [x − τ]_+, τ = (Σ_{top k} x − 1)/k."""
+    """Sparsemax along the last dim by sorting: t = [x − τ]_+ with τ = (Σ_{top k} x −
+    1)/k."""
     xs, _ = torch.sort(x, dim=-1, descending=True)
     k = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype, device=x.device)
     cums = xs.cumsum(-1)
@@ -338,6 +343,31 @@ def tsallis_sigmoid(x: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
     return entmax(torch.stack([x, torch.zeros_like(x)], -1), alpha)[..., 0]
 
 
+def tsallis_sigmoid_slope(u: torch.Tensor, w: torch.Tensor, alpha: float = 2.0):
+    """dw/du of the two-region weight w = :func:`tsallis_sigmoid`(u, α), given w (Eq.
+    T2).
+
+    α = 1: σ(u)(1 − σ(u)), from w alone; α = 2: ½ where 0 < (u + 1)/2 < 1 (0 at the
+    kinks u = ±1, as autograd's clamp), else 0; α = 1.5: q (1 − d/√(2 − d²)) / 2 with
+    d = clip(u/2, −1, 1) and q = (d + √(2 − d²))/2 (0 beyond |u| = 2). The backward of
+    the α-entropy VQ activations (:func:`smaso.activations.two_piece_vq_grads`).
+    """
+    alpha = check_alpha(alpha)
+    if alpha == 1.0:
+        return w * (1 - w)
+    if alpha == 2.0:
+        p = (u + 1) / 2
+        return torch.where((p > 0) & (p < 1), 0.5, 0.0).to(u.dtype)
+    if alpha == 1.5:
+        d = (u / 2).clamp(-1, 1)
+        r = torch.sqrt(2 - d * d)
+        return (d + r) / 2 * (1 - d / r) / 2
+    raise ValueError(
+        f"tsallis_sigmoid_slope has closed forms for alpha in {CLOSED_FORM_ALPHAS}, "
+        f"got {alpha}"
+    )
+
+
 def tsallis_vq_relu(
     x: torch.Tensor, eta=HARD_SWISH_ETA, alpha: float = 2.0
 ) -> torch.Tensor:
@@ -355,10 +385,8 @@ def tsallis_vq_relu(
 def tsallis_vq_leaky_relu(
     x: torch.Tensor, eta=1.0, alpha: float = 2.0, negative_slope: float = 0.01
 ) -> torch.Tensor:
-    """α-entropy VQ of the leaky-ReLU MASO (pieces x, s x; s ≤ 1).
-
-    s x + (1 − s) x · tsallis_sigmoid(η (1 − s) x).
-    """
+    """α-entropy VQ of the leaky-ReLU MASO (pieces x, s x; s ≤ 1): s x + (1 − s) x ·
+    tsallis_sigmoid(η (1 − s) x)."""
     check_float_tensor(x, "x")
     if not negative_slope <= 1:
         raise ValueError(

@@ -1,27 +1,38 @@
-"""Nonlinearities induced by soft/β-VQ (Props. 3–7, Table 1) and the learnable-β modules."""
+"""Nonlinearities induced by soft/β-VQ (Props. 3–7, Table 1) and the learnable-β
+modules, on their fast (fused) and eager paths."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smaso import fused, native
 from smaso.activations import (
     BetaVQAbs,
     BetaVQLeakyReLU,
+    BetaVQMaxout,
     BetaVQMaxPool2d,
     BetaVQReLU,
+    TsallisVQReLU,
     abs_maso,
     beta_softmax_pool2d,
     beta_vq_abs,
     beta_vq_leaky_relu,
     convex_maso,
     leaky_relu_maso,
+    max_affine_vq,
+    max_affine_vq_grads,
     relu_maso,
     scalar_beta_maso,
+    softmax_pool_grads,
+    softmax_pool_windows,
     swish,
     swish_fused,
+    two_piece_vq,
+    two_piece_vq_grads,
 )
 from smaso.layers import layer_maso
+from smaso.tsallis import tsallis_vq_relu
 from smaso.vq import beta_maso, soft_vq
 
 DT = torch.float64
@@ -109,27 +120,279 @@ def test_soft_dn_layers_sigmoid_tanh_softmax_props5_6():
     )
 
 
-MODULES = [
-    lambda: BetaVQReLU(3, beta_init=0.3),
-    lambda: BetaVQReLU(3, beta_init=0.3, fused=True),
-    lambda: BetaVQLeakyReLU(0.1, 3, beta_init=0.6),
-    lambda: BetaVQAbs(3, beta_init=0.8),
-    lambda: BetaVQMaxPool2d(2, num_channels=3, beta_init=0.4),
-    lambda: BetaVQMaxPool2d(3, stride=2, padding=1, beta_init=0.4),
-    lambda: BetaVQReLU(None),
-]
+# The learnable modules, with an input each (float64): every one has a fast path
+# (compiled kernels, hand-written backward: smaso.fused) and an eager one.
+MODULES = {
+    "relu": (lambda **k: BetaVQReLU(3, beta_init=0.3, **k), (2, 3, 4, 4)),
+    "relu, one beta": (lambda **k: BetaVQReLU(None, **k), (2, 3, 4, 4)),
+    "relu, linear": (lambda **k: BetaVQReLU(3, beta_init=0.7, **k), (5, 3)),
+    "leaky": (lambda **k: BetaVQLeakyReLU(0.1, 3, beta_init=0.6, **k), (2, 3, 4, 4)),
+    "abs": (lambda **k: BetaVQAbs(3, beta_init=0.8, **k), (2, 3, 4, 4)),
+    "gini": (lambda **k: TsallisVQReLU(3, **k), (2, 3, 4, 4)),
+    "entmax15": (lambda **k: TsallisVQReLU(3, alpha=1.5, **k), (2, 3, 4, 4)),
+    "maxout": (lambda **k: BetaVQMaxout(3, 4, **k), (2, 3, 4, 4)),
+    "pool": (
+        lambda **k: BetaVQMaxPool2d(2, num_channels=3, beta_init=0.4, **k),
+        (2, 3, 4, 4),
+    ),
+    "pool 3x3, cropped": (
+        lambda **k: BetaVQMaxPool2d(3, beta_init=0.4, **k),
+        (1, 3, 4, 7),
+    ),
+}
 
 
-@pytest.mark.parametrize("make", MODULES, ids=range(len(MODULES)))
-def test_modules_gradcheck_input_and_beta(make):
-    m = make().double()
-    if getattr(m, "fused", False):
-        m.fused = False  # gradcheck the handwritten backward below; the compiled kernels run the same code
-    inp = torch.randn(2, 3, 4, 4, dtype=DT, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda t, rho: torch.func.functional_call(m, {"rho": rho}, (t,)),
-        (inp, m.rho.detach().clone().requires_grad_(True)),
+def _module(name, **kwargs):
+    make, shape = MODULES[name]
+    m = make(**kwargs).double()
+    if isinstance(m, BetaVQMaxout):  # pieces away from the ReLU initialisation
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            m.slopes.copy_(torch.randn(m.slopes.shape, generator=g, dtype=DT))
+            m.offsets.copy_(torch.randn(m.offsets.shape, generator=g, dtype=DT))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=DT)
+    return m, x.requires_grad_(True)
+
+
+def _ran_fused(y):
+    """Whether the graph of y holds the fused kernels' backward node."""
+    seen, stack = set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if type(node).__name__ == "_FusedBackward":
+            return True
+        seen.add(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
+def _as_function(m):
+    """m as a function of its input and all its parameters (for gradcheck)."""
+    names = [n for n, _ in m.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in m.parameters()]
+    return (
+        lambda t, *ps: torch.func.functional_call(
+            m, dict(zip(names, ps, strict=True)), (t,)
+        ),
+        params,
     )
+
+
+NATIVE = ["relu", "relu, one beta", "relu, linear", "leaky", "abs"]  # C++ kernels
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+@pytest.mark.parametrize("name", MODULES)
+def test_modules_gradcheck_input_and_parameters_on_both_paths(name, fused):
+    m, x = _module(name, fused=fused)
+    f, params = _as_function(m)
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_compiled_kernels_where_the_native_ones_are_switched_off(name, monkeypatch):
+    """The kernels compiled by torch.compile, which run where the C++ kernels of
+    smaso.native cannot be built: gradcheck, and the same numbers as eager."""
+    monkeypatch.setenv("SMASO_NATIVE", "0")
+    assert native.build_error() == "switched off (SMASO_NATIVE=0)"
+    m, x = _module(name, fused=True)
+    f, params = _as_function(m)
+    assert torch.autograd.gradcheck(f, (x, *params))
+    y = m(x)
+    m.fused = False
+    torch.testing.assert_close(y, m(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("slope", [0.0, 0.1, -1.0])
+def test_native_kernels_compute_the_maths(slope, dtype):
+    if native.build_error():
+        pytest.skip(f"no C++ kernels here: {native.build_error()}")
+    g = torch.Generator().manual_seed(0)
+    x = 4 * torch.randn(37, 45, generator=g, dtype=dtype)  # odd length: scalar tail
+    eta = torch.rand(37, 1, generator=g, dtype=dtype) + 0.1
+    gy = torch.randn(37, 45, generator=g, dtype=dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+    (y,) = native.two_piece_forward(x, eta, slope)
+    torch.testing.assert_close(y, two_piece_vq(x, eta, slope), **tol)
+    gx, geta = native.two_piece_backward(gy, x, eta, slope)
+    fx, fe = two_piece_vq_grads(x, eta, slope)
+    torch.testing.assert_close(gx, gy * fx, **tol)
+    torch.testing.assert_close(geta, (gy * fe).sum(-1, keepdim=True), **tol)
+    assert native.two_piece_forward(x.half(), eta.half(), slope) is None  # not for it
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_the_fast_path_is_the_default_and_computes_the_eager_numbers(name):
+    m, x = _module(name)
+    y = m(x)
+    assert _ran_fused(y)  # the fast path
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, *m.parameters()), g)
+    m.fused = False
+    y_eager = m(x)
+    assert not _ran_fused(y_eager)
+    grads_eager = torch.autograd.grad(y_eager, (x, *m.parameters()), g)
+    torch.testing.assert_close(y, y_eager, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, grads_eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # inference runs the compiled forward alone
+        m.fused = None
+        torch.testing.assert_close(m(x), y_eager.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["relu", "maxout", "pool"])
+def test_fast_path_float32_matches_float64(name):
+    m, x = _module(name)
+    y64 = m(x)
+    g = torch.randn_like(y64)
+    grads64 = torch.autograd.grad(y64, (x, *m.parameters()), g)
+    m = m.float()
+    x32 = x.detach().float().requires_grad_(True)
+    y32 = m(x32)
+    assert _ran_fused(y32)
+    grads32 = torch.autograd.grad(y32, (x32, *m.parameters()), g.float())
+    torch.testing.assert_close(y32, y64.float(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads32, grads64, strict=True):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["relu", "maxout", "pool"])
+def test_fast_path_double_backward(name):
+    # create_graph=True: the fast path's backward recomputes the maths under autograd
+    m, x = _module(name)
+    f, params = _as_function(m)
+    assert torch.autograd.gradgradcheck(f, (x, *params))
+
+
+def test_overlapping_pooling_has_no_fused_kernels():
+    m, x = _module("pool")
+    m.stride, m.padding = 1, 1
+    y = m(x)  # runs eagerly
+    assert not _ran_fused(y)
+    f, params = _as_function(m)
+    assert torch.autograd.gradcheck(f, (x, *params))
+    with pytest.raises(RuntimeError, match="no fused kernels"):
+        BetaVQMaxPool2d(3, 1, 1, fused=True)(x.float())
+    with pytest.raises(RuntimeError, match="no fused kernels"):
+        TsallisVQReLU(alpha=1.25, fused=True)(x.float())
+
+
+def test_fallbacks_tracing_outer_compile_and_func_transforms():
+    m, x = _module("relu")
+    ref = m(x)
+    traced = torch.jit.trace(m, x.detach())  # TorchScript tracing records eager ops
+    torch.testing.assert_close(traced(x.detach()), ref.detach())
+    outer = torch.compile(m)  # inside an outer compiler: the maths, fused by it
+    y = outer(x)
+    torch.testing.assert_close(y, ref)
+    gx = torch.autograd.grad(y.sum(), x)[0]
+    torch.testing.assert_close(gx, torch.autograd.grad(ref.sum(), x)[0])
+    gx_func = torch.func.grad(lambda t: m(t).sum())(x.detach())  # torch.func
+    torch.testing.assert_close(gx_func, gx)
+
+
+def test_unsupported_dtype_runs_eagerly_or_raises_when_fused_is_required(
+    monkeypatch,
+):
+    monkeypatch.setattr(fused, "FAST_DTYPES", (torch.float32,))
+    m, x = _module("relu")
+    y = m(x)
+    assert not _ran_fused(y)
+    m.fused = False
+    torch.testing.assert_close(y, m(x))
+    m.fused = True
+    with pytest.raises(RuntimeError, match=r"fused=True.*dtype torch\.float64"):
+        m(x)
+    with pytest.raises(TypeError, match="fused must be"):
+        BetaVQReLU(fused="yes")
+
+
+def test_a_failed_compilation_falls_back_to_the_same_kernels_eagerly(monkeypatch):
+    def no_compiler(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler found")
+
+        return fail
+
+    monkeypatch.setenv("SMASO_NATIVE", "0")  # no C++ kernels either
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(fused, "_FAILED", {})
+    monkeypatch.setattr(fused.torch, "compile", no_compiler)
+    m, x = _module("leaky")
+    y = m(x)  # forward: compilation fails, the kernel runs eagerly
+    f, params = _as_function(m)
+    assert torch.autograd.gradcheck(f, (x, *params))
+    assert any("no C++ compiler" in e for e in fused.compile_errors().values())
+    m.fused = False
+    torch.testing.assert_close(y, m(x))
+    m.fused = True
+    with pytest.raises(RuntimeError, match="compile failed earlier"):
+        m(x)
+    fused._FAILED.clear()
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        m(x)
+
+
+def test_native_kernels_that_cannot_be_built_leave_the_compiled_ones(monkeypatch):
+    monkeypatch.setattr(native, "_STATE", {"error": "RuntimeError: no C++ compiler"})
+    assert native.two_piece_forward(torch.ones(2, 3), torch.ones(2, 1), 0.0) is None
+    m, x = _module("relu")
+    y = m(x)
+    assert _ran_fused(y)  # the compiled kernels
+    m.fused = False
+    torch.testing.assert_close(y, m(x), rtol=1e-12, atol=1e-12)
+
+
+def test_maths_of_the_fused_kernels_against_autograd_and_closed_forms():
+    """The hand-written derivatives equal autograd's, and the maths the modules run
+    equals the closed forms of Proposition 7 and Table 1."""
+    g = torch.Generator().manual_seed(0)
+    xs = 3 * torch.randn(50, 40, generator=g, dtype=DT)
+    eta = torch.rand(50, 1, generator=g, dtype=DT) + 0.2
+    for slope, alpha in [(0.0, 1.0), (0.1, 1.0), (-1.0, 1.0), (0.0, 2.0), (0.3, 1.5)]:
+        t, e = xs.clone().requires_grad_(True), eta.clone().requires_grad_(True)
+        y = two_piece_vq(t, e, slope, alpha)
+        dx, de = torch.autograd.grad(y.sum(), (t, e))
+        fx, fe = two_piece_vq_grads(xs, eta, slope, alpha)
+        torch.testing.assert_close(fx, dx, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fe.sum(-1, keepdim=True), de)
+    torch.testing.assert_close(two_piece_vq(xs, eta), swish(xs, eta))
+    torch.testing.assert_close(two_piece_vq(xs, eta, -1.0), beta_vq_abs(xs, eta))
+    torch.testing.assert_close(
+        two_piece_vq(xs, eta, 0.2), beta_vq_leaky_relu(xs, eta, 0.2)
+    )
+    torch.testing.assert_close(
+        two_piece_vq(xs, eta, 0.0, 2.0), tsallis_vq_relu(xs, eta, 2.0)
+    )
+    # maxout: against softmax over stacked pieces, derivatives against autograd
+    a = torch.randn(50, 3, generator=g, dtype=DT, requires_grad=True)
+    b = torch.randn(50, 3, generator=g, dtype=DT, requires_grad=True)
+    e = eta.clone().requires_grad_(True)
+    s = xs.unsqueeze(1) * a.unsqueeze(-1) + b.unsqueeze(-1)
+    ref = (torch.softmax(e.unsqueeze(-1) * s, 1) * s).sum(1)
+    y = max_affine_vq(xs, a, b, e)
+    torch.testing.assert_close(y, ref)
+    dy_ds, dy_deta = max_affine_vq_grads(xs, a.detach(), b.detach(), eta)
+    ga, gb, ge = torch.autograd.grad(y.sum(), (a, b, e))
+    torch.testing.assert_close(torch.stack([d.sum(-1) for d in dy_ds], 1), gb)
+    torch.testing.assert_close(torch.stack([(d * xs).sum(-1) for d in dy_ds], 1), ga)
+    torch.testing.assert_close(dy_deta.sum(-1, keepdim=True), ge)
+    # pooling: (y, lse) against the unfold-based beta-softmax pooling and logsumexp
+    img = torch.randn(2, 3, 6, 4, generator=g, dtype=DT)
+    eta_c = torch.tensor([0.5, 1.0, 3.0], dtype=DT)
+    y, lse = softmax_pool_windows(img, eta_c, 2, 2)
+    torch.testing.assert_close(y, beta_softmax_pool2d(img, eta_c, 2))
+    w = img.unfold(2, 2, 2).unfold(3, 2, 2).reshape(2, 3, 3, 2, 4)
+    torch.testing.assert_close(lse, torch.logsumexp(eta_c.view(1, 3, 1, 1, 1) * w, -1))
+    t = img.clone().requires_grad_(True)
+    e = eta_c.clone().requires_grad_(True)
+    dt, de = torch.autograd.grad(beta_softmax_pool2d(t, e, 2).sum(), (t, e))
+    dx, deta = softmax_pool_grads(img, eta_c, y, lse, 2, 2)
+    torch.testing.assert_close(dx, dt)
+    torch.testing.assert_close(deta.sum((0, 2, 3)), de)
 
 
 def test_swish_fused_backward_gradcheck_and_value():
@@ -139,6 +402,12 @@ def test_swish_fused_backward_gradcheck_and_value():
         lambda t, e: swish_fused(t, e, compiled=False), (inp, eta)
     )
     assert torch.allclose(swish_fused(inp, eta, compiled=False), swish(inp, eta))
+    y = swish_fused(inp, eta)  # compiled (natural layout: no C++ kernels)
+    torch.testing.assert_close(y, swish(inp, eta))
+    dx, de = torch.autograd.grad(y.sum(), (inp, eta))
+    ex, ee = torch.autograd.grad(swish(inp, eta).sum(), (inp, eta))
+    torch.testing.assert_close(dx, ex)
+    torch.testing.assert_close(de, ee)
     fixed = eta.detach()  # no gradient wanted for eta: the input-only backward kernel
     assert torch.autograd.gradcheck(
         lambda t: swish_fused(t, fixed, compiled=False), (inp,)

@@ -99,7 +99,7 @@ def test_filter_penalty_sums_over_layers():
         model[3].weight
     )
     assert torch.allclose(filter_penalty(model), expected)
-    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d"):
+    with pytest.raises(ValueError, match=r"no nn\.Linear or nn\.Conv2d"):
         filter_penalty(nn.ReLU())
 
 
@@ -150,7 +150,9 @@ def _penalty_functional(model, x, ps):
 
     class Wrapped(nn.Module):
         def forward(self, v):
-            return torch.func.functional_call(model, dict(zip(names, ps)), (v,))
+            return torch.func.functional_call(
+                model, dict(zip(names, ps, strict=True)), (v,)
+            )
 
     return template_penalty(Wrapped(), x)
 
@@ -258,7 +260,8 @@ def test_orthogonal_after_optimizer_steps_float32(method):
 
 
 def test_builtin_orthogonal_on_conv_is_per_slice_not_per_filter():
-    """PyTorch's parametrizations.orthogonal orthogonalises each kh x kw slice of a 4-D weight."""
+    """PyTorch's parametrizations.orthogonal orthogonalises each kh x kw slice of a 4-D
+    weight."""
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 4, 3).double()
     nn.utils.parametrizations.orthogonal(conv)
@@ -270,8 +273,49 @@ def test_builtin_orthogonal_on_conv_is_per_slice_not_per_filter():
     assert torch.allclose(F2 @ F2.T, torch.eye(4, dtype=F64), atol=1e-12)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_assigning_the_weight_after_registration_right_inverse(method):
+    """``layer.weight = W`` after registration, as with PyTorch's parametrizations:
+    orthonormal filters come back exactly; others end up orthogonalised."""
+    conv = nn.Conv2d(2, 4, 3).double()
+    register_orthogonal(conv, method)
+    W = orthogonalize(rand(4, 2, 3, 3, seed=3), "qr")  # orthonormal filters
+    conv.weight = W
+    assert torch.allclose(conv.weight, W, atol=1e-12)
+    W_before = W.clone()
+    with torch.no_grad():
+        conv.parametrizations.weight.original.add_(1.0)  # the layer owns a copy
+    assert torch.equal(W, W_before)
+    V = rand(4, 2, 3, 3, seed=4)  # not orthogonal: projected, like PyTorch's own
+    conv.weight = V
+    assert torch.allclose(conv.weight, orthogonalize(V, method), atol=1e-12)
+    assert not torch.allclose(conv.weight, V, atol=1e-3)
+    # keep_norms: orthogonal filters of any norms are a possible weight
+    lin = nn.Linear(5, 3).double()
+    register_orthogonal(lin, method, keep_norms=True)
+    W = orthogonalize(rand(3, 5, seed=5), "qr") * torch.tensor([[2.0], [0.5], [3.0]])
+    lin.weight = W.to(F64)
+    assert torch.allclose(lin.weight, W.to(F64), atol=1e-12)
+    # tall weights: orthonormal columns come back; keep_norms has no inverse
+    tall = nn.Linear(2, 5).double()
+    register_orthogonal(tall, method)
+    W = orthogonalize(rand(5, 2, seed=6), "qr")
+    tall.weight = W
+    assert torch.allclose(tall.weight, W, atol=1e-12)
+    tall_norms = nn.Linear(2, 5).double()
+    register_orthogonal(tall_norms, method, keep_norms=True)  # registration works
+    with pytest.raises(
+        NotImplementedError, match=r"parametrizations\.weight\.original"
+    ):
+        tall_norms.weight = W
+    with pytest.raises(ValueError, match=r"expected a weight of shape \(4, 2, 3, 3\)"):
+        conv.weight = rand(4, 2, 3, seed=7)
+    assert conv.weight.shape == (4, 2, 3, 3)
+
+
 def test_more_filters_than_fan_in():
-    """96 filters of 3x3 on RGB live in R^27: orthonormal columns, or a clear error; never NaN."""
+    """96 filters of 3x3 on RGB live in R^27: orthonormal columns, or a clear error;
+    never NaN."""
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 96, 3)
     for method in METHODS:
@@ -280,7 +324,7 @@ def test_more_filters_than_fan_in():
         F = filter_matrix(Q)
         assert (F.T @ F - torch.eye(27)).abs().max() < 1e-5  # W^T W = I
     with pytest.raises(
-        ValueError, match="96 filters in R\\^27 .*cannot be mutually orthogonal"
+        ValueError, match=r"96 filters in R\^27 .*cannot be mutually orthogonal"
     ):
         orthogonalize(conv.weight, "gs", tall="error")
     with pytest.raises(ValueError, match="cannot be mutually orthogonal"):
@@ -293,7 +337,7 @@ def test_bad_inputs():
         orthogonalize(torch.randn(5))
     with pytest.raises(ValueError, match="floating point"):
         orthogonalize(torch.ones(2, 3, dtype=torch.long))
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
         orthogonalize([[1.0, 0.0]])
     with pytest.raises(ValueError, match="method must be one of"):
         orthogonalize(torch.randn(2, 3), "householder")
@@ -313,7 +357,7 @@ def test_bad_inputs():
     register_orthogonal(lin)
     with pytest.raises(ValueError, match="already parametrised"):
         register_orthogonal(lin)
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         register_orthogonal(torch.randn(2, 2))
     with pytest.raises(ValueError, match="\\(N, C\\) outputs"):
         input_templates(nn.Identity(), torch.randn(2, 1, 3))

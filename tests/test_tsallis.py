@@ -1,4 +1,5 @@
-"""Tests of smaso.tsallis: the Tsallis α-entropy VQ (Eq. T1–T2), its closed forms and identities."""
+"""Tests of smaso.tsallis: the Tsallis α-entropy VQ (Eq. T1–T2), its closed forms and
+identities."""
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from smaso.activations import (
 from smaso.layers import layer_maso
 from smaso.maso import hard_vq, scores
 from smaso.tsallis import (
+    CLOSED_FORM_ALPHAS,
     HARD_SWISH_ETA,
     beta_entmax,
     entmax,
@@ -31,6 +33,7 @@ from smaso.tsallis import (
     tsallis_objective,
     tsallis_pool2d,
     tsallis_sigmoid,
+    tsallis_sigmoid_slope,
     tsallis_vq,
     tsallis_vq_abs,
     tsallis_vq_leaky_relu,
@@ -48,7 +51,7 @@ def _rand(*shape, seed=0, scale=1.0):
     )
 
 
-# ------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # entropy
 
 
@@ -85,7 +88,7 @@ def test_bad_alpha_types(bad):
         entmax(_rand(3, 4), bad)
 
 
-# ------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # entmax
 
 
@@ -162,12 +165,11 @@ def test_entmax_against_numerical_maximiser():
     for alpha in (1.5, 2.0, 2.5):
         for _ in range(3):
             u = rng.normal(size=5) * 1.5
-            f = lambda t: (
-                -(
-                    t @ u
-                    + np.sum(t - np.clip(t, 0, None) ** alpha) / (alpha * (alpha - 1))
-                )
-            )
+
+            def f(t, u=u, alpha=alpha):
+                h = np.sum(t - np.clip(t, 0, None) ** alpha) / (alpha * (alpha - 1))
+                return -(t @ u + h)
+
             res = minimize(
                 f,
                 np.full(5, 0.2),
@@ -229,7 +231,7 @@ def test_entmax_float32():
         )
 
 
-# ------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # the VQ
 
 
@@ -318,7 +320,7 @@ def test_tsallis_vq_bad_inputs():
         scalar_tsallis_maso(A, B, z, 0.5, 2.0)
 
 
-# ------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # closed forms
 
 
@@ -335,6 +337,32 @@ def test_tsallis_sigmoid_is_entmax_of_the_pair(alpha):
         atol=1e-13,
     )
     assert (tsallis_sigmoid(X, alpha).diff() >= -1e-15).all()
+
+
+@pytest.mark.parametrize("alpha", CLOSED_FORM_ALPHAS)
+def test_tsallis_sigmoid_slope_is_the_derivative(alpha):
+    """The slope the fused backward uses equals autograd's derivative of the weight
+    (0 at the kinks u = -1, 1 for alpha = 2, as autograd's clamp) and a central
+    difference of the pair's entmax (an independent reference) away from kinks."""
+    u = torch.cat([X, torch.tensor([-2.0, -1.0, 1.0, 2.0], dtype=D64)])
+    t = u.clone().requires_grad_(True)
+    w = tsallis_sigmoid(t, alpha)
+    (autograd,) = torch.autograd.grad(w.sum(), t)
+    slope = tsallis_sigmoid_slope(u, w.detach(), alpha)
+    assert torch.allclose(slope, autograd, atol=1e-14)
+    h = 1e-6
+    away = (u.abs() - 1).abs().gt(1e-3) & (u.abs() - 2).abs().gt(1e-3)
+
+    def pair(v):
+        return entmax(torch.stack([v, torch.zeros_like(v)], -1), alpha)[:, 0]
+
+    central = (pair(u + h) - pair(u - h)) / (2 * h)
+    assert torch.allclose(slope[away], central[away], atol=1e-7)
+
+
+def test_tsallis_sigmoid_slope_refuses_alpha_without_closed_form():
+    with pytest.raises(ValueError, match="closed forms for alpha"):
+        tsallis_sigmoid_slope(X, tsallis_sigmoid(X, 1.3), 1.3)
 
 
 def test_sparse_sigmoid_closed_forms():
@@ -357,8 +385,8 @@ def test_sparse_sigmoid_closed_forms():
 
 def test_soft_dn_layer_outputs():
     """Prop. 5 and 6 with H -> H_alpha: the region probability of the ReLU MASO is the
-    alpha-sigmoid;
-    that of the fully-connected-pooling MASO (one unit, one region per class) is alpha-entmax."""
+    alpha-sigmoid; that of the fully-connected-pooling MASO (one unit, one region per
+    class) is alpha-entmax."""
     x = X[::40, None]
     A, B = relu_maso()
     for alpha in (1.0, 1.5, 2.0):
@@ -443,7 +471,7 @@ def test_closed_forms_gradcheck_and_errors():
     eta = torch.tensor(0.7, dtype=D64, requires_grad=True)
     for alpha in (1.5, 2.0):
         assert torch.autograd.gradcheck(
-            lambda a, e: tsallis_vq_relu(a, e, alpha), (x, eta)
+            lambda a, e, alpha=alpha: tsallis_vq_relu(a, e, alpha), (x, eta)
         )
     with pytest.raises(ValueError, match="eta"):
         tsallis_vq_relu(X, -1.0)
@@ -453,7 +481,7 @@ def test_closed_forms_gradcheck_and_errors():
         tsallis_sigmoid(torch.arange(3), 2.0)
 
 
-# ------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # pooling
 
 
