@@ -368,7 +368,7 @@ def _layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None)
         _check_supported(m)
     dtype, device = _dtype_device(modules, dtype, device)
     if modules and isinstance(modules[0], Residual):
-        return _residual_maso(modules, input_shape, max_regions, dtype, device)
+        return residual_maso(modules, input_shape, max_regions, dtype, device)
 
     # parse [affine...] [activation] [pooling], nn.Flatten allowed anywhere
     i, n = 0, len(modules)
@@ -501,8 +501,9 @@ def _layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None)
     return A.contiguous(), B.contiguous(), S1
 
 
-def _residual_maso(modules, input_shape, max_regions, dtype, device):
-    """MASO of ``[Residual, nn.Flatten...]``: the body's (A, B) plus the shortcut."""
+def residual_maso(modules, input_shape, max_regions, dtype, device):
+    """MASO of ``[Residual, nn.Flatten...]`` (Theorem 1 with a skip connection):
+    the body's (A, B) plus the shortcut's linear map added to every region's slope."""
     res, tail = modules[0], modules[1:]
     for m in tail:
         if not isinstance(m, nn.Flatten):

@@ -238,10 +238,11 @@ def _wide(W, tall):
     return M.T, True
 
 
-def _gs_rows(M):
-    """Classical Gram-Schmidt on the rows of M (out <= fan_in): each row minus its
-    projections on
-    the previous orthonormal rows, computed from the original row, then normalised."""
+def gs_rows(M):
+    """Classical Gram-Schmidt on the rows of M (out <= fan_in), the paper's exact
+    orthogonalisation of the filters (Section 3.4, Theorem 4): each row minus its
+    projections on the previous orthonormal rows, computed from the original row, then
+    normalised."""
     Q, norms = (
         M[:0],
         [],
@@ -255,7 +256,7 @@ def _gs_rows(M):
     return Q
 
 
-def _mgs_rows(M):
+def mgs_rows(M):
     """Modified Gram-Schmidt: normalise the next row, then remove it from all remaining
     rows."""
     rows, norms = [], []
@@ -270,7 +271,7 @@ def _mgs_rows(M):
     return torch.stack(rows)
 
 
-def _qr_rows(M):
+def qr_rows(M):
     """Orthonormal rows by QR of M^T with the signs of R's diagonal folded into Q, so
     that R has a positive diagonal: the unique such factorisation, hence the same rows
     as Gram-Schmidt."""
@@ -280,7 +281,7 @@ def _qr_rows(M):
     return (Q * d.sign()).T
 
 
-_ROWS = {"gs": _gs_rows, "mgs": _mgs_rows, "qr": _qr_rows}
+_ROWS = {"gs": gs_rows, "mgs": mgs_rows, "qr": qr_rows}
 
 
 def orthogonalize(W, method="qr", tall="columns", keep_norms=False):
