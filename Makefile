@@ -39,9 +39,13 @@ book: $(STAMP)
 # Then nbval once more, under another numeric environment: PyTorch's unvectorised kernels and one
 # thread (another CPU's rounding, on this one). The chapters' stored outputs must hold there too.
 OTHER_NUMERICS := ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# The second pass runs one thread per chapter, so it spreads the chapters over the machine's
+# cores (pytest-xdist, at most 4 workers); --dist loadfile keeps each chapter's cells in one
+# worker and one kernel, in order. (The first pass keeps PyTorch's default threads.)
+XDIST := -n $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 ))) --dist loadfile
 test: lint book
 	$(BIN)/python -m pytest
-	$(OTHER_NUMERICS) $(BIN)/python -m pytest book -p no:cacheprovider
+	$(OTHER_NUMERICS) $(BIN)/python -m pytest book $(XDIST) -p no:cacheprovider
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests -q --ignore=tests/test_browser.py --ignore=tests/test_jupyter.py --ignore=tests/test_book.py
