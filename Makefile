@@ -42,13 +42,14 @@ OTHER_NUMERICS := ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 MKL_NUM_THREADS=
 # The second pass runs one thread per chapter, so it spreads the chapters over the machine's
 # cores (pytest-xdist, at most 4 workers); --dist loadfile keeps each chapter's cells in one
 # worker and one kernel, in order. (The first pass keeps PyTorch's default threads.)
-XDIST := -n $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 ))) --dist loadfile
+WORKERS := $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
+XDIST := -n $(WORKERS) --dist loadfile
 test: lint book
 	$(BIN)/python -m pytest
 	$(OTHER_NUMERICS) $(BIN)/python -m pytest book $(XDIST) -p no:cacheprovider
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests -q --ignore=tests/test_browser.py --ignore=tests/test_jupyter.py --ignore=tests/test_book.py
+	$(BIN)/python -m pytest tests -q -n $(WORKERS) --dist worksteal --ignore=tests/test_browser.py --ignore=tests/test_jupyter.py --ignore=tests/test_book.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
