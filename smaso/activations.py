@@ -221,16 +221,11 @@ def two_piece_vq_grads(x: torch.Tensor, eta, slope: float = 0.0, alpha: float = 
     return slope + c * (w + u * dw), v * v * dw
 
 
-_KERNELS: dict[tuple, fused.Kernels] = {}  # one set of kernels per configuration
-
-
+@functools.cache  # one set of kernels per configuration
 def _two_piece_kernels(slope: float, alpha: float) -> fused.Kernels:
     """Fused kernels of :func:`two_piece_vq` for one (slope, α); ``eta`` (M, 1) per
     row of (M, L) rows, or anything broadcastable (the sum is to ``eta``'s shape)."""
-    key = ("two_piece", slope, alpha)
-    if key not in _KERNELS:
-        _KERNELS[key] = _make_two_piece_kernels(slope, alpha)
-    return _KERNELS[key]
+    return _make_two_piece_kernels(slope, alpha)
 
 
 def _make_two_piece_kernels(slope: float, alpha: float) -> fused.Kernels:
@@ -388,13 +383,11 @@ def softmax_pool_grads(x: torch.Tensor, eta, y, lse, kh: int, kw: int):
     return w * (1 + e * d), w * x * d
 
 
+@functools.cache
 def _pool_kernels(kh: int, kw: int) -> fused.Kernels:
     """Fused kernels of β-softmax pooling over non-overlapping kh×kw windows; ``x``
     (1, M, H, W) (units as channels), ``eta`` (1, M, 1, 1)."""
-    key = ("pool", kh, kw)
-    if key not in _KERNELS:
-        _KERNELS[key] = _make_pool_kernels(kh, kw)
-    return _KERNELS[key]
+    return _make_pool_kernels(kh, kw)
 
 
 def _make_pool_kernels(kh: int, kw: int) -> fused.Kernels:
