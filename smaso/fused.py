@@ -41,6 +41,7 @@ requires the fast path (raising where it cannot run); ``fused=False`` never take
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import types
 from collections.abc import Callable
@@ -49,6 +50,30 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["FAST_DTYPES", "Kernels", "compile_errors", "fold", "run", "use_fast"]
+
+
+def inductor_cache_per_cpu_capability() -> None:
+    """One torch.compile cache folder per CPU capability (``ATEN_CPU_CAPABILITY``).
+
+    Inductor's on-disk caches are not keyed by the capability: a kernel generated under
+    AVX-512 is found again under ``ATEN_CPU_CAPABILITY=default`` and then fails to
+    compile (``'at::vec' has not been declared``). Unless the user chose a folder
+    (``TORCHINDUCTOR_CACHE_DIR``), the compiled kernels of this package go to a
+    subfolder of inductor's default one named after the capability.
+    """
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another torch: its own default
+        return
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        default_cache_dir(), capability
+    )
+
+
+inductor_cache_per_cpu_capability()
 
 #: dtypes the compiled kernels accept; others run eagerly.
 FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
