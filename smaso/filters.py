@@ -25,7 +25,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .checks import choice
-from .orthogonal import METHODS, OrthogonalFilters, filter_matrix, orthogonal_layers
+from .orthogonal import (
+    METHODS,
+    OrthogonalFilters,
+    layer_groups,
+    orthogonal_layers,
+    rows_to_orthogonalize,
+)
 
 __all__ = [
     "EXACT",
@@ -43,7 +49,9 @@ __all__ = [
 EXACT = ("qr", *(m for m in METHODS if m != "qr"), "gs-unnormalised")
 
 
-def unnormalised_gram_schmidt(W: torch.Tensor, method: str = "loop") -> torch.Tensor:
+def unnormalised_gram_schmidt(
+    W: torch.Tensor, method: str = "loop", *, groups: int = 1, check: bool = True
+) -> torch.Tensor:
     """Gram-Schmidt without normalisation, as in the authors' code: the filters (rows
     of :func:`smaso.orthogonal.filter_matrix`) in order, each minus its projections on
     the previous *results*, ``u_k = v_k - sum_{j<k} (<v_k, u_j> / <u_j, u_j>) u_j``.
@@ -55,39 +63,42 @@ def unnormalised_gram_schmidt(W: torch.Tensor, method: str = "loop") -> torch.Te
     to ~1e-3). When a layer has more
     filters than inputs its *columns* are processed instead (as
     :func:`smaso.orthogonal.orthogonalize` does with ``tall="columns"``). Same shape as
-    ``W``; linearly dependent filters raise a ``ValueError``. ``method="qr"`` computes
-    the same vectors as ``R_kk q_k`` from one sign-fixed QR factorisation (much faster
-    than the Python loop; what the parametrisation uses).
+    ``W``; linearly dependent filters raise a ``ValueError`` (``check=False``: not
+    checked, no host synchronisation). ``method="qr"`` computes the same vectors as
+    ``R_kk q_k`` from one sign-fixed QR factorisation (much faster than the Python
+    loop; what the parametrisation uses). ``groups``: a grouped layer (packed runs),
+    group by group.
     """
     choice("method", method, ("loop", "qr"))
-    M = filter_matrix(W)
-    tall = M.shape[0] > M.shape[1]
-    if tall:
-        M = M.T
+    M, tall = rows_to_orthogonalize(W, "columns", groups)
     if method == "qr":
-        Q, R = torch.linalg.qr(M.T)
-        d = R.diagonal()
-        _check_independent(d * d, M)
-        U = (Q * d).T  # R_kk q_k: the sign of R_kk cancels
-        return (U.T if tall else U).reshape(W.shape)
-    rows, sq = [], []
-    for k in range(M.shape[0]):
-        u = M[k]
-        for j in range(k):
-            u = u - (u @ rows[j]) / sq[j] * rows[j]
-        sq.append(u @ u)
-        rows.append(u)
-    _check_independent(torch.stack(sq), M)
-    U = torch.stack(rows)
-    return (U.T if tall else U).reshape(W.shape)
+        Q, R = torch.linalg.qr(M.mT)
+        d = R.diagonal(dim1=-2, dim2=-1)
+        if check:
+            _check_independent(d * d, M)
+        U = (Q * d[..., None, :]).mT  # R_kk q_k: the sign of R_kk cancels
+    else:
+        rows, sq = [], []
+        for k in range(M.shape[-2]):
+            u = M[..., k, :]
+            for j in range(k):
+                u = u - ((u * rows[j]).sum(-1) / sq[j])[..., None] * rows[j]
+            sq.append((u * u).sum(-1))
+            rows.append(u)
+        if check:
+            _check_independent(torch.stack(sq, -1), M)
+        U = torch.stack(rows, -2)
+    return (U.mT if tall else U).reshape(W.shape)
 
 
 def _check_independent(n2, M):
-    """Refuse filters whose residual squared norms ``n2`` vanish (dependent rows)."""
-    tol = (max(M.shape) * torch.finfo(M.dtype).eps * M.norm(dim=1).max()) ** 2
+    """Refuse filters whose residual squared norms ``n2`` vanish (dependent rows);
+    ``M``: (groups, rows, cols)."""
+    scale = M.norm(dim=-1).amax(-1, keepdim=True)
+    tol = (max(M.shape[-2:]) * torch.finfo(M.dtype).eps * scale) ** 2
     if not bool(torch.isfinite(n2).all()) or bool((n2 <= tol).any()):
         raise ValueError(
-            f"the {M.shape[0]} filters (matrix {tuple(M.shape)}) are linearly "
+            f"the {M.shape[-2]} filters (matrix {tuple(M.shape[-2:])}) are linearly "
             "dependent: they cannot be made orthogonal"
         )
 
@@ -114,11 +125,25 @@ def apodize(W: torch.Tensor) -> torch.Tensor:
 
 
 class UnnormalisedGramSchmidt(nn.Module):
-    """Parametrization ``weight = unnormalised_gram_schmidt(original)``, no autocast."""
+    """Parametrization ``weight = unnormalised_gram_schmidt(original)``, no autocast;
+    ``groups`` and ``check`` as in :class:`smaso.orthogonal.OrthogonalFilters`."""
+
+    def __init__(self, *, groups: int = 1, check: bool = True):
+        super().__init__()
+        self.groups, self.check = groups, bool(check)
+
+    def _run(self, weight, check):
+        with torch.autocast(weight.device.type, enabled=False):
+            return unnormalised_gram_schmidt(
+                weight, "qr", groups=self.groups, check=check
+            )
 
     def forward(self, weight):
-        with torch.autocast(weight.device.type, enabled=False):
-            return unnormalised_gram_schmidt(weight, "qr")
+        return self._run(weight, self.check)
+
+    def verify(self, weight):
+        """Raise ``ValueError`` if ``weight``'s filters are dependent."""
+        self._run(weight, True)
 
 
 class Apodize(nn.Module):
@@ -128,14 +153,17 @@ class Apodize(nn.Module):
         return apodize(weight)
 
 
-def register_filters(model, method="none", apodized=False, dense=True):
+def register_filters(model, method="none", apodized=False, dense=True, check=True):
     """Make the filters of ``model`` exactly orthogonal and/or apodised (Section 5);
     returns the parametrised modules.
 
     ``method``: "none", or one of :data:`EXACT` on every ``nn.Conv2d`` and (``dense``)
     ``nn.Linear`` weight. ``apodized``: every convolution's filters first go through
     :func:`apodize` (then the orthogonalisation acts on the apodised filters, as in the
-    authors' code).
+    authors' code). Grouped layers (packed runs, :mod:`smaso.pack`) are processed group
+    by group. ``check=False``: no rank check in the forward pass (no host
+    synchronisation per step); :func:`smaso.orthogonal.check_orthogonalizable` runs it
+    when asked.
     """
     choice("method", method, ("none", *EXACT))
     layers = [
@@ -149,10 +177,13 @@ def register_filters(model, method="none", apodized=False, dense=True):
             raise ValueError(f"{m}: weight is already parametrised")
         if apodized and isinstance(m, nn.Conv2d):
             parametrize.register_parametrization(m, "weight", Apodize())
+        options = {"groups": layer_groups(m), "check": check}
         if method == "gs-unnormalised":
-            parametrize.register_parametrization(m, "weight", UnnormalisedGramSchmidt())
+            p = UnnormalisedGramSchmidt(**options)
+            parametrize.register_parametrization(m, "weight", p)
         elif method != "none":
-            parametrize.register_parametrization(m, "weight", OrthogonalFilters(method))
+            p = OrthogonalFilters(method, **options)
+            parametrize.register_parametrization(m, "weight", p)
         if parametrize.is_parametrized(m, "weight"):
             done.append(m)
     return done

@@ -32,10 +32,12 @@ from torch.nn.utils import parametrize
 
 __all__ = [
     "OrthogonalFilters",
+    "check_orthogonalizable",
     "filter_matrix",
     "filter_penalty",
     "gram_schmidt",
     "input_templates",
+    "layer_groups",
     "maso_orthogonality_penalty",
     "modified_gram_schmidt",
     "orthogonal_layers",
@@ -44,6 +46,7 @@ __all__ = [
     "penalty_loss",
     "qr_orthogonalize",
     "register_orthogonal",
+    "rows_to_orthogonalize",
     "template_penalty",
 ]
 
@@ -73,7 +76,7 @@ def filter_matrix(W):
     return W.reshape(W.shape[0], -1)
 
 
-def orthogonality_penalty(W, normalized=False):
+def orthogonality_penalty(W, normalized=False, groups=1):
     """``sum_{k != k'} <w_k, w_k'>^2`` over the filters of ``W`` (Section 5, with lambda
     = 1).
 
@@ -81,14 +84,33 @@ def orthogonality_penalty(W, normalized=False):
     for a ReLU layer, whose slopes are ``(w_k, 0)``. ``normalized=True`` uses the
     cosines ``<w_k, w_k'> / (||w_k|| ||w_k'||)`` instead, which does not push the filter
     norms down (zero filters count as orthogonal to everything). Equals ``||W W^T||_F^2
-    - sum_k ||w_k||^4``.
+    - sum_k ||w_k||^4``. ``groups > 1``: the weight of a grouped layer (the packed runs
+    of :mod:`smaso.pack`), penalised group by group; a tensor of ``groups`` penalties.
     """
-    F = filter_matrix(W)
+    F = _group_filters(W, groups)
     if normalized:
-        norm = torch.linalg.vector_norm(F, dim=1, keepdim=True)
+        norm = torch.linalg.vector_norm(F, dim=-1, keepdim=True)
         F = F / torch.where(norm > 0, norm, torch.ones_like(norm))
-    G = F @ F.T
-    return (G * G).sum() - (G.diagonal() ** 2).sum()
+    G = F @ F.mT
+    pen = (G * G).sum((-2, -1)) - (G.diagonal(dim1=-2, dim2=-1) ** 2).sum(-1)
+    return pen if groups > 1 else pen[0]
+
+
+def _group_filters(W, groups):
+    """The filters of ``W`` as ``(groups, out / groups, fan_in)``."""
+    F = filter_matrix(W)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if F.shape[0] % groups:
+        raise ValueError(f"{F.shape[0]} filters cannot be split into {groups} groups")
+    return F.reshape(groups, F.shape[0] // groups, F.shape[1])
+
+
+def layer_groups(m):
+    """How many independent groups of filters layer ``m`` holds: a convolution's
+    ``groups``, a packed dense layer's (:class:`smaso.models.GroupedLinear`), else
+    1."""
+    return getattr(m, "groups", 1)
 
 
 def maso_orthogonality_penalty(A):
@@ -118,13 +140,16 @@ def filter_penalty(model, normalized=False):
     (Section 5).
 
     Uses ``module.weight``, i.e. the orthogonalised weight of a parametrised layer.
+    For packed runs (:mod:`smaso.pack`: grouped layers) one penalty per run.
     """
     layers = orthogonal_layers(model)
     if not layers:
         raise ValueError(
             f"model has no nn.Linear or nn.Conv2d layer to penalise: {model}"
         )
-    return sum(orthogonality_penalty(m.weight, normalized) for m in layers)
+    return sum(
+        orthogonality_penalty(m.weight, normalized, layer_groups(m)) for m in layers
+    )
 
 
 def input_templates(model, x, create_graph=True):
@@ -133,20 +158,28 @@ def input_templates(model, x, create_graph=True):
     These are the rows of the region-specific affine map of the whole network (Eq. 15-16
     applied end to end). One backward pass per class; with ``create_graph=True`` the
     result can itself be differentiated (double backprop). Per-sample templates need a
-    model that treats samples independently (no batch norm in training mode).
+    model that treats samples independently (no batch norm in training mode). A model
+    of packed runs (:mod:`smaso.pack`) maps (k, N, ...) to (k, N, C); its templates are
+    (k, N, C, ...), each run's from its own inputs.
     """
+    return _templates(model, x, create_graph)[0]
+
+
+def _templates(model, x, create_graph):
+    """(templates, number of leading sample axes of ``x``: 1, or 2 for packed runs)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point torch.Tensor")
     x = x.detach().requires_grad_(True)
     out = model(x)
-    if out.ndim != 2 or out.shape[0] != x.shape[0]:
+    lead = 2 if hasattr(model, "runs") else 1  # packed runs: (k, N, ...)
+    if out.ndim != lead + 1 or out.shape[:lead] != x.shape[:lead]:
         raise ValueError(
             f"model must map (N, ...) inputs to (N, C) outputs, got {tuple(out.shape)} "
             f"for input {tuple(x.shape)}"
         )
-    C = out.shape[1]
+    C = out.shape[-1]
     eye = torch.eye(C, dtype=out.dtype, device=out.device)
     grads = [
         torch.autograd.grad(
@@ -154,7 +187,7 @@ def input_templates(model, x, create_graph=True):
         )[0]
         for c in range(C)
     ]
-    return torch.stack(grads, dim=1)
+    return torch.stack(grads, dim=lead), lead
 
 
 def template_penalty(model, x):
@@ -167,13 +200,15 @@ def template_penalty(model, x):
 
     (a mean over all ``C x C x N`` entries, with the diagonal set to zero).
     Differentiable in the model's parameters (double backprop). For a linear model
-    ``f(x) = W x + b`` it is ``orthogonality_penalty(W) / C^2``.
+    ``f(x) = W x + b`` it is ``orthogonality_penalty(W) / C^2``. Packed runs: one
+    penalty per run.
     """
-    T = input_templates(model, x).flatten(2)  # (N, C, D)
-    G = T @ T.transpose(1, 2)
-    N, C, _ = G.shape
+    T, lead = _templates(model, x, True)
+    T = T.flatten(lead + 1)  # (..., N, C, D)
+    G = T @ T.mT
+    N, C = G.shape[-3], G.shape[-1]
     off = 1.0 - torch.eye(C, dtype=G.dtype, device=G.device)
-    return (G * G * off).sum() / (N * C * C)
+    return (G * G * off).sum((-3, -2, -1)) / (N * C * C)
 
 
 PENALTIES = ("filters", "filters_normalized", "templates")
@@ -205,28 +240,27 @@ def penalty_loss(kind, lam=1.0):
 
 def _check_rank(norms, M):
     """Refuse numerically dependent rows (a Gram-Schmidt norm / R diagonal ~ 0)
-    instead of NaN."""
+    instead of NaN. ``M`` may hold a batch of matrices (..., rows, cols), ``norms``
+    (..., rows). Reads the values on the host: a synchronisation on a GPU."""
     n = norms.abs()
-    tol = (
-        max(M.shape)
-        * torch.finfo(M.dtype).eps
-        * torch.linalg.vector_norm(M, dim=1).max()
-    )
+    scale = torch.linalg.vector_norm(M, dim=-1).amax(-1, keepdim=True)
+    tol = max(M.shape[-2:]) * torch.finfo(M.dtype).eps * scale
     if not bool(torch.isfinite(n).all()) or bool((n <= tol).any()):
         raise ValueError(
-            f"the {M.shape[0]} vectors to orthogonalise (matrix {tuple(M.shape)}) are "
-            "linearly dependent "
-            "(or not finite): they cannot be made orthonormal"
+            f"the {M.shape[-2]} vectors to orthogonalise (matrix "
+            f"{tuple(M.shape[-2:])}) are linearly dependent (or not finite): they "
+            "cannot be made orthonormal"
         )
 
 
-def _wide(W, tall):
-    """Rows to orthogonalise: the filters, or (out > fan_in, tall='columns') the
-    columns."""
-    M = filter_matrix(W)
+def rows_to_orthogonalize(W, tall="columns", groups=1):
+    """(rows, transposed): the vectors to make orthogonal (Eq. 11) as ``(groups, rows,
+    cols)``, the filters of each group, or (``out > fan_in``, ``tall="columns"``) their
+    columns (``transposed`` True)."""
+    M = _group_filters(W, groups)
     if tall not in TALL:
         raise ValueError(f"tall must be one of {TALL}, got {tall!r}")
-    out, fan_in = M.shape
+    _, out, fan_in = M.shape
     if out <= fan_in:
         return M, False
     if tall == "error":
@@ -235,56 +269,61 @@ def _wide(W, tall):
             "mutually orthogonal "
             f"(out > in*kh*kw); use tall='columns' to get orthonormal columns instead"
         )
-    return M.T, True
+    return M.mT, True
 
 
-def gs_rows(M):
+def gs_rows(M, check=True):
     """Classical Gram-Schmidt on the rows of M (out <= fan_in), the paper's exact
     orthogonalisation of the filters (Section 3.4, Theorem 4): each row minus its
     projections on the previous orthonormal rows, computed from the original row, then
-    normalised."""
-    Q, norms = (
-        M[:0],
-        [],
-    )  # the orthonormal rows so far, grown by concatenation (one autograd node per row)
-    for k in range(M.shape[0]):
-        u = M[k] - Q.T @ (Q @ M[k])
-        nk = torch.linalg.vector_norm(u)
+    normalised. ``M`` may be a batch (..., out, fan_in); ``check``: refuse dependent
+    rows (:func:`orthogonalize`)."""
+    # the orthonormal rows so far, grown by concatenation (one autograd node per row)
+    Q, norms = M[..., :0, :], []
+    for k in range(M.shape[-2]):
+        m = M[..., k, :, None]
+        u = (m - Q.mT @ (Q @ m))[..., 0]
+        nk = torch.linalg.vector_norm(u, dim=-1, keepdim=True)
         norms.append(nk)
-        Q = torch.cat([Q, (u / nk)[None]])
-    _check_rank(torch.stack(norms), M)
+        Q = torch.cat([Q, (u / nk)[..., None, :]], dim=-2)
+    if check:
+        _check_rank(torch.cat(norms, -1), M)
     return Q
 
 
-def mgs_rows(M):
+def mgs_rows(M, check=True):
     """Modified Gram-Schmidt: normalise the next row, then remove it from all remaining
-    rows."""
+    rows (``M`` and ``check`` as in :func:`gs_rows`)."""
     rows, norms = [], []
     V = M
-    for _ in range(M.shape[0]):
-        nk = torch.linalg.vector_norm(V[0])
-        q = V[0] / nk
+    for _ in range(M.shape[-2]):
+        nk = torch.linalg.vector_norm(V[..., 0, :], dim=-1, keepdim=True)
+        q = V[..., 0, :] / nk
         norms.append(nk)
         rows.append(q)
-        V = V[1:] - (V[1:] @ q)[:, None] * q
-    _check_rank(torch.stack(norms), M)
-    return torch.stack(rows)
+        V = V[..., 1:, :] - (V[..., 1:, :] @ q[..., None]) * q[..., None, :]
+    if check:
+        _check_rank(torch.cat(norms, -1), M)
+    return torch.stack(rows, dim=-2)
 
 
-def qr_rows(M):
+def qr_rows(M, check=True):
     """Orthonormal rows by QR of M^T with the signs of R's diagonal folded into Q, so
     that R has a positive diagonal: the unique such factorisation, hence the same rows
-    as Gram-Schmidt."""
-    Q, Rm = torch.linalg.qr(M.T)
-    d = Rm.diagonal()
-    _check_rank(d, M)
-    return (Q * d.sign()).T
+    as Gram-Schmidt (``M`` and ``check`` as in :func:`gs_rows`)."""
+    Q, Rm = torch.linalg.qr(M.mT)
+    d = Rm.diagonal(dim1=-2, dim2=-1)
+    if check:
+        _check_rank(d, M)
+    return (Q * d.sign()[..., None, :]).mT
 
 
 _ROWS = {"gs": gs_rows, "mgs": mgs_rows, "qr": qr_rows}
 
 
-def orthogonalize(W, method="qr", tall="columns", keep_norms=False):
+def orthogonalize(
+    W, method="qr", tall="columns", keep_norms=False, *, groups=1, check=True
+):
     """Exactly orthogonal filters (Eq. 11) from a raw weight ``W`` (out, ...) of the
     same shape.
 
@@ -295,20 +334,46 @@ def orthogonalize(W, method="qr", tall="columns", keep_norms=False):
     all three give the same rows, with the same gradients. ``keep_norms=True`` rescales
     row ``k`` to ``||w_k||``. If ``out > fan_in``: with ``tall="columns"`` the *columns*
     are orthonormalised instead (``W^T W = I``), with ``tall="error"`` a ``ValueError``.
-    Linearly dependent rows raise a ``ValueError``.
+    Linearly dependent or non-finite rows raise a ``ValueError`` — a check that reads
+    values on the host (a GPU synchronisation); ``check=False`` leaves it out, for a
+    training step that checks once per epoch instead (:func:`check_orthogonalizable`).
+    ``groups``: the filters of a grouped layer (packed runs, :mod:`smaso.pack`) are
+    orthogonalised group by group, in one batched computation.
     """
     _check_weight(W)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    M, transposed = _wide(W, tall)
-    if not bool(torch.isfinite(M).all()):
+    M, transposed = rows_to_orthogonalize(W, tall, groups)
+    if check and not bool(torch.isfinite(M).all()):
         raise ValueError("W contains NaN or inf entries")
-    Q = _ROWS[method](M)
+    Q = _ROWS[method](M, check)
     if transposed:
-        Q = Q.T
+        Q = Q.mT
     if keep_norms:
-        Q = Q * torch.linalg.vector_norm(filter_matrix(W), dim=1, keepdim=True)
+        Q = Q * torch.linalg.vector_norm(
+            _group_filters(W, groups), dim=-1, keepdim=True
+        )
     return Q.reshape(W.shape)
+
+
+def check_orthogonalizable(model):
+    """Raise ``ValueError`` if a parametrised layer of ``model`` (:class:`
+    OrthogonalFilters` or the authors' unnormalised Gram-Schmidt) has raw filters that
+    cannot be orthogonalised (dependent or not finite): the check a training step with
+    ``check=False`` leaves out, run once (e.g. per epoch). Returns the number of layers
+    checked."""
+    n = 0
+    with torch.no_grad():
+        for m in orthogonal_layers(model):
+            if not parametrize.is_parametrized(m, "weight"):
+                continue
+            W = m.parametrizations.weight.original
+            for p in m.parametrizations.weight:
+                if hasattr(p, "verify"):
+                    p.verify(W)
+                    n += 1
+                W = p(W)
+    return n
 
 
 def gram_schmidt(W, tall="columns", keep_norms=False):
@@ -338,21 +403,41 @@ class OrthogonalFilters(nn.Module):
     ``nn.utils.parametrizations.orthogonal`` on a 4-D conv weight orthogonalises each
     ``kh x kw`` slice instead.) The raw weight stays the trainable parameter
     (``parametrizations.weight.original``), so gradients flow through the
-    orthogonalisation, as in the paper.
+    orthogonalisation, as in the paper. ``groups``: a grouped layer's filters
+    (packed runs, :mod:`smaso.pack`), group by group. ``check=False``: no rank check in
+    the forward pass (it synchronises a GPU on every step); :meth:`verify` (through
+    :func:`check_orthogonalizable`) runs it when asked, e.g. once per epoch.
     """
 
-    def __init__(self, method="qr", tall="columns", keep_norms=False):
+    def __init__(
+        self, method="qr", tall="columns", keep_norms=False, *, groups=1, check=True
+    ):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if tall not in TALL:
             raise ValueError(f"tall must be one of {TALL}, got {tall!r}")
         self.method, self.tall, self.keep_norms = method, tall, bool(keep_norms)
+        self.groups, self.check = groups, bool(check)
 
-    def forward(self, weight):
+    def _orthogonalize(self, weight, check):
         # autocast off: Gram-Schmidt's matmuls in bf16 leave filters orthogonal to ~1e-3
         with torch.autocast(weight.device.type, enabled=False):
-            return orthogonalize(weight, self.method, self.tall, self.keep_norms)
+            return orthogonalize(
+                weight,
+                self.method,
+                self.tall,
+                self.keep_norms,
+                groups=self.groups,
+                check=check,
+            )
+
+    def forward(self, weight):
+        return self._orthogonalize(weight, self.check)
+
+    def verify(self, weight):
+        """Raise ``ValueError`` if ``weight`` cannot be orthogonalised."""
+        self._orthogonalize(weight, True)
 
     def right_inverse(self, weight):
         """A raw weight whose orthogonalisation is ``weight``, so that ``layer.weight =
@@ -376,8 +461,8 @@ class OrthogonalFilters(nn.Module):
             raise ValueError(
                 f"expected a weight of shape {shape}, got {tuple(weight.shape)}"
             )
-        M = filter_matrix(weight)
-        if self.keep_norms and M.shape[0] > M.shape[1]:
+        _, out, fan_in = _group_filters(weight, self.groups).shape
+        if self.keep_norms and out > fan_in:
             raise NotImplementedError(
                 "a tall weight with keep_norms=True cannot be assigned through the "
                 "parametrization; set parametrizations.weight.original instead"
@@ -387,6 +472,7 @@ class OrthogonalFilters(nn.Module):
     def extra_repr(self):
         return (
             f"method={self.method!r}, tall={self.tall!r}, keep_norms={self.keep_norms}"
+            f", groups={self.groups}, check={self.check}"
         )
 
 
@@ -413,7 +499,7 @@ def register_orthogonal(model, method="qr", tall="columns", keep_norms=False):
         if parametrize.is_parametrized(m, "weight"):
             raise ValueError(f"{m}: weight is already parametrised")
         with torch.no_grad():
-            _wide(m.weight, tall)  # raises early for tall='error'
+            rows_to_orthogonalize(m.weight, tall)  # raises early for tall='error'
     for m in layers:
         parametrize.register_parametrization(
             m, "weight", OrthogonalFilters(method, tall, keep_norms)
