@@ -32,6 +32,7 @@ import inspect
 from collections.abc import Callable
 from functools import partial
 
+import torch
 from torch import nn
 
 from .activations import (
@@ -48,6 +49,7 @@ __all__ = [
     "ACTIVATIONS",
     "BN_MOMENTUM",
     "MODELS",
+    "GroupedLinear",
     "activation_factory",
     "build",
     "conv_net",
@@ -202,6 +204,31 @@ _LARGE = {
 }
 
 
+class GroupedLinear(nn.Linear):
+    """``groups`` independent dense layers in one, as ``nn.Conv2d(groups=...)`` is for
+    convolutions: input (N, groups * in_features), output (N, groups * out_features),
+    group ``g`` of the output from group ``g`` of the input by its own (out_features,
+    in_features) block, rows ``g * out_features ...`` of ``weight``. The dense layer of
+    packed runs (:mod:`smaso.pack`); an ``nn.Linear`` to the penalties and exact
+    orthogonality of Section 5, which treat its groups apart."""
+
+    def __init__(self, in_features, out_features, groups, bias=True):
+        positive_int("groups", groups)
+        super().__init__(in_features, out_features * groups, bias)
+        self.groups = groups
+
+    def forward(self, x):
+        g = self.groups
+        W = self.weight.view(g, -1, self.in_features)
+        out = torch.einsum("ngi,goi->ngo", x.view(len(x), g, self.in_features), W)
+        if self.bias is not None:
+            out = out + self.bias.view(g, -1)
+        return out.reshape(len(x), -1)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, groups={self.groups}"
+
+
 def conv_net(
     spec,
     num_classes,
@@ -214,6 +241,7 @@ def conv_net(
     bn_last=True,
     dense_bias=False,
     glorot=True,
+    runs=1,
 ):
     """Convolutions from ``spec`` (filters, kernel, padding, 2x2 max-pool after), each
     followed by batch norm and the activation; global average pooling; a dense layer to
@@ -225,31 +253,37 @@ def conv_net(
     ``conv_bias``: a bias on convolutions that batch norm follows (redundant there:
     batch norm removes any per-channel shift; a convolution without batch norm always
     has one). ``glorot``: the authors' initialisation, Glorot-uniform weights and zero
-    biases (else PyTorch's default).
+    biases (else PyTorch's default). ``runs > 1``: that many independent copies of the
+    network side by side (grouped convolutions, per-channel batch norm and activations,
+    :class:`GroupedLinear`), mapping (N, runs * in_channels, H, W) to (N, runs *
+    num_classes); :mod:`smaso.pack` trains several runs that way.
     """
     _check_classes(num_classes, in_channels)
     finite_number("bn_momentum", bn_momentum, 0, 1, low_open=True)
+    g = positive_int("runs", runs)
     act = activation_factory(activation)
     layers, c = [], in_channels
     for i, (out, k, pad, pool) in enumerate(spec):
         bn = batch_norm and (bn_last or i < len(spec) - 1)
-        layers.append(nn.Conv2d(c, out, k, padding=pad, bias=conv_bias or not bn))
+        bias = conv_bias or not bn
+        layers.append(nn.Conv2d(c * g, out * g, k, padding=pad, bias=bias, groups=g))
         if bn:
-            layers.append(nn.BatchNorm2d(out, eps=1e-3, momentum=bn_momentum))
-        layers.append(act(out))
+            layers.append(nn.BatchNorm2d(out * g, eps=1e-3, momentum=bn_momentum))
+        layers.append(act(out * g))
         if pool:
             layers.append(nn.MaxPool2d(2))
         c = out
-    layers += [
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(c, num_classes, bias=dense_bias),
-    ]
-    model = nn.Sequential(*layers)
+    dense = (
+        nn.Linear(c, num_classes, bias=dense_bias)
+        if g == 1
+        else GroupedLinear(c, num_classes, g, bias=dense_bias)
+    )
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), dense)
     if glorot:
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_uniform_(m.weight)
+                for w in m.weight.chunk(g):  # each run's block: its own fans
+                    nn.init.xavier_uniform_(w)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
     return model
@@ -348,13 +382,16 @@ MODELS: dict[str, tuple[str, Callable[..., nn.Module]]] = {
 
 def build(name, num_classes, in_channels, activation="relu", **options) -> nn.Module:
     """The network ``name`` of :data:`MODELS`; ``options`` the builder does not take do
-    not apply to it (e.g. batch-norm options to Appendix D's largeCNN, which has none).
+    not apply to it (e.g. batch-norm options to Appendix D's largeCNN, which has none),
+    except ``runs`` (packed runs, :func:`conv_net`), refused by a builder without it.
     """
     choice("model", name, MODELS)
     builder = MODELS[name][1]
     takes = inspect.signature(builder).parameters
     if any(p.kind is p.VAR_KEYWORD for p in takes.values()):
         takes = inspect.signature(conv_net).parameters  # it passes them on
+    if options.get("runs", 1) != 1 and "runs" not in takes:
+        raise ValueError(f"model {name!r} cannot be packed (built with runs > 1)")
     return builder(
         num_classes,
         in_channels,

@@ -92,6 +92,30 @@ def _logits_for_loss(out: torch.Tensor, autocast_dtype) -> torch.Tensor:
     return out.float() if autocast_dtype is not None else out
 
 
+def _cross_entropy(logits, y, reduction="mean"):
+    """Cross-entropy of a batch, or of packed runs' batches (``y`` (k, N), logits (k, N,
+    C)): one mean (or sum) per run."""
+    if y.ndim == 1:
+        return nn.functional.cross_entropy(logits, y, reduction=reduction)
+    per = nn.functional.cross_entropy(
+        logits.flatten(0, 1), y.flatten(), reduction="none"
+    )
+    per = per.view(y.shape)
+    return per.mean(-1) if reduction == "mean" else per.sum(-1)
+
+
+def _per(t: torch.Tensor, n: int):
+    """A device accumulator divided by ``n`` on the host: a float, or one per packed
+    run."""
+    v = t.tolist()
+    return [a / n for a in v] if isinstance(v, list) else v / n
+
+
+def _accumulator(model, dtype, device):
+    runs = getattr(model, "runs", None)  # packed runs (smaso.pack): one value each
+    return torch.zeros((runs,) if runs else (), dtype=dtype, device=device)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -104,7 +128,8 @@ def evaluate(
     (restored after).
 
     The test metric of Table 2 (Section 5). One host synchronisation at the end, not per
-    batch.
+    batch. Packed runs (:mod:`smaso.pack`) are all measured on ``(x, y)``; one value
+    per run.
     """
     if len(x) == 0 or len(x) != len(y):
         raise ValueError(
@@ -112,17 +137,20 @@ def evaluate(
         )
     was_training = model.training
     model.eval()
-    loss = torch.zeros((), dtype=torch.float64, device=x.device)
-    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    runs = getattr(model, "runs", None)
+    loss = _accumulator(model, torch.float64, x.device)
+    correct = _accumulator(model, torch.long, x.device)
     for i in range(0, len(x), batch_size):
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        if runs:
+            xb, yb = xb.expand(runs, *xb.shape), yb.expand(runs, *yb.shape)
         with _autocast(x.device.type, autocast_dtype):
             out = model(xb)
         logits = _logits_for_loss(out, autocast_dtype)
-        loss += nn.functional.cross_entropy(logits, yb, reduction="sum").double()
-        correct += (out.argmax(1) == yb).sum()
+        loss += _cross_entropy(logits, yb, reduction="sum").double()
+        correct += (out.argmax(-1) == yb).sum(-1)
     model.train(was_training)
-    return {"loss": loss.item() / len(x), "acc": correct.item() / len(x)}
+    return {"loss": _per(loss, len(x)), "acc": _per(correct, len(x))}
 
 
 def train_epoch(
@@ -147,44 +175,49 @@ def train_epoch(
     ``autocast_dtype`` (e.g. ``torch.bfloat16`` on CUDA) the forward pass runs in mixed
     precision and the loss is computed from float32 logits; the extra loss is computed
     outside autocast, in the parameters' precision. ``scheduler.step()`` (if given)
-    follows every optimiser step. Host synchronisation happens once, at the end.
-    ``on_batch(i)`` is called after step ``i``.
+    follows every optimiser step. ``on_batch(i)`` is called after step ``i``. The step
+    reads nothing back from the device: host synchronisation happens once, at the end.
+
+    Packed runs (:class:`smaso.pack.PackedRuns`): each batch is (k, N) indices, run
+    ``r``'s in row ``r``; the loss is the sum of the runs' losses (each run's gradient
+    its own) and every returned value a list, one per run.
     """
     model.train()
     dev = x.device
-    total = torch.zeros((), dtype=torch.float64, device=dev)
-    objective = torch.zeros((), dtype=torch.float64, device=dev)
-    correct = torch.zeros((), dtype=torch.long, device=dev)
-    pen = torch.zeros((), dtype=torch.float64, device=dev)
+    total = _accumulator(model, torch.float64, dev)
+    objective = _accumulator(model, torch.float64, dev)
+    correct = _accumulator(model, torch.long, dev)
+    pen = _accumulator(model, torch.float64, dev)
     seen = n_batches = 0
     for i, idx in enumerate(batches):
         xb, yb = x[idx], y[idx]
+        n = idx.shape[-1]
         with _autocast(dev.type, autocast_dtype):
             out = model(xb)
-        loss = nn.functional.cross_entropy(_logits_for_loss(out, autocast_dtype), yb)
-        total += loss.detach().double() * len(idx)
-        correct += (out.detach().argmax(1) == yb).sum()
+        loss = _cross_entropy(_logits_for_loss(out, autocast_dtype), yb)
+        total += loss.detach().double() * n
+        correct += (out.detach().argmax(-1) == yb).sum(-1)
         if extra_loss is not None:
             e = extra_loss(model, xb, yb)
             pen += e.detach().double()
             loss = loss + e
-        objective += loss.detach().double() * len(idx)
+        objective += loss.detach().double() * n
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss.sum() if loss.ndim else loss).backward()
         opt.step()
         if scheduler is not None:
             scheduler.step()
-        seen += len(idx)
+        seen += n
         n_batches += 1
         if on_batch is not None:
             on_batch(i)
     if seen == 0:
         raise ValueError("no batches to train on")
     return {
-        "loss": total.item() / seen,
-        "acc": correct.item() / seen,
-        "penalty": pen.item() / n_batches,
-        "objective": objective.item() / seen,
+        "loss": _per(total, seen),
+        "acc": _per(correct, seen),
+        "penalty": _per(pen, n_batches),
+        "objective": _per(objective, seen),
     }
 
 

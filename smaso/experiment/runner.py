@@ -22,6 +22,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +34,14 @@ from ..checks import positive_int
 from ..data import DATASETS, TensorData, epoch_batches, load
 from ..filters import EXACT, register_filters
 from ..models import build, num_parameters
-from ..orthogonal import PENALTIES, filter_matrix, orthogonal_layers, penalty_loss
+from ..orthogonal import (
+    PENALTIES,
+    check_orthogonalizable,
+    filter_matrix,
+    orthogonal_layers,
+    penalty_loss,
+)
+from ..pack import PackedRuns, pack_state, unpack_state
 from ..train import AdamWithoutBiasCorrection, evaluate, train_epoch
 from .config import DTYPES, RunConfig
 from .store import (
@@ -50,6 +58,7 @@ from .store import (
     load_result,
     model_path,
     now,
+    pack_checkpoint_path,
     result_path,
     save_torch_atomic,
     write_json_atomic,
@@ -61,14 +70,17 @@ __all__ = [
     "build_loss",
     "build_model",
     "build_optimizer",
+    "build_packed",
     "data_key",
     "effective_precision",
     "filters_cos2",
     "load_data",
     "load_trained_model",
     "orthogonality_error",
+    "packable",
     "resolve_device",
     "run",
+    "run_packed",
     "runtime_fields",
 ]
 
@@ -100,21 +112,41 @@ class Runtime:
     stale_after: float = _opt(
         7200.0, "seconds after which a silent claim on a run is taken over"
     )
+    checkpoint_every: float = _opt(
+        60.0,
+        "seconds of training between checkpoints (written after the epoch that "
+        "crosses it; 0: after every epoch)",
+    )
+    pack: int | None = _opt(
+        None,
+        "runs of a sweep trained together as one packed network (smaso.pack): the "
+        "seeds of one setting, up to this many (default: all of them on CUDA, 1 on "
+        "the CPU)",
+    )
 
     def __post_init__(self):
         if self.threads is not None:
             positive_int("threads", self.threads)
+        if self.pack is not None:
+            positive_int("pack", self.pack)
+        if not self.checkpoint_every >= 0:
+            raise ValueError(
+                f"checkpoint_every must be >= 0 seconds, got {self.checkpoint_every!r}"
+            )
 
 
 # --------------------------------------------------------------------------------------
 # what a config builds
 
 
-def build_model(config: RunConfig, in_channels: int, num_classes: int) -> nn.Module:
+def build_model(
+    config: RunConfig, in_channels: int, num_classes: int, check: bool = True
+) -> nn.Module:
     """The network of ``config``, seeded by ``config.seed``: the model of
     :data:`smaso.models.MODELS` with its activation and structural options, then its
     filters made exactly orthogonal and/or apodised if the config asks for it
-    (:func:`smaso.filters.register_filters`)."""
+    (:func:`smaso.filters.register_filters`; ``check=False``: without the rank check
+    in every forward pass, as a training step runs them)."""
     torch.manual_seed(config.seed)
     model = build(
         config.model,
@@ -126,8 +158,50 @@ def build_model(config: RunConfig, in_channels: int, num_classes: int) -> nn.Mod
         bn_last=config.bn_last,
     )
     method = config.orthogonality if config.orthogonality in EXACT else "none"
-    register_filters(model, method, config.apodize, config.orthogonal_dense)
+    register_filters(model, method, config.apodize, config.orthogonal_dense, check)
     return model
+
+
+def build_packed(configs, in_channels: int, num_classes: int) -> PackedRuns:
+    """The networks of ``configs`` (one configuration but for the seed) as one
+    :class:`smaso.pack.PackedRuns`, each run initialised as :func:`build_model`
+    initialises it alone; exact layers without the per-forward rank check."""
+    first = configs[0]
+    packable(configs)
+    net = build(
+        first.model,
+        num_classes,
+        in_channels,
+        first.activation,
+        bn_momentum=first.bn_momentum,
+        conv_bias=first.conv_bias,
+        bn_last=first.bn_last,
+        runs=len(configs),
+    )
+    method = first.orthogonality if first.orthogonality in EXACT else "none"
+    register_filters(net, method, first.apodize, first.orthogonal_dense, check=False)
+    packed = PackedRuns(net, len(configs))
+    states = [build_model(c, in_channels, num_classes).state_dict() for c in configs]
+    packed.load_state_dict(pack_state(states, packed))
+    return packed
+
+
+def packable(configs) -> None:
+    """Refuse ``configs`` that cannot train as one packed network: they must differ in
+    their seeds only (dataset, model, learning rate, ... shared)."""
+    configs = list(configs)
+    if not configs or not all(isinstance(c, RunConfig) for c in configs):
+        raise TypeError("configs must be a non-empty list of RunConfig")
+    base = dataclasses.replace(configs[0], seed=0)
+    for c in configs[1:]:
+        if dataclasses.replace(c, seed=0) != base:
+            raise ValueError(
+                f"{c.run_id()} and {configs[0].run_id()} differ in more than the "
+                "seed: they cannot be packed"
+            )
+    seeds = [c.seed for c in configs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"packed runs need distinct seeds, got {seeds}")
 
 
 def build_loss(config: RunConfig):
@@ -139,10 +213,13 @@ def build_loss(config: RunConfig):
 
 
 def build_optimizer(config: RunConfig, model: nn.Module):
-    """(optimiser, per-step scheduler or None): Adam at ``config.lr``; the authors'
-    Adam without bias correction is PyTorch's with
-    :class:`smaso.train.AdamWithoutBiasCorrection`."""
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    """(optimiser, per-step scheduler or None): Adam at ``config.lr`` (its fused
+    implementation on CUDA); the authors' Adam without bias correction is PyTorch's
+    with :class:`smaso.train.AdamWithoutBiasCorrection`."""
+    params = list(model.parameters())
+    # one fused kernel per step on CUDA instead of one launch per tensor and operation
+    fused = all(p.is_cuda for p in params)
+    opt = torch.optim.Adam(params, lr=config.lr, fused=fused or None)
     if config.optimizer == "adam-no-bias-correction":
         return opt, AdamWithoutBiasCorrection(opt)
     return opt, None
@@ -314,35 +391,48 @@ def _prepare_data(config, data, device, rt) -> TensorData:
 def _place(model, data, config, device):
     """Model and images in the config's dtype on ``device`` (channels-last on CUDA)."""
     dtype = DTYPES[config.dtype]
-    model = model.to(device, dtype)
     x_train, x_test = data.x_train.to(dtype), data.x_test.to(dtype)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
         x_train = x_train.contiguous(memory_format=torch.channels_last)
         x_test = x_test.contiguous(memory_format=torch.channels_last)
-    return model, x_train, x_test
+    return _to(model, config, device), x_train, x_test
+
+
+def _to(model, config, device):
+    model = model.to(device, DTYPES[config.dtype])
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 @dataclass
 class _State:
-    history: list = field(default_factory=list)
+    histories: list  # one history per run
     start: int = 0
     wall_before: float = 0.0
     resumes: list = field(default_factory=list)
     started: str = field(default_factory=now)
 
 
-def _resume(config, out_dir, model, opt, sched, precision, device, say) -> _State:
+def _ckpt_file(out_dir, configs):
+    if len(configs) == 1:
+        return checkpoint_path(out_dir, configs[0])
+    return pack_checkpoint_path(out_dir, configs)
+
+
+def _resume(configs, out_dir, model, opt, sched, precision, device, say) -> _State:
     """The state after the last finished epoch of the checkpoint, if there is one,
     loaded into ``model``, ``opt`` and ``sched``; refused if the checkpoint belongs to
-    another configuration, or was trained under another precision or device type."""
-    file = checkpoint_path(out_dir, config)
+    other configurations, or was trained under another precision or device type."""
+    file = _ckpt_file(out_dir, configs)
+    k = len(configs)
     if not file.exists():
-        return _State()
+        return _State([[] for _ in configs])
     state = load_checkpoint(file)
-    rid = config.run_id()
+    rid = configs[0].run_id() if k == 1 else f"the pack of {k} runs {file.stem}"
     try:
-        same = RunConfig.from_dict(state.get("config")) == config
+        saved = [state.get("config")] if k == 1 else state.get("configs")
+        same = [RunConfig.from_dict(c) for c in saved] == list(configs)
     except (TypeError, ValueError):
         same = False
     if not same:
@@ -365,12 +455,13 @@ def _resume(config, out_dir, model, opt, sched, precision, device, say) -> _Stat
             sched.load_state_dict(state["scheduler"])
     except (KeyError, RuntimeError, ValueError) as e:
         raise CheckpointError(
-            f"checkpoint {file} does not fit run {rid} ({e}); it was left in place"
+            f"checkpoint {file} does not fit {rid} ({e}); it was left in place"
         ) from None
     start = int(state["epoch"])
     say(f"{rid}: resuming after epoch {start} from {file}")
+    histories = [state["history"]] if k == 1 else state["histories"]
     return _State(
-        list(state["history"]),
+        [list(h) for h in histories],
         start,
         float(state["wall_s"]),
         [*state["resumes"], start],
@@ -378,12 +469,8 @@ def _resume(config, out_dir, model, opt, sched, precision, device, say) -> _Stat
     )
 
 
-def _epoch(
-    config, epoch, model, opt, sched, extra, autocast, x, y, x_test, y_test, on_batch
-):
-    """Train one epoch and measure the model: the epoch's record."""
-    t0 = time.perf_counter()
-    batches = epoch_batches(
+def _batches(config, epoch, y):
+    return epoch_batches(
         y,
         config.batch_size,
         config.seed,
@@ -391,16 +478,41 @@ def _epoch(
         config.balanced,
         DATASETS[config.dataset].num_classes,
     )
+
+
+def _per_run(values: dict, k: int) -> list[dict]:
+    """``{key: value or list of k values}`` -> k dicts."""
+    if k == 1:
+        return [values]
+    return [{key: v[r] for key, v in values.items()} for r in range(k)]
+
+
+def _train_epoch(configs, epoch, model, opt, sched, extra, autocast, x, y, on_batch):
+    """Train one epoch of every run (packed: each run's batches stacked, (k, N)); the
+    runs' training metrics and the seconds it took."""
+    t0 = time.perf_counter()
+    if len(configs) == 1:
+        batches = _batches(configs[0], epoch, y)
+    else:
+        per_run = [_batches(c, epoch, y) for c in configs]
+        batches = [torch.stack(b) for b in zip(*per_run, strict=True)]
     tr = train_epoch(model, opt, x, y, batches, extra, autocast, on_batch, sched)
     if x.device.type == "cuda":
         torch.cuda.synchronize()
-    train_s = time.perf_counter() - t0
-    if not math.isfinite(tr["loss"]):
-        raise FloatingPointError(
-            f"{config.run_id()}: training loss {tr['loss']} in epoch {epoch + 1}: the "
-            "run diverged"
-        )
-    te = evaluate(model, x_test, y_test, autocast_dtype=autocast)
+    for c, r in zip(configs, _per_run(tr, len(configs)), strict=True):
+        if not math.isfinite(r["loss"]):
+            raise FloatingPointError(
+                f"{c.run_id()}: training loss {r['loss']} in epoch {epoch + 1}: the "
+                "run diverged"
+            )
+    return _per_run(tr, len(configs)), time.perf_counter() - t0
+
+
+def _record(config, epoch, model, tr, te, train_s, t0):
+    """The epoch's record of one run (``model`` that run's network alone); checks that
+    its exact layers can still be orthogonalised (the check the training step leaves
+    out)."""
+    check_orthogonalizable(model)
     rec = {
         "epoch": epoch + 1,
         "train_loss": tr["loss"],
@@ -422,27 +534,35 @@ def _epoch(
     return rec
 
 
-def _checkpoint(config, out_dir, epoch, model, opt, sched, st, wall, precision, device):
+def _checkpoint(configs, out_dir, epoch, model, opt, sched, st, wall, precision, dev):
+    k = len(configs)
+    runs = (
+        {"config": configs[0].to_dict(), "history": st.histories[0]}
+        if k == 1
+        else {
+            "configs": [c.to_dict() for c in configs],
+            "histories": st.histories,
+        }
+    )
     save_torch_atomic(
         {
             "format": CHECKPOINT_FORMAT,
-            "config": config.to_dict(),
+            **runs,
             "epoch": epoch,
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None,
-            "history": st.history,
             "wall_s": wall,
             "resumes": st.resumes,
             "started": st.started,
             "precision": precision,
-            "device_type": device.type,
+            "device_type": dev.type,
         },
-        checkpoint_path(out_dir, config),
+        _ckpt_file(out_dir, configs),
     )
 
 
-def _finish(config, out_dir, model, st, wall, precision, device, save_model) -> dict:
+def _finish(config, out_dir, model, history, st, wall, precision, device, rt, packed):
     """Write the results JSON (and the weights), remove the checkpoint and any failure
     record: the run is done."""
     commit, dirty = git_commit()
@@ -453,15 +573,16 @@ def _finish(config, out_dir, model, st, wall, precision, device, save_model) -> 
         "config": config.to_dict(),
         "seed": config.seed,
         "status": "done",
-        "history": st.history,
-        **_summary(st.history),
+        "history": history,
+        **_summary(history),
         "wall_s": wall,
-        "epoch_s_mean": float(np.mean([r["epoch_s"] for r in st.history])),
+        "epoch_s_mean": float(np.mean([r["epoch_s"] for r in history])),
         "num_parameters": num_parameters(model),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
         "threads": torch.get_num_threads(),
         "precision": precision,
+        "packed_runs": packed,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "smaso": __version__,
@@ -471,18 +592,105 @@ def _finish(config, out_dir, model, st, wall, precision, device, save_model) -> 
         "finished": now(),
         "resumes": st.resumes,
     }
-    if save_model:
+    if rt.save_model:
         save_torch_atomic(
             {k: v.detach().cpu() for k, v in model.state_dict().items()},
             model_path(out_dir, config),
         )
     write_json_atomic(result_path(out_dir, config), result)
-    ckpt = checkpoint_path(out_dir, config)
-    ckpt.unlink(missing_ok=True)
+    checkpoint_path(out_dir, config).unlink(missing_ok=True)
     failed_path(out_dir, config).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        ckpt.parent.rmdir()  # only if no other run's checkpoint is in there
     return result
+
+
+class _Separate:
+    """Each run's network alone, for its measurements and files: the model itself for
+    one run; for packed runs, networks of ``runs=1`` loaded from the packed one."""
+
+    def __init__(self, configs, model, in_channels, num_classes, device):
+        self.model, self.k = model, len(configs)
+        if self.k > 1:
+            self.nets = [
+                _to(build_model(c, in_channels, num_classes), c, device)
+                for c in configs
+            ]
+
+    def __call__(self) -> list[nn.Module]:
+        if self.k == 1:
+            return [self.model]
+        for net, state in zip(
+            self.nets, unpack_state(self.model, self.nets[0]), strict=True
+        ):
+            net.load_state_dict(state)
+        return self.nets
+
+
+def _train(configs, out_dir, data, rt, claims, say, on_epoch, on_batch) -> list[dict]:
+    """Train ``configs`` (one run, or several packed: :func:`run_packed`) in
+    ``out_dir`` while their ``claims`` are held: epochs, checkpoints by wall-clock
+    time, results files."""
+    k, config = len(configs), configs[0]
+    device = resolve_device(rt.device)
+    precision = effective_precision(config, device)
+    autocast = torch.bfloat16 if precision == "bf16-autocast" else None
+    data = _prepare_data(config, data, device, rt)
+    shape = (data.x_train.shape[1], data.num_classes)
+    if k == 1:
+        model = build_model(config, *shape, check=False)
+    else:
+        model = build_packed(configs, *shape)
+    model, x_train, x_test = _place(model, data, config, device)
+    separate = _Separate(configs, model, *shape, device)
+    extra = build_loss(config)
+    opt, sched = build_optimizer(config, model)
+    st = _resume(configs, out_dir, model, opt, sched, precision, device, say)
+    t_run = last_ckpt = time.perf_counter()
+    for epoch in range(st.start, config.epochs):
+        t0 = time.perf_counter()
+        trs, train_s = _train_epoch(
+            configs, epoch, model, opt, sched, extra, autocast, x_train,
+            data.y_train, on_batch,
+        )  # fmt: skip
+        tes = _per_run(evaluate(model, x_test, data.y_test, autocast_dtype=autocast), k)
+        nets = separate()
+        recs = [
+            _record(c, epoch, net, tr, te, train_s, t0)
+            for c, net, tr, te in zip(configs, nets, trs, tes, strict=True)
+        ]
+        for h, rec in zip(st.histories, recs, strict=True):
+            h.append(rec)
+        for c, held in zip(configs, claims, strict=True):
+            if not held.held():
+                raise RunClaimedError(
+                    f"{c.run_id()}: another process took over the run"
+                )
+        wall = st.wall_before + time.perf_counter() - t_run
+        last = epoch + 1 == config.epochs
+        if not last and time.perf_counter() - last_ckpt >= rt.checkpoint_every:
+            _checkpoint(
+                configs, out_dir, epoch + 1, model, opt, sched, st, wall, precision,
+                device,
+            )  # fmt: skip
+            last_ckpt = time.perf_counter()
+        for held in claims:
+            held.touch()
+        for c, rec in zip(configs, recs, strict=True):
+            say(
+                f"{c.run_id()} epoch {epoch + 1}/{config.epochs}: train loss "
+                f"{rec['train_loss']:.3f} acc {rec['train_acc']:.3f}, "
+                f"test acc {rec['test_acc']:.3f} ({rec['epoch_s']:.1f} s)"
+            )
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model, recs[0] if k == 1 else recs)
+    wall = st.wall_before + time.perf_counter() - t_run
+    results = [
+        _finish(c, out_dir, net, h, st, wall, precision, device, rt, k)
+        for c, net, h in zip(configs, separate(), st.histories, strict=True)
+    ]
+    _ckpt_file(out_dir, configs).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (Path(out_dir) / "checkpoints").rmdir()  # only if no other checkpoint is there
+    return results
 
 
 def run(
@@ -498,91 +706,86 @@ def run(
     """Train one configuration of the Table 2 experiment (Section 5) into ``out_dir``;
     its results dict.
 
-    Writes ``out_dir/checkpoints/RUN_ID.pt`` after every epoch and, at the end,
-    ``out_dir/RUN_ID.json`` (see :func:`smaso.experiment.load_result`) and the trained
-    weights ``out_dir/models/RUN_ID.pt``; the checkpoint is then removed. If the results
-    file exists and holds this configuration, nothing is trained and it is returned (a
-    finished run is skipped); if it holds another, ``ResultsError``. If a checkpoint
-    exists, training resumes after its last epoch, so a killed run loses at most the
-    epoch in progress; the resumed run computes the same numbers as an uninterrupted one
-    (the batches of epoch ``e`` depend only on ``(seed, e)``). A checkpoint trained in
-    another precision or on another device type is refused. While it trains, the run is
-    claimed (``out_dir/claims/``): a second process asking for it gets
-    :class:`RunClaimedError`.
+    Writes a checkpoint ``out_dir/checkpoints/RUN_ID.pt`` after the first epoch that
+    ends ``checkpoint_every`` seconds (a runtime option) after the previous one and, at
+    the end, ``out_dir/RUN_ID.json`` (see :func:`smaso.experiment.load_result`) and the
+    trained weights ``out_dir/models/RUN_ID.pt``; the checkpoint is then removed. If
+    the results file exists and holds this configuration, nothing is trained and it is
+    returned (a finished run is skipped); if it holds another, ``ResultsError``. If a
+    checkpoint exists, training resumes after its last epoch, so a killed run loses at
+    most the epochs since that checkpoint; the resumed run computes the same numbers as
+    an uninterrupted one (the batches of epoch ``e`` depend only on ``(seed, e)``). A
+    checkpoint trained in another precision or on another device type is refused.
+    While it trains, the run is claimed (``out_dir/claims/``): a second process asking
+    for it gets :class:`RunClaimedError`.
 
     ``data`` reuses a loaded dataset (it must match the config's dataset options).
     ``runtime``: the fields of :class:`Runtime` (device, threads, data_root, download,
-    subset_path, save_model, stale_after). ``log`` receives one line per epoch (None:
-    silent). ``on_epoch(epoch, model, record)`` is called after each epoch's checkpoint
-    is written, ``on_batch(i)`` after each step.
+    subset_path, save_model, stale_after, checkpoint_every). ``log`` receives one line
+    per epoch (None: silent). ``on_epoch(epoch, model, record)`` is called after each
+    epoch (and its checkpoint, when one is due), ``on_batch(i)`` after each step.
     """
     if not isinstance(config, RunConfig):
         raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
+    return run_packed(
+        [config],
+        out_dir,
+        data=data,
+        log=log,
+        on_epoch=on_epoch,
+        on_batch=on_batch,
+        **runtime,
+    )[0]
+
+
+def run_packed(
+    configs,
+    out_dir,
+    *,
+    data: TensorData | None = None,
+    log: Callable[[str], None] | None = print,
+    on_epoch: Callable | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    **runtime,
+) -> list[dict]:
+    """Train ``configs``, one configuration with several seeds, as one packed network
+    (:mod:`smaso.pack`): the same numbers as :func:`run` on each (to rounding), in one
+    pass over the GPU per step. Their results dicts, in order.
+
+    Everything :func:`run` says holds per run: one results JSON and one weights file
+    each (``packed_runs`` in the results says how many trained together; ``wall_s`` is
+    the pack's), finished runs returned as they are — a pack must hold unfinished runs
+    only, or finished ones only. The pack has one checkpoint
+    (``out_dir/checkpoints/pack-...pt``), resumed only by the same pack. Each run is
+    claimed. ``on_epoch(epoch, model, records)`` gets the packed model and the runs'
+    records.
+    """
+    configs = list(configs)
+    packable(configs)
     rt = Runtime(**runtime)
-    done = _finished(config, out_dir, log)
-    if done is not None:
+    done = [_finished(c, out_dir, log) for c in configs]
+    if all(r is not None for r in done):
         return done
-    say = log or (lambda s: None)
-    rid = config.run_id()
-    with _threads(rt.threads), _claimed(config, out_dir, rt) as held:
-        device = resolve_device(rt.device)
-        precision = effective_precision(config, device)
-        autocast = torch.bfloat16 if precision == "bf16-autocast" else None
-        data = _prepare_data(config, data, device, rt)
-        model = build_model(config, data.x_train.shape[1], data.num_classes)
-        model, x_train, x_test = _place(model, data, config, device)
-        extra = build_loss(config)
-        opt, sched = build_optimizer(config, model)
-        st = _resume(config, out_dir, model, opt, sched, precision, device, say)
-        t_run = time.perf_counter()
-        for epoch in range(st.start, config.epochs):
-            rec = _epoch(
-                config,
-                epoch,
-                model,
-                opt,
-                sched,
-                extra,
-                autocast,
-                x_train,
-                data.y_train,
-                x_test,
-                data.y_test,
-                on_batch,
-            )
-            st.history.append(rec)
-            if not held.held():
-                raise RunClaimedError(f"{rid}: another process took over the run")
-            wall = st.wall_before + time.perf_counter() - t_run
-            _checkpoint(
-                config,
-                out_dir,
-                epoch + 1,
-                model,
-                opt,
-                sched,
-                st,
-                wall,
-                precision,
-                device,
-            )
-            held.touch()
-            say(
-                f"{rid} epoch {epoch + 1}/{config.epochs}: train loss "
-                f"{rec['train_loss']:.3f} acc {rec['train_acc']:.3f}, "
-                f"test acc {rec['test_acc']:.3f} ({rec['epoch_s']:.1f} s)"
-            )
-            if on_epoch is not None:
-                on_epoch(epoch + 1, model, rec)
-        wall = st.wall_before + time.perf_counter() - t_run
-        result = _finish(
-            config, out_dir, model, st, wall, precision, device, rt.save_model
+    if any(r is not None for r in done):
+        raise ResultsError(
+            "a pack must not mix finished and unfinished runs: "
+            f"{[c.run_id() for c, r in zip(configs, done, strict=True) if r]} finished"
         )
-    say(
-        f"{rid}: done, final test acc (mean of last 3 epochs) "
-        f"{result['final_test_acc']:.4f}, {result['wall_s']:.0f} s"
-    )
-    return result
+    say = log or (lambda s: None)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_threads(rt.threads))
+        claims = [stack.enter_context(_claimed(c, out_dir, rt)) for c in configs]
+        if resolve_device(rt.device).type == "cuda":
+            stack.enter_context(
+                torch.backends.cudnn.flags(enabled=True, benchmark=True)
+            )
+        results = _train(configs, out_dir, data, rt, claims, say, on_epoch, on_batch)
+    for r in results:
+        say(
+            f"{r['run_id']}: done, final test acc (mean of last 3 epochs) "
+            f"{r['final_test_acc']:.4f}, {r['wall_s']:.0f} s"
+        )
+    return results
 
 
 def load_trained_model(out_dir, config: RunConfig, in_channels: int = 3) -> nn.Module:

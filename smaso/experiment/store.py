@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -51,6 +52,7 @@ __all__ = [
     "load_results",
     "model_path",
     "now",
+    "pack_checkpoint_path",
     "result_path",
     "run_status",
     "save_torch_atomic",
@@ -83,6 +85,15 @@ def failed_path(out_dir, config: RunConfig) -> Path:
 
 def checkpoint_path(out_dir, config: RunConfig) -> Path:
     return Path(out_dir) / "checkpoints" / f"{config.run_id()}.pt"
+
+
+def pack_checkpoint_path(out_dir, configs) -> Path:
+    """The checkpoint of runs trained together (:func:`smaso.experiment.run_packed`),
+    named after the first run, the number of runs and a digest of all their ids."""
+    ids = [c.run_id() for c in configs]
+    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:8]
+    name = f"pack-{ids[0]}-x{len(ids)}-{digest}.pt"
+    return Path(out_dir) / "checkpoints" / name
 
 
 def model_path(out_dir, config: RunConfig) -> Path:
