@@ -281,6 +281,12 @@ def main(argv=None) -> dict:
             cases = {("m", s): inputs([s], dtype) for s in shapes}
             for n in networks:
                 cases["n", n] = inputs([rows_shape(*s) for s in layers[n]], dtype)
+            print(
+                f"timing: {threads} thread(s), {dname}, {len(cases)} cases, "
+                f"{args.repeats} repeats",
+                file=sys.stderr,
+                flush=True,
+            )
             res = measure(cases, args.repeats)
             for (kind, key), row in res.items():
                 if kind == "m":
