@@ -24,16 +24,23 @@ benchmarks/results/activations.json (atomically; the previous file is kept as .b
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+from benchmarks.common import (
+    loadavg,
+    median_paired_ratio,
+    metadata,
+    timed,
+    write_results,
+)
 from smaso import fused, native
 from smaso.activations import (
     BetaVQAbs,
@@ -93,12 +100,14 @@ def cases(C: int):
 def step_time(module: nn.Module, x: torch.Tensor, grads: dict) -> tuple:
     """(wall, process CPU) seconds for one forward + backward (gradients w.r.t. the
     input and the parameters)."""
-    x.grad = None
-    module.zero_grad(set_to_none=True)
-    w, c = time.perf_counter(), time.process_time()
-    y = module(x)
-    y.backward(grads[y.shape])
-    return time.perf_counter() - w, time.process_time() - c
+
+    def step():
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        y = module(x)
+        y.backward(grads[y.shape])
+
+    return timed(step)
 
 
 def check(name: str, variants: dict, x: torch.Tensor, grads: dict) -> None:
@@ -146,7 +155,10 @@ def measure(table, x, grads, repeats: int) -> list:
                 f"{kind}_{stat}": value
                 for i, kind in enumerate(("wall", "cpu"))
                 for stat, value in (
-                    ("ratio", statistics.median(v[i] / p[i] for v, p in t)),
+                    (
+                        "ratio",
+                        median_paired_ratio([v[i] for v, _ in t], [p[i] for _, p in t]),
+                    ),
                     ("ms", 1e3 * statistics.median(v[i] for v, _ in t)),
                     ("peer_ms", 1e3 * statistics.median(p[i] for _, p in t)),
                 )
@@ -186,12 +198,12 @@ def main() -> None:
     runs = []
     for threads in dict.fromkeys(args.threads):
         torch.set_num_threads(threads)
-        load = os.getloadavg()[0]
+        load = loadavg()[0]
         results = measure(table, x, grads, args.repeats)
         runs.append(
             {
                 "threads": threads,
-                "load_average_before_after": [load, os.getloadavg()[0]],
+                "load_average_before_after": [load, loadavg()[0]],
                 "results": results,
             }
         )
@@ -219,18 +231,9 @@ def main() -> None:
         "warmup_seconds": warmup,
         "compile_errors": fused.compile_errors(),
         "native_kernels": native.build_error() or "built and used",
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_count": os.cpu_count(),
+        **metadata(threads=False),  # the thread counts are per run
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.out.exists():
-        args.out.replace(args.out.with_suffix(".json.bak"))
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

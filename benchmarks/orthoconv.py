@@ -18,30 +18,23 @@ as orthoconv.json.bak).
 """
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+from benchmarks.common import loadavg, metadata, timed, write_results
 from smaso.convstudy import circular_small_cnn
 from smaso.orthoconv import full_kernel_size, register_cayley
 
 OUT = Path(__file__).resolve().parent / "results" / "orthoconv.json"
 ARMS = ["none", "qr", "cayley", "bcop", "cayley-spatial"]
 SLOW = {"cayley-spatial"}
-
-
-def timed(fn):
-    """(wall-clock seconds, process CPU seconds) of one call."""
-    w, c = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w, time.process_time() - c
 
 
 def spatial_cayley_cnn():
@@ -105,7 +98,7 @@ def main(argv=None):
     if min(args.threads, args.batch, args.repeats, args.slow_repeats) < 1:
         p.error("--threads, --batch, --repeats and --slow-repeats must be positive")
     torch.set_num_threads(args.threads)
-    load0 = os.getloadavg()
+    load0 = loadavg()
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32, generator=g)
@@ -155,16 +148,9 @@ def main(argv=None):
         "description": "CPU cost of orthogonal convolutions: circular smallCNN "
         "training steps (median process CPU time, s; ratios to the plain circular "
         "network) and the parametrisations alone (ms, forward + backward)",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"
-        ),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        **metadata(),
         "loadavg_start": load0,
-        "loadavg_end": os.getloadavg(),
+        "loadavg_end": loadavg(),
         "batch": [args.batch, 3, 32, 32],
         "repeats": args.repeats,
         "slow_repeats": args.slow_repeats,
@@ -184,14 +170,7 @@ def main(argv=None):
         )
     for r in params:
         print(f"parametrization {r['arm']:7s} conv{r['layer'] + 1}: {r['ms']:7.2f} ms")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    if args.out.exists():
-        os.replace(args.out, args.out.with_suffix(".json.bak"))
-        print(f"previous results kept as {args.out.with_suffix('.json.bak')}")
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,6 @@ orthogonal.json.bak.
 """
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +32,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+from benchmarks.common import loadavg, metadata, timed, write_results
 from smaso.models import large_cnn, num_parameters
 from smaso.orthogonal import (
     orthogonality_penalty,
@@ -57,13 +56,6 @@ CNN_MODES = [
     "exact_mgs",
     "exact_gs",
 ]
-
-
-def timed(fn):
-    """(wall-clock seconds, process CPU seconds) of one call."""
-    w, c = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w, time.process_time() - c
 
 
 def weight_step(W, mode, up):
@@ -166,17 +158,6 @@ def bench_cnn(batch, repeats, template_repeats):
     ], n_params
 
 
-def write_results(results, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    if path.exists():
-        os.replace(path, path.with_suffix(".json.bak"))
-        print(f"previous results kept as {path.with_suffix('.json.bak')}")
-    os.replace(tmp, path)
-    print(f"wrote {path}")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -205,7 +186,7 @@ def main(argv=None):
     if min(args.threads, args.batch, args.repeats, args.template_repeats) < 1:
         p.error("--threads, --batch, --repeats and --template-repeats must be positive")
     torch.set_num_threads(args.threads)
-    load0 = os.getloadavg()
+    load0 = loadavg()
     t0 = time.perf_counter()
     weights = bench_weights(args.repeats)
     cnn, n_params = bench_cnn(
@@ -217,16 +198,9 @@ def main(argv=None):
         "and largeCNN training steps; "
         "times are medians of process CPU time (s, ms), ratios use them; wall-clock "
         "kept for reference",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"
-        ),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        **metadata(),
         "loadavg_start": load0,
-        "loadavg_end": os.getloadavg(),
+        "loadavg_end": loadavg(),
         "batch": [args.batch, 3, 32, 32],
         "repeats": args.repeats,
         "template_repeats": min(args.template_repeats, args.repeats),
@@ -266,7 +240,7 @@ def main(argv=None):
         f"{t['measured']:.3f}x -> "
         f"{'met' if t['met'] else 'NOT met'}"
     )
-    write_results(results, args.out)
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Fixtures shared by the tests: one intra-op thread for the unit tests, and one
-headless Chromium for the browser tests (tests/test_browser.py, tests/test_jupyter.py).
-"""
+"""Fixtures shared by the tests: one intra-op thread for the unit tests (or the thread
+count restored after a test that sets it), and one headless Chromium for the browser
+tests (tests/test_browser.py, tests/test_jupyter.py). Shared set-up that is not a
+fixture (tiny runs of the experiment runner) is in tests/helpers.py."""
 
 import pytest
 import torch
@@ -8,14 +9,19 @@ from browsing import launch_chromium
 
 
 @pytest.fixture
-def one_thread():
-    """One intra-op thread: small linear-algebra calls are fastest, and steadiest on a
-    shared CPU,
-    without thread synchronisation. Restored afterwards."""
+def restore_threads():
+    """torch's intra-op thread count as it was before the test (for tests whose code
+    sets it, e.g. ``--threads 1`` on the command line)."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread(restore_threads):
+    """One intra-op thread: small linear-algebra calls are fastest, and steadiest on a
+    shared CPU, without thread synchronisation. Restored afterwards."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -5,58 +5,29 @@ tests/test_experiment.py::test_a_real_kill_leaves_a_readable_checkpoint)."""
 import json
 
 import pytest
-import torch
+from helpers import SMALL_DIGITS, cli_args
 
 from smaso.__main__ import main
 from smaso.experiment import load_results
 
-TINY = [
-    "--dataset",
-    "digits",
-    "--model",
-    "small-cnn",
-    "--upsample",
-    "2",
-    "--limit-train",
-    "200",
-    "--limit-test",
-    "50",
-    "--epochs",
-    "1",
-    "--threads",
-    "1",
-]
+TINY = cli_args(**SMALL_DIGITS, epochs=1, threads=1)
 SWEEP = [
     "sweep",
     "table2",
-    "--datasets",
-    "digits",
-    "--lrs",
-    "1e-3,1e-4",
-    "--seeds",
-    "1",
-    "--model",
-    "small-cnn",
-    "--upsample",
-    "3",
-    "--limit-train",
-    "150",
-    "--limit-test",
-    "50",
-    "--epochs",
-    "1",
-    "--threads",
-    "1",
-    "--bn-momentum",
-    "0.1",
+    *cli_args(
+        datasets="digits",
+        lrs="1e-3,1e-4",
+        seeds=1,
+        model="small-cnn",
+        upsample=3,
+        limit_train=150,
+        limit_test=50,
+        epochs=1,
+        threads=1,
+        bn_momentum=0.1,
+    ),
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_threads")  # main() sets --threads
 
 
 def test_run_then_skip(tmp_path, capsys):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from smaso.experiment import (
-    RunConfig,
     checkpoint_path,
     load_checkpoint,
     load_result,
@@ -21,32 +20,18 @@ from smaso.experiment import (
 
 submitit = pytest.importorskip("submitit")
 
+from helpers import SMALL_DIGITS, strip, tiny  # noqa: E402
+
 from smaso.experiment.cluster import executor, submit  # noqa: E402
 
-TIMING = ("train_s", "epoch_s")
 
-
-def tiny(**kw):
-    base = dict(
-        dataset="digits",
-        model="small-cnn",
-        upsample=2,
-        limit_train=200,
-        limit_test=50,
-        dtype="float64",
-        bn_momentum=0.1,
-        epochs=12,
-    )
-    return RunConfig(**{**base, **kw})
-
-
-def strip(history):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
-
-
+@pytest.mark.usefixtures("restore_threads")  # the test sets 1 thread
 def test_job_array_one_run_per_task_requeued_on_preemption(tmp_path):
     out = tmp_path / "out"
-    configs = [tiny(seed=0), tiny(seed=1, epochs=2)]
+    configs = [
+        tiny(**SMALL_DIGITS, epochs=12, seed=0),
+        tiny(**SMALL_DIGITS, epochs=2, seed=1),
+    ]
     ex = executor(tmp_path / "logs", cluster="local", timeout_min=60)
     jobs = submit(configs, out, ex, threads=1)
     assert len(jobs) == 2  # one task per run

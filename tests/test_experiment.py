@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SMALL_DIGITS, cli_args, smaso_command, strip, tiny
 from torch.nn.utils import parametrize
 
 from smaso.data import load
@@ -46,36 +47,7 @@ from smaso.experiment import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = ("train_s", "epoch_s")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(**kw):
-    """Digits at 16x16, the first 300 training and 100 test images, smallCNN,
-    float64."""
-    base = dict(
-        dataset="digits",
-        model="small-cnn",
-        epochs=3,
-        upsample=2,
-        limit_train=300,
-        limit_test=100,
-        dtype="float64",
-        bn_momentum=0.1,
-    )
-    base.update(kw)
-    return RunConfig(**base)
-
-
-def strip(history):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Killed(Exception):
@@ -198,40 +170,13 @@ def test_a_real_kill_leaves_a_readable_checkpoint(tmp_path):
     """SIGKILL a CLI run between checkpoints: the checkpoint (written atomically)
     still loads."""
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "smaso",
-        "run",
-        "--dataset",
-        "digits",
-        "--model",
-        "small-cnn",
-        "--upsample",
-        "2",
-        "--limit-train",
-        "200",
-        "--limit-test",
-        "50",
-        "--epochs",
-        "500",
-        "--threads",
-        "1",
-        "--out",
-        str(out),
-        "--quiet",
-    ]
+    cmd = smaso_command(
+        "run", *cli_args(**SMALL_DIGITS, epochs=500, threads=1, out=out, quiet=True)
+    )
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    cfg = RunConfig(
-        dataset="digits",
-        model="small-cnn",
-        upsample=2,
-        limit_train=200,
-        limit_test=50,
-        epochs=500,
-    )
+    cfg = RunConfig(**SMALL_DIGITS, epochs=500)
     ckpt = checkpoint_path(out, cfg)
     deadline = time.time() + 60
     while (
@@ -644,36 +589,24 @@ def test_claims_keep_other_processes_off_and_stale_ones_are_taken_over(tmp_path)
 def test_two_concurrent_sweeps_never_train_the_same_run(tmp_path):
     """Two processes sweep the same runs into one folder at the same time: each run is
     trained once, by one of them (claim files), and every run finishes."""
-    args = [
-        sys.executable,
-        "-m",
-        "smaso",
+    args = smaso_command(
         "sweep",
         "table2",
-        "--datasets",
-        "digits",
-        "--lrs",
-        "1e-3,5e-4,1e-4",
-        "--seeds",
-        "2",
-        "--model",
-        "small-cnn",
-        "--no-exact",
-        "--upsample",
-        "2",
-        "--limit-train",
-        "300",
-        "--limit-test",
-        "50",
-        "--epochs",
-        "2",
-        "--threads",
-        "1",
-        "--bn-momentum",
-        "0.1",
-        "--out",
-        str(tmp_path),
-    ]
+        *cli_args(
+            datasets="digits",
+            lrs="1e-3,5e-4,1e-4",
+            seeds=2,
+            model="small-cnn",
+            no_exact=True,
+            upsample=2,
+            limit_train=300,
+            limit_test=50,
+            epochs=2,
+            threads=1,
+            bn_momentum=0.1,
+            out=tmp_path,
+        ),
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs = [
         subprocess.Popen(

@@ -1,0 +1,52 @@
+"""Set-up shared by the tests of the experiment runner and its command line
+(tests/test_experiment.py, tests/test_cli.py, tests/test_cluster.py): tiny runs on
+scikit-learn's digits, as a run config and as command-line flags, and run histories
+without their timings."""
+
+import sys
+
+from smaso.experiment import RunConfig
+
+TIMING = ("train_s", "epoch_s")
+# the smallest digits run the command-line tests train: 16x16 images, the first 200
+# training and 50 test images, smallCNN
+SMALL_DIGITS = dict(
+    dataset="digits", model="small-cnn", upsample=2, limit_train=200, limit_test=50
+)
+
+
+def tiny(**kw) -> RunConfig:
+    """Digits at 16x16, the first 300 training and 100 test images, smallCNN,
+    float64, 3 epochs (``kw`` overrides any field)."""
+    base = dict(
+        dataset="digits",
+        model="small-cnn",
+        epochs=3,
+        upsample=2,
+        limit_train=300,
+        limit_test=100,
+        dtype="float64",
+        bn_momentum=0.1,
+    )
+    return RunConfig(**{**base, **kw})
+
+
+def strip(history) -> list[dict]:
+    """A run's history without its timings (which differ from run to run)."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
+
+
+def cli_args(**fields) -> list[str]:
+    """Command-line flags of ``python -m smaso``: ``limit_train=200`` gives
+    ``--limit-train 200``, ``no_exact=True`` the bare flag ``--no-exact``."""
+    args = []
+    for name, value in fields.items():
+        args.append("--" + name.replace("_", "-"))
+        if value is not True:
+            args.append(str(value))
+    return args
+
+
+def smaso_command(*args) -> list[str]:
+    """``python -m smaso ARGS`` with this interpreter (for a separate process)."""
+    return [sys.executable, "-m", "smaso", *args]
