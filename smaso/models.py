@@ -52,6 +52,7 @@ __all__ = [
     "GroupedLinear",
     "activation_factory",
     "build",
+    "can_pack",
     "conv_net",
     "large_cnn",
     "large_cnn_code",
@@ -380,18 +381,30 @@ MODELS: dict[str, tuple[str, Callable[..., nn.Module]]] = {
 }
 
 
+def _options(name):
+    """The keyword options the builder of model ``name`` takes."""
+    choice("model", name, MODELS)
+    takes = inspect.signature(MODELS[name][1]).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+        takes = inspect.signature(conv_net).parameters  # it passes them on
+    return takes
+
+
+def can_pack(name) -> bool:
+    """Whether model ``name`` can be built as packed runs (``runs > 1``,
+    :func:`conv_net`; :mod:`smaso.pack`)."""
+    return "runs" in _options(name)
+
+
 def build(name, num_classes, in_channels, activation="relu", **options) -> nn.Module:
     """The network ``name`` of :data:`MODELS`; ``options`` the builder does not take do
     not apply to it (e.g. batch-norm options to Appendix D's largeCNN, which has none),
     except ``runs`` (packed runs, :func:`conv_net`), refused by a builder without it.
     """
-    choice("model", name, MODELS)
-    builder = MODELS[name][1]
-    takes = inspect.signature(builder).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in takes.values()):
-        takes = inspect.signature(conv_net).parameters  # it passes them on
+    takes = _options(name)
     if options.get("runs", 1) != 1 and "runs" not in takes:
         raise ValueError(f"model {name!r} cannot be packed (built with runs > 1)")
+    builder = MODELS[name][1]
     return builder(
         num_classes,
         in_channels,

@@ -81,7 +81,13 @@ def pack_state(states: list[dict], packed: PackedRuns) -> dict:
                 raise ValueError(f"{key}: the runs disagree ({parts})")
             out[key] = parts[0].clone()
             continue
-        if t.ndim == 0 or t.shape[0] != k * parts[0].shape[0]:
+        same = all(p.shape == parts[0].shape for p in parts)
+        if (
+            not same
+            or t.ndim == 0
+            or t.shape[0] != k * parts[0].shape[0]
+            or (t.numel() != k * parts[0].numel())
+        ):
             raise ValueError(
                 f"{key}: cannot pack {k} tensors of shape {tuple(parts[0].shape)} into "
                 f"{tuple(t.shape)}"

@@ -33,7 +33,7 @@ def test_job_array_one_run_per_task_requeued_on_preemption(tmp_path):
         tiny(**SMALL_DIGITS, epochs=2, seed=1),
     ]
     ex = executor(tmp_path / "logs", cluster="local", timeout_min=60)
-    jobs = submit(configs, out, ex, threads=1)
+    jobs = submit(configs, out, ex, threads=1, checkpoint_every=0)
     assert len(jobs) == 2  # one task per run
     ckpt = checkpoint_path(out, configs[0])
     deadline = time.time() + 300

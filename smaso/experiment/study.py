@@ -27,7 +27,7 @@ import numpy as np
 
 from ..data import DATASETS, download_dataset
 from ..filters import EXACT
-from ..models import ACTIVATIONS, MODELS
+from ..models import ACTIVATIONS, MODELS, can_pack
 from ..orthogonal import PENALTIES
 from .config import ORTHOGONALITY, PROTOCOLS, TABLE2_LRS, RunConfig
 from .runner import (
@@ -37,6 +37,7 @@ from .runner import (
     load_data,
     resolve_device,
     run,
+    run_packed,
 )
 from .store import FAILED_FORMAT, failed_path, now, run_status, write_json_atomic
 
@@ -48,6 +49,7 @@ __all__ = [
     "Table2Grid",
     "download",
     "format_table",
+    "packs",
     "parse_shard",
     "record_failure",
     "setting_of",
@@ -306,6 +308,26 @@ def record_failure(out_dir, config: RunConfig, error: BaseException) -> None:
     )
 
 
+def packs(configs, status: dict, size: int) -> list[list[RunConfig]]:
+    """``configs`` in units of training: runs of one setting that differ only in their
+    seed, still to train from scratch (``status`` "todo", or "failed" when retried),
+    grouped by up to ``size`` in the order they come (:func:`smaso.experiment.
+    run_packed`); every other run alone."""
+    units, open_ = [], {}
+    for c in configs:
+        alone = size == 1 or not can_pack(c.model)
+        if alone or status[c.run_id()] not in ("todo", "retry"):
+            units.append([c])
+            continue
+        key = dataclasses.replace(c, seed=0)
+        unit = open_.get(key)
+        if unit is None or len(unit) == size:
+            unit = open_[key] = []
+            units.append(unit)
+        unit.append(c)
+    return units
+
+
 def sweep(
     configs,
     out_dir,
@@ -315,12 +337,15 @@ def sweep(
     retry_failed: bool = False,
     **runtime,
 ) -> list[dict]:
-    """Run ``configs`` one after another into ``out_dir`` (:func:`run`); the results
-    of the finished ones, in order.
+    """Run ``configs`` into ``out_dir`` (:func:`run`); the results of the finished
+    ones, in order.
 
     Finished runs are skipped and partial ones resumed; each dataset is loaded once.
-    A run claimed by another live process (another shard) is left to it. A run that
-    raises (a divergence, out of memory, ...) gets a failure record
+    Runs of one setting that differ in their seed train together as one packed network
+    (:func:`smaso.experiment.run_packed`; the ``pack`` runtime option, by default all
+    the seeds of a setting on CUDA and none on the CPU); a pack that fails is retried
+    run by run. A run claimed by another live process (another shard) is left to it. A
+    run that raises (a divergence, out of memory, ...) gets a failure record
     (``RUN_ID.failed.json``, with the traceback) and the sweep goes on; failed runs are
     retried by a later sweep only with ``retry_failed``. ``runtime`` goes to
     :func:`run` (the fields of :class:`~smaso.experiment.runner.Runtime`). Prints
@@ -330,67 +355,102 @@ def sweep(
     say = log or (lambda s: None)
     configs = list(configs)
     rt = Runtime(**runtime)
+    dev = resolve_device(rt.device)
     status = {c.run_id(): run_status(out_dir, c) for c in configs}
     todo = [c for c in configs if status[c.run_id()] != "done"]
     say(
         f"sweep: {len(configs)} runs, {len(configs) - len(todo)} finished already, "
         f"{len(todo)} to train"
     )
-    cache, results, failed, others = {}, [], [], []
+    if retry_failed:
+        status = {k: "retry" if v == "failed" else v for k, v in status.items()}
+    size = (
+        rt.pack if rt.pack is not None else (len(configs) if dev.type == "cuda" else 1)
+    )
+    done, failed, others = {}, [], []
+    cache = {}
     epochs_left = sum(c.epochs for c in todo)
     t0, trained = time.perf_counter(), 0
-    for k, c in enumerate(configs, 1):
-        rid = c.run_id()
-        st = run_status(out_dir, c)
-        if st == "done":
-            results.append(run(c, out_dir, log=None))
-            continue
-        if st == "failed" and not retry_failed:
-            say(f"[{k}/{len(configs)}] {rid}: failed before (see its .failed.json)")
-            failed.append(rid)
-            epochs_left -= c.epochs
-            continue
-        dev = resolve_device(rt.device)
+    n = len(configs)
+
+    def count(epoch, model, rec):
+        nonlocal trained, epochs_left
+        k = len(rec) if isinstance(rec, list) else 1
+        trained += k
+        epochs_left -= k
+
+    def train(unit, k):
+        nonlocal epochs_left
+        c = unit[0]
         key = (*data_key(c), str(dev))
         if key not in cache:
             cache.clear()  # keep one dataset in memory
             cache[key] = load_data(c, dev, rt)
         rate = (time.perf_counter() - t0) / trained if trained else None
         eta = f", about {rate * epochs_left / 60:.0f} min left" if rate else ""
-        say(f"[{k}/{len(configs)}] {rid} ({epochs_left} epochs to go{eta})")
-
-        def count(epoch, model, rec):
-            nonlocal trained, epochs_left
-            trained += 1
-            epochs_left -= 1
-
+        what = unit[0].run_id() if len(unit) == 1 else f"{len(unit)} packed runs"
+        say(f"[{k}/{n}] {what} ({epochs_left} epochs to go{eta})")
         before = epochs_left
         try:
-            results.append(
-                run(
-                    c,
-                    out_dir,
-                    data=cache[key],
-                    log=log if epoch_lines else None,
-                    on_epoch=count,
-                    **runtime,
-                )
+            rs = run_packed(
+                unit,
+                out_dir,
+                data=cache[key],
+                log=log if epoch_lines else None,
+                on_epoch=count,
+                **runtime,
             )
-        except RunClaimedError as e:
-            say(f"[{k}/{len(configs)}] {e}")
-            others.append(rid)
-        except Exception as e:  # one run's failure must not stop the shard
-            record_failure(out_dir, c, e)
-            say(f"[{k}/{len(configs)}] {rid} FAILED: {type(e).__name__}: {e}")
+            done.update((r["run_id"], r) for r in rs)
+        finally:  # a resumed or failed run trained fewer epochs than it counted for
+            epochs_left = before - sum(c.epochs for c in unit)
+
+    k = 0
+    for unit in packs(configs, status, size):
+        k += len(unit)
+        rid = unit[0].run_id()
+        st = status[rid]
+        if st == "done":
+            done[rid] = run(unit[0], out_dir, log=None)
+            continue
+        if st == "failed":
+            say(f"[{k}/{n}] {rid}: failed before (see its .failed.json)")
             failed.append(rid)
-        # a resumed or failed run trained fewer epochs than it counted for
-        epochs_left = before - c.epochs
+            epochs_left -= unit[0].epochs
+            continue
+        try:
+            train(unit, k)
+        except RunClaimedError as e:
+            say(f"[{k}/{n}] {e}")
+            others += [c.run_id() for c in unit]
+        except Exception as e:  # one run's failure must not stop the shard
+            if len(unit) > 1:
+                say(f"[{k}/{n}] the pack failed ({type(e).__name__}: {e}); run by run")
+                for c in unit:
+                    _alone(c, train, k, out_dir, say, failed, others)
+            else:
+                record_failure(out_dir, unit[0], e)
+                say(f"[{k}/{n}] {rid} FAILED: {type(e).__name__}: {e}")
+                failed.append(rid)
+    results = [done[c.run_id()] for c in configs if c.run_id() in done]
     say(
         f"sweep: done, {len(results)} runs finished, {len(failed)} failed, "
         f"{len(others)} left to other processes, "
         f"{(time.perf_counter() - t0) / 60:.1f} min"
     )
     return results
+
+
+def _alone(c, train, k, out_dir, say, failed, others):
+    """Train one run of a failed pack by itself."""
+    try:
+        train([c], k)
+    except RunClaimedError as e:
+        say(f"[{k}] {e}")
+        others.append(c.run_id())
+    except Exception as e:
+        record_failure(out_dir, c, e)
+        say(f"[{k}] {c.run_id()} FAILED: {type(e).__name__}: {e}")
+        failed.append(c.run_id())
 
 
 def download(datasets, root=None, log: Callable[[str], None] | None = print) -> None:
