@@ -263,6 +263,17 @@ def test_incomplete_cells_and_bad_folders(folders, tmp_path):
     run(c, subset, data=tiny_data("cifar10", 10, 4), log=None, save_model=False)
     with pytest.raises(ResultsError, match=r"not a full-scale.*cifar10-subset"):
         full_scale_report([subset])
+    # a second batch size for one cell of the table: ambiguous, refused
+    (c,) = [
+        c
+        for c in table2_configs(
+            ["cifar10"], lrs=LRS, seeds=[0], model="small-cnn", epochs=1, batch_size=20
+        )
+        if c.orthogonality == "none" and c.model == "small-cnn"
+    ]
+    run(c, paper, data=tiny_data("cifar10", 10, 2), log=None, save_model=False)
+    with pytest.raises(ResultsError, match="two different configurations"):
+        full_scale_report([paper])
 
 
 def test_environment_variable():

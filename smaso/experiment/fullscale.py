@@ -188,7 +188,13 @@ def _table2_family(protocol, rows) -> dict:
     for r in rows:
         o = r["config"]["orthogonality"]
         for lr, c in r["cells"].items():
-            found[r["dataset"], "baseline" if o == "none" else o, lr] = _cell(c)
+            key = (r["dataset"], "baseline" if o == "none" else o, lr)
+            if key in found:  # e.g. two batch sizes: which is Table 2's?
+                raise ResultsError(
+                    f"{protocol} protocol: two different configurations make the cell "
+                    f"{key} of one Table 2 ({r['setting']}); keep one in the folders"
+                )
+            found[key] = _cell(c)
     seeds = sorted({s for r in rows for c in r["cells"].values() for s in c["seeds"]})
     cells, missing, incomplete = {}, [], []
     for ds in TABLE2_DATASETS:
