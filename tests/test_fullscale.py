@@ -36,8 +36,6 @@ from smaso.experiment import (
     table2_results_folders,
 )
 
-# a cell whose seeds all give the same accuracy up to rounding
-pytestmark = pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [0, 1, 2]
 LRS = [1e-3]
