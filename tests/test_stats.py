@@ -6,6 +6,9 @@
   the largest Bonferroni p-value ``min(1, |S| min_{j in S} p_j)`` over all subsets S
   that contain i. Brute force over the 2^m subsets shares no code or formula with the
   step-down loop of :func:`smaso.stats.holm`.
+
+smaso.stats.welch against statsmodels' ``ttest_ind(usevar="unequal")`` and the standard
+error written out by hand.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import random
 import pytest
 from statsmodels.stats.multitest import multipletests
 
-from smaso.stats import holm, holm_reject
+from smaso.stats import holm, holm_reject, welch, welch_family
 
 
 def closed_testing_holm(p):
@@ -82,3 +85,36 @@ def test_bad_input(bad):
 def test_bad_alpha():
     with pytest.raises(ValueError, match="alpha"):
         holm_reject([0.01], alpha=1.0)
+
+
+def test_welch_against_statsmodels_and_by_hand():
+    from statsmodels.stats.weightstats import ttest_ind
+
+    rng = random.Random(3)
+    for _ in range(20):
+        x = [rng.gauss(50, 3) for _ in range(rng.randint(2, 7))]
+        y = [rng.gauss(52, 1) for _ in range(rng.randint(2, 7))]
+        t = welch(x, y)
+        _, p, df = ttest_ind(x, y, usevar="unequal")
+        assert t["p"] == pytest.approx(p, rel=1e-10)
+        assert t["df"] == pytest.approx(df, rel=1e-10)
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        vx = sum((v - mx) ** 2 for v in x) / (len(x) - 1)
+        vy = sum((v - my) ** 2 for v in y) / (len(y) - 1)
+        assert t["diff"] == pytest.approx(mx - my, abs=1e-12)
+        assert t["se"] == pytest.approx((vx / len(x) + vy / len(y)) ** 0.5, rel=1e-12)
+    with pytest.raises(ValueError, match="at least 2 values a side"):
+        welch([1.0], [1.0, 2.0])
+
+
+def test_welch_family_adjusts_with_holm():
+    rng = random.Random(4)
+    pairs = {
+        k: ([rng.gauss(0, 1) for _ in range(4)], [rng.gauss(k, 1) for _ in range(4)])
+        for k in range(5)
+    }
+    out = welch_family(pairs)
+    assert list(out) == list(pairs)
+    ref = multipletests([t["p"] for t in out.values()], method="holm")[1]
+    assert [t["holm"] for t in out.values()] == pytest.approx(list(ref), abs=1e-15)
+    assert welch_family({}) == {}

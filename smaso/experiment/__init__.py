@@ -5,7 +5,9 @@ run) as a resumable pipeline, in four parts:
   run, and the two protocols (the paper's reading, the authors' code);
 * :mod:`~smaso.experiment.store`: where a run's files live, the atomic writers, claims;
 * :mod:`~smaso.experiment.runner`: :func:`run`, one run from config to results file;
-* :mod:`~smaso.experiment.study`: the Table 2 grid, sweeps and shards, the table.
+* :mod:`~smaso.experiment.study`: the Table 2 grid, sweeps and shards, the table;
+* :mod:`~smaso.experiment.fullscale`: the full-scale Table 2 read back from the
+  folders a GPU sweep wrote (``SMASO_TABLE2_RESULTS``), beside the paper's numbers.
 
 Beside them: :mod:`~smaso.experiment.cluster` (a sweep as a SLURM job array through
 submitit) and :mod:`~smaso.experiment.activation_study` (chapter 7's study). The names
@@ -25,6 +27,14 @@ from .config import (
     TABLE2_LRS,
     Protocol,
     RunConfig,
+)
+from .fullscale import (
+    NO_FULL_SCALE,
+    TABLE2_RESULTS_ENV,
+    full_scale_report,
+    load_full_scale,
+    render_full_scale,
+    table2_results_folders,
 )
 from .runner import (
     RunClaimedError,
@@ -77,6 +87,7 @@ __all__ = [
     "BATCH_SIZE",
     "DTYPES",
     "MODELS",
+    "NO_FULL_SCALE",
     "OPTIMIZERS",
     "ORTHOGONALITY",
     "PAPER_GS_SWISH_CIFAR100",
@@ -84,6 +95,7 @@ __all__ = [
     "PRECISIONS",
     "PROTOCOLS",
     "TABLE2_LRS",
+    "TABLE2_RESULTS_ENV",
     "CheckpointError",
     "MixedRunsError",
     "Protocol",
@@ -104,7 +116,9 @@ __all__ = [
     "failed_path",
     "filters_cos2",
     "format_table",
+    "full_scale_report",
     "load_checkpoint",
+    "load_full_scale",
     "load_result",
     "load_results",
     "load_trained_model",
@@ -112,6 +126,7 @@ __all__ = [
     "orthogonality_error",
     "parse_shard",
     "record_failure",
+    "render_full_scale",
     "result_path",
     "run",
     "run_packed",
@@ -122,5 +137,6 @@ __all__ = [
     "sweep",
     "table2",
     "table2_configs",
+    "table2_results_folders",
     "write_json_atomic",
 ]
