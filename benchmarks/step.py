@@ -148,7 +148,10 @@ def count_settings(model_name, batch, names):
         x, y, batches = _data(8 * batch, classes, batch)
         extra = build_loss(config)
         row = {}
-        for when, check, kind in (("before", True, "foreach"), ("after", False, "fused")):
+        for when, check, kind in (
+            ("before", True, "foreach"),
+            ("after", False, "fused"),
+        ):
             model = build_model(config, 3, classes, check=check)
             ops = per_step_ops(model, optimizer(model, kind), extra, x, y, batches)
             row[when] = summary(ops)

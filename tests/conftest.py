@@ -30,3 +30,13 @@ def browser():
     failure saying what to install when Chromium or Playwright is missing."""
     with launch_chromium() as chromium:
         yield chromium
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (benchmarks/gpu.py runs these)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
