@@ -3,7 +3,9 @@
 scikit-learn's digits, as a run config and as command-line flags, and run histories
 without their timings."""
 
+import importlib.util
 import sys
+from pathlib import Path
 
 from smaso.experiment import RunConfig
 
@@ -50,3 +52,18 @@ def cli_args(**fields) -> list[str]:
 def smaso_command(*args) -> list[str]:
     """``python -m smaso ARGS`` with this interpreter (for a separate process)."""
     return [sys.executable, "-m", "smaso", *args]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name):
+    """A script of benchmarks/ as a module (it puts the repository root on
+    sys.path)."""
+    spec = importlib.util.spec_from_file_location(
+        f"benchmarks.{name}", ROOT / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module

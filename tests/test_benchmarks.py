@@ -3,15 +3,14 @@ the Cholesky-QR benchmark (benchmarks/cholqr.py): its candidates against
 :func:`smaso.orthogonal.qr_rows` and ``torch.linalg.qr``, and the JSON it writes.
 The timings themselves are not checked here (speed is for the benchmarks to measure)."""
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import load_benchmark
 
 from smaso.orthogonal import qr_rows
 
@@ -19,15 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def load(name):
-    """A benchmark script as a module (it puts the repository root on sys.path)."""
-    spec = importlib.util.spec_from_file_location(
-        f"benchmarks.{name}", ROOT / "benchmarks" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+load = load_benchmark
 
 
 common = load("common")

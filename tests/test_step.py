@@ -7,13 +7,12 @@ test (before the change) is shown to fire. With CUDA, the same steps run under
 ``torch.cuda.set_sync_debug_mode("error")``. benchmarks/gpu.py runs in its
 ``--device cpu --quick`` mode and its projection is recomputed from its own JSON."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_benchmark
 
 from smaso.experiment import (
     RunConfig,
@@ -27,14 +26,7 @@ from smaso.train import train_epoch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(
-        f"benchmarks.{name}", ROOT / "benchmarks" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+load = load_benchmark
 
 
 step = load("step")

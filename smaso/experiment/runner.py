@@ -148,6 +148,11 @@ def build_model(
     (:func:`smaso.filters.register_filters`; ``check=False``: without the rank check
     in every forward pass, as a training step runs them)."""
     torch.manual_seed(config.seed)
+    return _network(config, in_channels, num_classes, 1, check)
+
+
+def _network(config, in_channels, num_classes, runs, check):
+    """The config's network (``runs`` side by side), its filters parametrised."""
     model = build(
         config.model,
         num_classes,
@@ -156,6 +161,7 @@ def build_model(
         bn_momentum=config.bn_momentum,
         conv_bias=config.conv_bias,
         bn_last=config.bn_last,
+        runs=runs,
     )
     method = config.orthogonality if config.orthogonality in EXACT else "none"
     register_filters(model, method, config.apodize, config.orthogonal_dense, check)
@@ -166,20 +172,8 @@ def build_packed(configs, in_channels: int, num_classes: int) -> PackedRuns:
     """The networks of ``configs`` (one configuration but for the seed) as one
     :class:`smaso.pack.PackedRuns`, each run initialised as :func:`build_model`
     initialises it alone; exact layers without the per-forward rank check."""
-    first = configs[0]
     packable(configs)
-    net = build(
-        first.model,
-        num_classes,
-        in_channels,
-        first.activation,
-        bn_momentum=first.bn_momentum,
-        conv_bias=first.conv_bias,
-        bn_last=first.bn_last,
-        runs=len(configs),
-    )
-    method = first.orthogonality if first.orthogonality in EXACT else "none"
-    register_filters(net, method, first.apodize, first.orthogonal_dense, check=False)
+    net = _network(configs[0], in_channels, num_classes, len(configs), check=False)
     packed = PackedRuns(net, len(configs))
     states = [build_model(c, in_channels, num_classes).state_dict() for c in configs]
     packed.load_state_dict(pack_state(states, packed))
@@ -366,6 +360,17 @@ def _threads(n):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark():
+    """cuDNN picks the fastest convolution algorithms for the (fixed) batch shapes."""
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
 
 
 def _claimed(config, out_dir, rt):
@@ -776,9 +781,7 @@ def run_packed(
         stack.enter_context(_threads(rt.threads))
         claims = [stack.enter_context(_claimed(c, out_dir, rt)) for c in configs]
         if resolve_device(rt.device).type == "cuda":
-            stack.enter_context(
-                torch.backends.cudnn.flags(enabled=True, benchmark=True)
-            )
+            stack.enter_context(_cudnn_benchmark())
         results = _train(configs, out_dir, data, rt, claims, say, on_epoch, on_batch)
     for r in results:
         say(
