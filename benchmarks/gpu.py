@@ -180,8 +180,8 @@ def project(grid_configs, steps_measured, prec, pack, images=None) -> dict:
 def cuda_tests(log) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:nbval",
-         "-p", "no:cacheprovider", "tests"],
+        [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
+         "tests"],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     tail = proc.stdout.strip().splitlines()[-1:] or [proc.stderr[-300:]]

@@ -404,7 +404,7 @@ def test_errors():
         layer_maso([lin, nn.ReLU()], (3,), dtype=torch.float64)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_layer_maso_and_region_map():
     torch.manual_seed(5)
     for net, shape in [(_convnet, (2, 8, 8)), (_poolnet, (1, 8, 8))]:

@@ -288,7 +288,7 @@ def test_bad_inputs(name, fn, exc, match):
         fn()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     A, B, z = rand_params(4, 3, 5, 100, torch.float64)
     out = maso(A.cuda(), B.cuda(), z.cuda())
