@@ -34,7 +34,7 @@ def test_job_array_one_run_per_task_requeued_on_preemption(tmp_path):
     ]
     ex = executor(tmp_path / "logs", cluster="local", timeout_min=60)
     jobs = submit(configs, out, ex, threads=1, checkpoint_every=0)
-    assert len(jobs) == 2  # one task per run
+    assert len(jobs) == 2  # one task per setting (they differ in their epochs)
     ckpt = checkpoint_path(out, configs[0])
     deadline = time.time() + 300
     while time.time() < deadline:  # wait for a checkpoint, then preempt the task
@@ -53,7 +53,7 @@ def test_job_array_one_run_per_task_requeued_on_preemption(tmp_path):
     (task,) = [int(p) for p in children.split()]
     os.kill(task, signal.SIGUSR2)
     summaries = [j.result() for j in jobs]
-    assert [s["run_id"] for s in summaries] == [c.run_id() for c in configs]
+    assert [s[0]["run_id"] for s in summaries] == [c.run_id() for c in configs]
     r = load_result(result_path(out, configs[0]))
     assert len(r["resumes"]) == 1 and 2 <= r["resumes"][0] < 12  # resumed once
     log = jobs[0].stdout() + jobs[0].stderr()
@@ -64,3 +64,21 @@ def test_job_array_one_run_per_task_requeued_on_preemption(tmp_path):
     assert strip(r["history"]) == strip(whole["history"])
     assert load_result(result_path(out, configs[1]))["resumes"] == []
     assert submit(configs, out, ex) == []  # nothing left to submit
+
+
+def test_one_task_per_setting_its_seeds_together(tmp_path):
+    """Each task gets the seeds of one setting (packed where it has CUDA), or up to
+    ``pack`` of them."""
+
+    class Recorder:  # an executor that records what would be submitted
+        def map_array(self, fn, *args):
+            self.args = args
+            return list(args[0])
+
+    configs = [tiny(seed=s) for s in (0, 1, 2)] + [tiny(seed=0, lr=5e-4)]
+    ex = Recorder()
+    units = submit(configs, tmp_path, ex, threads=1)
+    assert [[c["seed"] for c in u] for u in units] == [[0, 1, 2], [0]]
+    assert ex.args[2] == [{"threads": 1}] * 2
+    units = submit(configs, tmp_path, ex, pack=2)
+    assert [[c["seed"] for c in u] for u in units] == [[0, 1], [2], [0]]

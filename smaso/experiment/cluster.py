@@ -1,8 +1,10 @@
 """A sweep on a cluster through submitit (optional: ``pip install 'smaso[cluster]'``):
-one SLURM job array, one run per task, requeued on preemption from its checkpoint.
+one SLURM job array, one setting's seeds per task (trained packed on a GPU,
+:mod:`smaso.pack`), requeued on preemption from its checkpoint.
 
 :func:`submit` sends the unfinished runs of a list of configs as one job array
-(``executor.map_array``), each task calling :class:`RunTask`, i.e. :func:`run`. When
+(``executor.map_array``), each task calling :class:`RunTask`, i.e. :func:`sweep` over
+its runs (which packs them on CUDA, and records a failed run and goes on). When
 SLURM preempts a task (or its time runs out) submitit signals it; :class:`RunTask`
 then asks to be submitted again with the same arguments, and the requeued task resumes
 the run from its last checkpoint (:func:`run` always does). The claim file of a run
@@ -16,8 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import RunConfig
-from .runner import Runtime, run
+from .runner import Runtime
 from .store import run_status
+from .study import packs, sweep
 
 __all__ = ["RunTask", "executor", "submit"]
 
@@ -34,14 +37,17 @@ def _submitit():
 
 
 class RunTask:
-    """The callable a task of the array runs: one :func:`run`, from a config dict (a
-    picklable task). ``checkpoint`` is submitit's hook on preemption or timeout: it
-    returns the same call, to be requeued (the run itself resumes from its checkpoint
-    file)."""
+    """The callable a task of the array runs: :func:`sweep` over its runs (config dicts:
+    a picklable task). ``checkpoint`` is submitit's hook on preemption or timeout: it
+    returns the same call, to be requeued (the runs resume from their checkpoint)."""
 
-    def __call__(self, config: dict, out_dir: str, runtime: dict) -> dict:
-        r = run(RunConfig.from_dict(config), out_dir, **runtime)
-        return {k: r[k] for k in ("run_id", "final_test_acc", "best_test_acc")}
+    def __call__(self, configs: list[dict], out_dir: str, runtime: dict) -> list[dict]:
+        rs = sweep(
+            [RunConfig.from_dict(c) for c in configs], out_dir, log=None, **runtime
+        )
+        return [
+            {k: r[k] for k in ("run_id", "final_test_acc", "best_test_acc")} for r in rs
+        ]
 
     def checkpoint(self, *args, **kwargs):
         return _submitit().helpers.DelayedSubmission(RunTask(), *args, **kwargs)
@@ -61,17 +67,21 @@ def executor(folder, cluster: str | None = None, **parameters):
 
 def submit(configs, out_dir, ex, **runtime) -> list:
     """Submit the runs of ``configs`` that have not finished as one job array on the
-    submitit executor ``ex`` (:func:`executor`), one run per task; the submitit jobs.
+    submitit executor ``ex`` (:func:`executor`); the submitit jobs. Each task gets the
+    seeds of one setting, up to ``pack`` of them (a runtime option; by default all), and
+    trains them packed where it has CUDA (:func:`smaso.experiment.sweep`);
     ``runtime``: the fields of :class:`~smaso.experiment.runner.Runtime` for every
     task."""
-    Runtime(**runtime)  # refuse bad options before anything is submitted
-    todo = [c for c in configs if run_status(out_dir, c) != "done"]
+    rt = Runtime(**runtime)  # refuse bad options before anything is submitted
+    status = {c.run_id(): run_status(out_dir, c) for c in configs}
+    todo = [c for c in configs if status[c.run_id()] != "done"]
     if not todo:
         return []
+    units = packs(todo, status, rt.pack or len(todo))
     out = str(Path(out_dir).resolve())
     return ex.map_array(
         RunTask(),
-        [c.to_dict() for c in todo],
-        [out] * len(todo),
-        [dict(runtime)] * len(todo),
+        [[c.to_dict() for c in u] for u in units],
+        [out] * len(units),
+        [dict(runtime)] * len(units),
     )
