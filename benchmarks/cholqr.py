@@ -60,7 +60,7 @@ from benchmarks.common import (
     write_results,
 )
 from smaso.models import large_cnn_code, small_cnn
-from smaso.orthogonal import _check_rank, orthogonal_layers, qr_rows
+from smaso.orthogonal import check_rank, orthogonal_layers, qr_rows
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cholqr.json"
 NETWORKS = {
@@ -88,7 +88,7 @@ def chol_rows(M: torch.Tensor) -> torch.Tensor:
             f"the Gram matrix of the {M.shape[0]} rows is not positive definite in "
             "float64 (rows dependent, or condition number above ~1e8)"
         )
-    _check_rank(L.diagonal(), A)
+    check_rank(L.diagonal(), A)
     return torch.linalg.solve_triangular(L, A, upper=False)
 
 

@@ -40,9 +40,8 @@ from smaso.data import DATASETS, find_cifar10_subset
 from smaso.experiment import (
     RunConfig,
     build_loss,
-    build_model,
     build_optimizer,
-    build_packed,
+    build_training_model,
     run,
     table2_configs,
 )
@@ -97,11 +96,7 @@ def time_step(configs, device, precision, steps, warmup, images) -> float:
     cfg = dataclasses.replace(c, precision=precision)
     prec = effective_precision(cfg, device)
     autocast = torch.bfloat16 if prec == "bf16-autocast" else None
-    if len(configs) == 1:
-        model = build_model(c, 3, classes, check=False)
-    else:
-        model = build_packed(configs, 3, classes)
-    model = model.to(device)
+    model = build_training_model(configs, 3, classes).to(device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(images, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, classes, (images,), generator=g).to(device)
@@ -129,10 +124,10 @@ def measure_steps(grid_configs, device, pack, steps, warmup, images, log):
     for configs in grid_configs.values():
         for c in configs:
             kinds.setdefault(step_kind(c), c)
-    gs = dataclasses.replace(next(iter(kinds.values())), orthogonality="gs")
+    # the paper's literal Gram-Schmidt loop, on the exact row's network if there is one
     exact = [c for c in kinds.values() if c.orthogonality in ("qr", "gs-unnormalised")]
-    if exact:  # the paper's literal Gram-Schmidt loop on the exact row's network
-        gs = dataclasses.replace(exact[0], orthogonality="gs")
+    base = exact[0] if exact else next(iter(kinds.values()))
+    gs = dataclasses.replace(base, orthogonality="gs")
     kinds[step_kind(gs)] = gs
     out = {}
     precisions = ("fp32", "bf16") if device.type == "cuda" else ("fp32",)

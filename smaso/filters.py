@@ -28,6 +28,7 @@ from .checks import choice
 from .orthogonal import (
     METHODS,
     OrthogonalFilters,
+    check_rank,
     layer_groups,
     orthogonal_layers,
     rows_to_orthogonalize,
@@ -75,7 +76,7 @@ def unnormalised_gram_schmidt(
         Q, R = torch.linalg.qr(M.mT)
         d = R.diagonal(dim1=-2, dim2=-1)
         if check:
-            _check_independent(d * d, M)
+            check_rank(d, M)
         U = (Q * d[..., None, :]).mT  # R_kk q_k: the sign of R_kk cancels
     else:
         rows, sq = [], []
@@ -86,21 +87,9 @@ def unnormalised_gram_schmidt(
             sq.append((u * u).sum(-1))
             rows.append(u)
         if check:
-            _check_independent(torch.stack(sq, -1), M)
+            check_rank(torch.stack(sq, -1).sqrt(), M)
         U = torch.stack(rows, -2)
     return (U.mT if tall else U).reshape(W.shape)
-
-
-def _check_independent(n2, M):
-    """Refuse filters whose residual squared norms ``n2`` vanish (dependent rows);
-    ``M``: (groups, rows, cols)."""
-    scale = M.norm(dim=-1).amax(-1, keepdim=True)
-    tol = (max(M.shape[-2:]) * torch.finfo(M.dtype).eps * scale) ** 2
-    if not bool(torch.isfinite(n2).all()) or bool((n2 <= tol).any()):
-        raise ValueError(
-            f"the {M.shape[-2]} filters (matrix {tuple(M.shape[-2:])}) are linearly "
-            "dependent: they cannot be made orthogonal"
-        )
 
 
 def hamming_window(kh: int, kw: int, dtype=torch.float32, device=None) -> torch.Tensor:

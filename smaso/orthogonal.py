@@ -33,6 +33,7 @@ from torch.nn.utils import parametrize
 __all__ = [
     "OrthogonalFilters",
     "check_orthogonalizable",
+    "check_rank",
     "filter_matrix",
     "filter_penalty",
     "gram_schmidt",
@@ -238,10 +239,13 @@ def penalty_loss(kind, lam=1.0):
 # orthogonalisation
 
 
-def _check_rank(norms, M):
-    """Refuse numerically dependent rows (a Gram-Schmidt norm / R diagonal ~ 0)
-    instead of NaN. ``M`` may hold a batch of matrices (..., rows, cols), ``norms``
-    (..., rows). Reads the values on the host: a synchronisation on a GPU."""
+def check_rank(norms, M):
+    """Refuse numerically dependent rows of ``M`` (Eq. 11 cannot hold): ``norms`` are
+    the lengths of what is left of each row after removing the previous ones (a
+    Gram-Schmidt norm, a diagonal of R); a ``ValueError`` if one is not finite or below
+    ``max(rows, cols) * eps * max row norm``, instead of NaN. ``M`` may hold a batch of
+    matrices (..., rows, cols), ``norms`` (..., rows). Reads the values on the host: a
+    synchronisation on a GPU."""
     n = norms.abs()
     scale = torch.linalg.vector_norm(M, dim=-1).amax(-1, keepdim=True)
     tol = max(M.shape[-2:]) * torch.finfo(M.dtype).eps * scale
@@ -249,7 +253,7 @@ def _check_rank(norms, M):
         raise ValueError(
             f"the {M.shape[-2]} vectors to orthogonalise (matrix "
             f"{tuple(M.shape[-2:])}) are linearly dependent (or not finite): they "
-            "cannot be made orthonormal"
+            "cannot be made orthogonal"
         )
 
 
@@ -287,7 +291,7 @@ def gs_rows(M, check=True):
         norms.append(nk)
         Q = torch.cat([Q, (u / nk)[..., None, :]], dim=-2)
     if check:
-        _check_rank(torch.cat(norms, -1), M)
+        check_rank(torch.cat(norms, -1), M)
     return Q
 
 
@@ -303,7 +307,7 @@ def mgs_rows(M, check=True):
         rows.append(q)
         V = V[..., 1:, :] - (V[..., 1:, :] @ q[..., None]) * q[..., None, :]
     if check:
-        _check_rank(torch.cat(norms, -1), M)
+        check_rank(torch.cat(norms, -1), M)
     return torch.stack(rows, dim=-2)
 
 
@@ -314,7 +318,7 @@ def qr_rows(M, check=True):
     Q, Rm = torch.linalg.qr(M.mT)
     d = Rm.diagonal(dim1=-2, dim2=-1)
     if check:
-        _check_rank(d, M)
+        check_rank(d, M)
     return (Q * d.sign()[..., None, :]).mT
 
 

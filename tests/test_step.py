@@ -19,7 +19,7 @@ from smaso.experiment import (
     build_loss,
     build_model,
     build_optimizer,
-    build_packed,
+    build_training_model,
 )
 from smaso.train import train_epoch
 
@@ -51,11 +51,7 @@ SETTINGS = {
 
 def _setup(config, k, device="cpu"):
     configs = [RunConfig(**{**config.to_dict(), "seed": s}) for s in range(k)]
-    model = (
-        build_model(config, 3, 10, check=False)
-        if k == 1
-        else build_packed(configs, 3, 10)
-    ).to(device)
+    model = build_training_model(configs, 3, 10).to(device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 3, 24, 24, generator=g).to(device)
     y = (torch.arange(64) % 10).to(device)

@@ -71,6 +71,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_packed",
+    "build_training_model",
     "data_key",
     "effective_precision",
     "filters_cos2",
@@ -178,6 +179,15 @@ def build_packed(configs, in_channels: int, num_classes: int) -> PackedRuns:
     states = [build_model(c, in_channels, num_classes).state_dict() for c in configs]
     packed.load_state_dict(pack_state(states, packed))
     return packed
+
+
+def build_training_model(configs, in_channels: int, num_classes: int) -> nn.Module:
+    """The network a training step runs for ``configs``: :func:`build_model` of the
+    one config without the per-forward rank check, or :func:`build_packed` of
+    several."""
+    if len(configs) == 1:
+        return build_model(configs[0], in_channels, num_classes, check=False)
+    return build_packed(configs, in_channels, num_classes)
 
 
 def packable(configs) -> None:
@@ -504,13 +514,14 @@ def _train_epoch(configs, epoch, model, opt, sched, extra, autocast, x, y, on_ba
     tr = train_epoch(model, opt, x, y, batches, extra, autocast, on_batch, sched)
     if x.device.type == "cuda":
         torch.cuda.synchronize()
-    for c, r in zip(configs, _per_run(tr, len(configs)), strict=True):
+    runs = _per_run(tr, len(configs))
+    for c, r in zip(configs, runs, strict=True):
         if not math.isfinite(r["loss"]):
             raise FloatingPointError(
                 f"{c.run_id()}: training loss {r['loss']} in epoch {epoch + 1}: the "
                 "run diverged"
             )
-    return _per_run(tr, len(configs)), time.perf_counter() - t0
+    return runs, time.perf_counter() - t0
 
 
 def _record(config, epoch, model, tr, te, train_s, t0):
@@ -640,10 +651,7 @@ def _train(configs, out_dir, data, rt, claims, say, on_epoch, on_batch) -> list[
     autocast = torch.bfloat16 if precision == "bf16-autocast" else None
     data = _prepare_data(config, data, device, rt)
     shape = (data.x_train.shape[1], data.num_classes)
-    if k == 1:
-        model = build_model(config, *shape, check=False)
-    else:
-        model = build_packed(configs, *shape)
+    model = build_training_model(configs, *shape)
     model, x_train, x_test = _place(model, data, config, device)
     separate = _Separate(configs, model, *shape, device)
     extra = build_loss(config)

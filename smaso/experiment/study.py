@@ -202,33 +202,25 @@ def table2_configs(
     return configs
 
 
+# what the subset-scale study's runs share, under both protocols
+_SUBSET = dict(
+    datasets=["cifar10-subset"],
+    seeds=range(3),
+    model="small-cnn",
+    epochs=10,
+    bn_momentum=0.1,
+)
+
 #: The subset-scale study of the chapter "Experiments" (book/experiments.md): Table 2's
 #: grid on the CIFAR-10 subset (4000 training, 1000 test images) with the smallCNN, 10
 #: epochs, seeds 0-2, batch-norm momentum 0.1 (few steps per epoch), the exact row's
 #: ReLU twin; per protocol, the folder under ``book/results/`` it is stored in.
 SUBSET_STUDY = {
-    "paper": (
-        "experiments",
-        dict(
-            datasets=["cifar10-subset"],
-            seeds=range(3),
-            model="small-cnn",
-            epochs=10,
-            exact_reference=True,
-            bn_momentum=0.1,
-        ),
-    ),
+    "paper": ("experiments", dict(_SUBSET, exact_reference=True)),
     "authors": (
         "experiments/authors",
-        dict(
-            datasets=["cifar10-subset"],
-            seeds=range(3),
-            model="small-cnn",
-            epochs=10,
-            exact_epochs=10,  # the subset's budget, not the Gram-Schmidt runs' 100
-            bn_momentum=0.1,
-            protocol="authors",
-        ),
+        # the subset's budget for the exact rows, not the Gram-Schmidt runs' 100 epochs
+        dict(_SUBSET, exact_epochs=10, protocol="authors"),
     ),
 }
 
