@@ -78,11 +78,68 @@ SETTINGS = {
 }
 
 
+#: Operations that make a tensor from nothing (on a GPU: an allocation and a fill, or
+#: values copied from the host), counted as "created" when the package's own code
+#: calls them inside a step; a copy with an explicit ``device`` counts as a move.
+FACTORY_OPS = frozenset(
+    {
+        "aten.arange",
+        "aten.empty",
+        "aten.empty_like",
+        "aten.empty_strided",
+        "aten.eye",
+        "aten.full",
+        "aten.full_like",
+        "aten.hamming_window",
+        "aten.lift_fresh",
+        "aten.linspace",
+        "aten.new_empty",
+        "aten.new_empty_strided",
+        "aten.new_full",
+        "aten.new_ones",
+        "aten.new_zeros",
+        "aten.ones",
+        "aten.ones_like",
+        "aten.rand",
+        "aten.randint",
+        "aten.randn",
+        "aten.randperm",
+        "aten.scalar_tensor",
+        "aten.zeros",
+        "aten.zeros_like",
+    }
+)
+PACKAGE = str(Path(__file__).resolve().parents[1] / "smaso")
+_TORCH = str(Path(torch.__file__).resolve().parent)
+#: PyTorch's frames between an operation and the dispatch mode that sees it.
+_WRAPPERS = (
+    "torch/utils/_python_dispatch.py",
+    "torch/_ops.py",
+    "torch/_dynamo/eval_frame.py",
+    "torch/_compile.py",
+)
+
+
+def _caller() -> str:
+    """``file:line`` of the innermost Python frame outside this file and PyTorch's
+    dispatch machinery: where the operation was asked for."""
+    f = sys._getframe(2)
+    while f is not None and (
+        f.f_code.co_filename == __file__ or f.f_code.co_filename.endswith(_WRAPPERS)
+    ):
+        f = f.f_back
+    return "?" if f is None else f"{f.f_code.co_filename}:{f.f_lineno}"
+
+
 class OpCounter(TorchDispatchMode):
     """Counts the ATen operations run under it (after autograd: forward, backward and
     optimiser alike). A synchronising operation on one of the ``host`` tensors (Adam's
     step counters, which PyTorch keeps on the CPU for a CUDA model unless the optimiser
-    is fused or capturable) is counted as ``host_scalar``: no device is waited for."""
+    is fused or capturable) is counted as ``host_scalar``: no device is waited for.
+    A factory operation (:data:`FACTORY_OPS`) or a copy to an explicit ``device``
+    called from the package's own code (``smaso/``, not PyTorch's internals, such as
+    the backward engine's zero gradients) is also counted under ``created FILE:LINE
+    OP``."""
 
     def __init__(self, host=()):
         super().__init__()
@@ -94,7 +151,17 @@ class OpCounter(TorchDispatchMode):
         if name in SYNC_OPS and args and id(args[0]) in self.host:
             name = "host_scalar"
         self.ops[name] += 1
+        moved = name in ("aten._to_copy", "aten.copy_") and "device" in (kwargs or {})
+        if name in FACTORY_OPS or moved:
+            where = _caller()
+            if where.startswith(PACKAGE) and not where.startswith(_TORCH):
+                self.ops[f"created {where[len(PACKAGE) - 5 :]} {name}"] += 1
         return func(*args, **(kwargs or {}))
+
+
+def created(ops: collections.Counter) -> dict:
+    """The tensors the package's code created or moved: ``{"FILE:LINE OP": n}``."""
+    return {k[len("created ") :]: v for k, v in ops.items() if k.startswith("created ")}
 
 
 def count_ops(fn, host=()) -> collections.Counter:
@@ -116,8 +183,11 @@ def per_step_ops(model, opt, extra, x, y, batches) -> collections.Counter:
 
 
 def summary(ops: collections.Counter) -> dict:
+    new = created(ops)
     return {
-        "ops": sum(ops.values()),
+        "ops": sum(v for k, v in ops.items() if not k.startswith("created ")),
+        "created": sum(new.values()),
+        "created_ops": new,
         "syncs": sum(v for k, v in ops.items() if k in SYNC_OPS),
         "sync_ops": {k: v for k, v in ops.items() if k in SYNC_OPS},
     }
@@ -197,9 +267,9 @@ def packed_vs_separate(model_name, k, batch, rounds, fields=None):
     row = {
         "k": k,
         "batch": batch,
-        "ops_per_step_one_run": sum(ops_one.values()),
-        "ops_per_step_k_separate": k * sum(ops_one.values()),
-        "ops_per_step_packed": sum(ops_packed.values()),
+        "ops_per_step_one_run": summary(ops_one)["ops"],
+        "ops_per_step_k_separate": k * summary(ops_one)["ops"],
+        "ops_per_step_packed": summary(ops_packed)["ops"],
         "cpu_s_k_sequential_steps": sorted(t_seq)[len(t_seq) // 2],
         "cpu_s_packed_step": sorted(t_packed)[len(t_packed) // 2],
         "packed_over_sequential": median_paired_ratio(t_packed, t_seq),

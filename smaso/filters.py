@@ -101,15 +101,23 @@ def hamming_window(kh: int, kw: int, dtype=torch.float32, device=None) -> torch.
     return (w / w.sum()).to(dtype=dtype, device=device)
 
 
-def apodize(W: torch.Tensor) -> torch.Tensor:
+def apodize(W: torch.Tensor, window: torch.Tensor | None = None) -> torch.Tensor:
     """Apodised filters (Appendix B) as the authors' code builds them: each filter of a
     conv weight ``W`` (out, in, kh, kw) times :func:`hamming_window`, minus the sum of
-    that product over the filter (``W h - sum(W h)``; the code calls it centring)."""
+    that product over the filter (``W h - sum(W h)``; the code calls it centring).
+    ``window``: that window, made beforehand (as :class:`Apodize` keeps it), else made
+    here."""
     if W.ndim != 4:
         raise ValueError(
             f"apodize needs a conv weight (out, in, kh, kw), got {W.shape}"
         )
-    Wh = W * hamming_window(*W.shape[2:], dtype=W.dtype, device=W.device)
+    if window is None:
+        window = hamming_window(*W.shape[2:], dtype=W.dtype, device=W.device)
+    elif window.shape != W.shape[2:]:
+        raise ValueError(
+            f"window of shape {tuple(window.shape)} for filters of {W.shape[2:]}"
+        )
+    Wh = W * window
     return Wh - Wh.sum(dim=(1, 2, 3), keepdim=True)
 
 
@@ -136,10 +144,18 @@ class UnnormalisedGramSchmidt(nn.Module):
 
 
 class Apodize(nn.Module):
-    """Parametrization ``weight = apodize(original)`` of a convolution."""
+    """Parametrization ``weight = apodize(original)`` of a convolution with ``kernel``
+    (kh, kw) filters. The Hamming window is a buffer, made once and moved with the
+    model (not saved in its state): a training step creates no tensor and copies
+    nothing to the device."""
+
+    def __init__(self, kernel: tuple[int, int]):
+        super().__init__()
+        window = hamming_window(*kernel, dtype=torch.get_default_dtype())
+        self.register_buffer("window", window, persistent=False)
 
     def forward(self, weight):
-        return apodize(weight)
+        return apodize(weight, self.window)
 
 
 def register_filters(model, method="none", apodized=False, dense=True, check=True):
@@ -165,7 +181,8 @@ def register_filters(model, method="none", apodized=False, dense=True, check=Tru
         if parametrize.is_parametrized(m, "weight"):
             raise ValueError(f"{m}: weight is already parametrised")
         if apodized and isinstance(m, nn.Conv2d):
-            parametrize.register_parametrization(m, "weight", Apodize())
+            apod = Apodize(m.kernel_size).to(m.weight.device, m.weight.dtype)
+            parametrize.register_parametrization(m, "weight", apod)
         options = {"groups": layer_groups(m), "check": check}
         if method == "gs-unnormalised":
             p = UnnormalisedGramSchmidt(**options)

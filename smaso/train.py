@@ -21,7 +21,10 @@ from tqdm import tqdm
 from .data import TensorData, epoch_batches
 
 __all__ = [
+    "CUDA_GRAPH",
+    "GRAPH_WARMUP",
     "AdamWithoutBiasCorrection",
+    "TrainStep",
     "accuracy",
     "evaluate",
     "fit",
@@ -153,6 +156,194 @@ def evaluate(
     return {"loss": _per(loss, len(x)), "acc": _per(correct, len(x))}
 
 
+#: Eager steps a :class:`TrainStep` takes before it captures a CUDA graph: cuDNN's
+#: autotuning and the optimiser's state happen outside the graph.
+GRAPH_WARMUP = 3
+CUDA_GRAPH = ("auto", "on", "off")
+
+
+class TrainStep:
+    """One optimiser step on cross-entropy (+ ``extra_loss``), as :func:`train_epoch`
+    takes it, on fixed tensors reused step after step and epoch after epoch; on CUDA
+    captured whole in one CUDA graph (Section 5's training, without launch overhead).
+
+    The step reads the batch from the dataset already on the device through an index
+    tensor, accumulates the epoch's metrics in place in device tensors (:meth:`reset`
+    zeroes them, :meth:`read` reads them back: the one host synchronisation), and
+    creates no tensor and moves nothing to the device (the backward pass is seeded
+    with a tensor made once), so that its replay in a graph is the step itself.
+
+    ``cuda_graph``: ``"auto"`` (a graph on CUDA, eager elsewhere), ``"on"`` (CUDA
+    only) or ``"off"``. With a graph, the first :data:`GRAPH_WARMUP` steps run eagerly
+    on a side stream, then the step is captured: forward, loss with its penalty,
+    backward and, when the optimiser keeps its state on the device
+    (``torch.optim.Adam(capturable=True)``) and no ``scheduler`` changes its
+    hyperparameters on the host, the optimiser step; otherwise the optimiser (one
+    fused kernel) and the scheduler run after each replay. A batch of another shape
+    than the captured one (the last, smaller batch of an epoch of shuffled batches,
+    :func:`smaso.data.shuffled_batches`; the authors' class-balanced batches are all
+    full) runs eagerly: the same numbers. If capture fails, ``log`` gets a one-line
+    reason and every step runs eagerly.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        extra_loss: Callable | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        scheduler=None,
+        cuda_graph: str = "off",
+        log: Callable[[str], None] | None = None,
+    ):
+        if cuda_graph not in CUDA_GRAPH:
+            raise ValueError(
+                f"cuda_graph must be one of {CUDA_GRAPH}, got {cuda_graph!r}"
+            )
+        self.dev = x.device
+        if cuda_graph == "on" and self.dev.type != "cuda":
+            raise ValueError(
+                f"cuda_graph='on' needs data on a CUDA device, not {self.dev}"
+            )
+        self.model, self.opt, self.scheduler = model, opt, scheduler
+        self.x, self.y = x, y
+        self.extra_loss, self.autocast_dtype = extra_loss, autocast_dtype
+        self.log = log
+        self.use_graph = cuda_graph == "on" or (
+            cuda_graph == "auto" and self.dev.type == "cuda"
+        )
+        self.total = _accumulator(model, torch.float64, self.dev)
+        self.objective = _accumulator(model, torch.float64, self.dev)
+        self.correct = _accumulator(model, torch.long, self.dev)
+        self.pen = _accumulator(model, torch.float64, self.dev)
+        self.seen = self.batches = 0
+        param = next(model.parameters())
+        loss_dtype = torch.float32 if autocast_dtype is not None else param.dtype
+        self.seed = torch.ones((), dtype=loss_dtype, device=self.dev)
+        self.optimizer_in_graph = scheduler is None and all(
+            g.get("capturable", False) for g in opt.param_groups
+        )
+        self.graph = self.static_idx = self.static_grads = None
+        self.graph_error: str | None = None
+        self.eager_steps = 0
+        self.side = torch.cuda.Stream(self.dev) if self.use_graph else None
+
+    def reset(self) -> None:
+        """Zero the epoch's accumulators (in place: a captured graph keeps them)."""
+        for t in (self.total, self.objective, self.correct, self.pen):
+            t.zero_()
+        self.seen = self.batches = 0
+
+    def _forward_backward(self, idx: torch.Tensor) -> None:
+        """The step up to the gradients: the part of the step a graph always holds."""
+        xb, yb = self.x[idx], self.y[idx]
+        n = idx.shape[-1]
+        with torch.autocast(
+            self.dev.type,
+            dtype=self.autocast_dtype,
+            enabled=self.autocast_dtype is not None,
+            cache_enabled=not self.use_graph,
+        ):
+            out = self.model(xb)
+        loss = _cross_entropy(_logits_for_loss(out, self.autocast_dtype), yb)
+        self.total += loss.detach().double() * n
+        self.correct += (out.detach().argmax(-1) == yb).sum(-1)
+        if self.extra_loss is not None:
+            e = self.extra_loss(self.model, xb, yb)
+            self.pen += e.detach().double()
+            loss = loss + e
+        self.objective += loss.detach().double() * n
+        (loss.sum() if loss.ndim else loss).backward(self.seed)
+
+    def _update(self) -> None:
+        self.opt.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def _eager(self, idx: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self._forward_backward(idx)
+        self._update()
+        if self.static_grads is not None:  # the graph's gradients stay the .grad
+            for p, g in self.static_grads:
+                p.grad = g
+
+    def _capture(self, idx: torch.Tensor) -> None:
+        """Capture the step into a CUDA graph, then replay it for ``idx``."""
+        self.static_idx = idx.clone()
+        torch.cuda.current_stream(self.dev).wait_stream(self.side)
+        self.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._forward_backward(self.static_idx)
+            if self.optimizer_in_graph:
+                self._update()
+        self.graph = graph
+        self.static_grads = [
+            (p, p.grad) for p in self.model.parameters() if p.grad is not None
+        ]
+        self._replay(idx)
+
+    def _replay(self, idx: torch.Tensor) -> None:
+        self.static_idx.copy_(idx)
+        self.graph.replay()
+        if not self.optimizer_in_graph:
+            self._update()
+
+    def __call__(self, idx: torch.Tensor) -> None:
+        """One step on the batch ``x[idx]`` (packed runs: ``idx`` (k, N))."""
+        if self.graph is not None and idx.shape == self.static_idx.shape:
+            self._replay(idx)
+        elif (
+            self.use_graph
+            and self.graph is None
+            and self.graph_error is None
+            and self.eager_steps >= GRAPH_WARMUP
+        ):
+            try:
+                self._capture(idx)
+            except Exception as e:  # an op that cannot be captured: run eagerly
+                self.graph, self.static_grads = None, None
+                self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                if self.log is not None:
+                    self.log(f"CUDA graph not used ({self.graph_error[:200]}); eager")
+                torch.cuda.synchronize(self.dev)
+                self._eager(idx)
+        elif self.use_graph and self.graph is None and self.graph_error is None:
+            self.side.wait_stream(torch.cuda.current_stream(self.dev))
+            with torch.cuda.stream(self.side):
+                self._eager(idx)
+            self.eager_steps += 1
+        else:
+            self._eager(idx)
+        self.seen += idx.shape[-1]
+        self.batches += 1
+
+    def epoch(self, batches, on_batch: Callable[[int], None] | None = None) -> dict:
+        """Steps over ``batches``; the epoch's running means (:func:`train_epoch`)."""
+        self.model.train()
+        self.reset()
+        for i, idx in enumerate(batches):
+            self(idx)
+            if on_batch is not None:
+                on_batch(i)
+        return self.read()
+
+    def read(self) -> dict:
+        if self.seen == 0:
+            raise ValueError("no batches to train on")
+        if self.use_graph:
+            torch.cuda.current_stream(self.dev).wait_stream(self.side)
+        return {
+            "loss": _per(self.total, self.seen),
+            "acc": _per(self.correct, self.seen),
+            "penalty": _per(self.pen, self.batches),
+            "objective": _per(self.objective, self.seen),
+        }
+
+
 def train_epoch(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -177,48 +368,15 @@ def train_epoch(
     outside autocast, in the parameters' precision. ``scheduler.step()`` (if given)
     follows every optimiser step. ``on_batch(i)`` is called after step ``i``. The step
     reads nothing back from the device: host synchronisation happens once, at the end.
+    Each step is a :class:`TrainStep` (eager here; the experiment pipeline keeps one
+    across epochs, captured in a CUDA graph on CUDA).
 
     Packed runs (:class:`smaso.pack.PackedRuns`): each batch is (k, N) indices, run
     ``r``'s in row ``r``; the loss is the sum of the runs' losses (each run's gradient
     its own) and every returned value a list, one per run.
     """
-    model.train()
-    dev = x.device
-    total = _accumulator(model, torch.float64, dev)
-    objective = _accumulator(model, torch.float64, dev)
-    correct = _accumulator(model, torch.long, dev)
-    pen = _accumulator(model, torch.float64, dev)
-    seen = n_batches = 0
-    for i, idx in enumerate(batches):
-        xb, yb = x[idx], y[idx]
-        n = idx.shape[-1]
-        with _autocast(dev.type, autocast_dtype):
-            out = model(xb)
-        loss = _cross_entropy(_logits_for_loss(out, autocast_dtype), yb)
-        total += loss.detach().double() * n
-        correct += (out.detach().argmax(-1) == yb).sum(-1)
-        if extra_loss is not None:
-            e = extra_loss(model, xb, yb)
-            pen += e.detach().double()
-            loss = loss + e
-        objective += loss.detach().double() * n
-        opt.zero_grad(set_to_none=True)
-        (loss.sum() if loss.ndim else loss).backward()
-        opt.step()
-        if scheduler is not None:
-            scheduler.step()
-        seen += n
-        n_batches += 1
-        if on_batch is not None:
-            on_batch(i)
-    if seen == 0:
-        raise ValueError("no batches to train on")
-    return {
-        "loss": _per(total, seen),
-        "acc": _per(correct, seen),
-        "penalty": _per(pen, n_batches),
-        "objective": _per(objective, seen),
-    }
+    step = TrainStep(model, opt, x, y, extra_loss, autocast_dtype, scheduler)
+    return step.epoch(batches, on_batch)
 
 
 # --------------------------------------------------------------------------------------

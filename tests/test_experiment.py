@@ -555,16 +555,16 @@ def test_sweep_records_a_failed_run_and_goes_on(tmp_path, monkeypatch):
     assert any("failed before" in s for s in lines) and bad.exists()
     # a diverged run (NaN loss) is a failure too
     monkeypatch.setattr(runner, "build_model", real)
-    real_epoch = runner.train_epoch
+    real_read = runner.TrainStep.read
 
-    def nan_epoch(*a, **k):
-        return dict(real_epoch(*a, **k), loss=float("nan"))
+    def nan_read(self):
+        return dict(real_read(self), loss=float("nan"))
 
-    monkeypatch.setattr(runner, "train_epoch", nan_epoch)
+    monkeypatch.setattr(runner.TrainStep, "read", nan_read)
     sweep([tiny(epochs=1, seed=3)], tmp_path, log=None)
     rec = json.loads(failed_path(tmp_path, tiny(epochs=1, seed=3)).read_text())
     assert "diverged" in rec["error"]
-    monkeypatch.setattr(runner, "train_epoch", real_epoch)
+    monkeypatch.setattr(runner.TrainStep, "read", real_read)
     results = sweep(configs, tmp_path, log=None, retry_failed=True)
     assert len(results) == 3 and not bad.exists()  # retried, record removed
 

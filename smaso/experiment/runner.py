@@ -42,7 +42,7 @@ from ..orthogonal import (
     penalty_loss,
 )
 from ..pack import PackedRuns, pack_state, unpack_state
-from ..train import AdamWithoutBiasCorrection, evaluate, train_epoch
+from ..train import CUDA_GRAPH, AdamWithoutBiasCorrection, TrainStep, evaluate
 from .config import DTYPES, RunConfig
 from .store import (
     CHECKPOINT_FORMAT,
@@ -90,8 +90,8 @@ class RunClaimedError(RuntimeError):
     """Another process is training this run now (its claim file is fresh)."""
 
 
-def _opt(default, help):
-    return field(default=default, metadata={"help": help})
+def _opt(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,12 @@ class Runtime:
         "seconds of training between checkpoints (written after the epoch that "
         "crosses it; 0: after every epoch)",
     )
+    cuda_graph: str = _opt(
+        "auto",
+        "capture the training step in one CUDA graph after a few eager steps (auto: "
+        "on CUDA; smaso.train.TrainStep); where capture fails, the step runs eagerly",
+        CUDA_GRAPH,
+    )
     pack: int | None = _opt(
         None,
         "runs of a sweep trained together as one packed network (smaso.pack): the "
@@ -130,6 +136,10 @@ class Runtime:
             positive_int("threads", self.threads)
         if self.pack is not None:
             positive_int("pack", self.pack)
+        if self.cuda_graph not in CUDA_GRAPH:
+            raise ValueError(
+                f"cuda_graph must be one of {CUDA_GRAPH}, got {self.cuda_graph!r}"
+            )
         if not self.checkpoint_every >= 0:
             raise ValueError(
                 f"checkpoint_every must be >= 0 seconds, got {self.checkpoint_every!r}"
@@ -216,14 +226,17 @@ def build_loss(config: RunConfig):
     return None
 
 
-def build_optimizer(config: RunConfig, model: nn.Module):
+def build_optimizer(config: RunConfig, model: nn.Module, capturable: bool = False):
     """(optimiser, per-step scheduler or None): Adam at ``config.lr`` (its fused
-    implementation on CUDA); the authors' Adam without bias correction is PyTorch's
-    with :class:`smaso.train.AdamWithoutBiasCorrection`."""
+    implementation on CUDA; ``capturable``, on CUDA: its state on the device, so that
+    its step can be captured in a CUDA graph); the authors' Adam without bias
+    correction is PyTorch's with :class:`smaso.train.AdamWithoutBiasCorrection`."""
     params = list(model.parameters())
     # one fused kernel per step on CUDA instead of one launch per tensor and operation
     fused = all(p.is_cuda for p in params)
-    opt = torch.optim.Adam(params, lr=config.lr, fused=fused or None)
+    opt = torch.optim.Adam(
+        params, lr=config.lr, fused=fused or None, capturable=fused and capturable
+    )
     if config.optimizer == "adam-no-bias-correction":
         return opt, AdamWithoutBiasCorrection(opt)
     return opt, None
@@ -435,6 +448,9 @@ def _ckpt_file(out_dir, configs):
     return pack_checkpoint_path(out_dir, configs)
 
 
+_HOW = ("fused", "capturable", "foreach", "differentiable")
+
+
 def _resume(configs, out_dir, model, opt, sched, precision, device, say) -> _State:
     """The state after the last finished epoch of the checkpoint, if there is one,
     loaded into ``model``, ``opt`` and ``sched``; refused if the checkpoint belongs to
@@ -463,9 +479,13 @@ def _resume(configs, out_dir, model, opt, sched, precision, device, say) -> _Sta
             "it where it ran (--device / --precision), or move the checkpoint away to "
             "restart the run."
         )
+    # how the optimiser runs here (fused, capturable) is not the checkpoint's to say
+    how = [{k: g[k] for k in _HOW if k in g} for g in opt.param_groups]
     try:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        for g, h in zip(opt.param_groups, how, strict=True):
+            g.update(h)
         if sched is not None:
             sched.load_state_dict(state["scheduler"])
     except (KeyError, RuntimeError, ValueError) as e:
@@ -502,17 +522,18 @@ def _per_run(values: dict, k: int) -> list[dict]:
     return [{key: v[r] for key, v in values.items()} for r in range(k)]
 
 
-def _train_epoch(configs, epoch, model, opt, sched, extra, autocast, x, y, on_batch):
-    """Train one epoch of every run (packed: each run's batches stacked, (k, N)); the
-    runs' training metrics and the seconds it took."""
+def _train_epoch(configs, epoch, step: TrainStep, on_batch):
+    """Train one epoch of every run with ``step`` (packed: each run's batches stacked,
+    (k, N)); the runs' training metrics and the seconds it took."""
     t0 = time.perf_counter()
+    y = step.y
     if len(configs) == 1:
         batches = _batches(configs[0], epoch, y)
     else:
         per_run = [_batches(c, epoch, y) for c in configs]
         batches = [torch.stack(b) for b in zip(*per_run, strict=True)]
-    tr = train_epoch(model, opt, x, y, batches, extra, autocast, on_batch, sched)
-    if x.device.type == "cuda":
+    tr = step.epoch(batches, on_batch)
+    if y.device.type == "cuda":
         torch.cuda.synchronize()
     runs = _per_run(tr, len(configs))
     for c, r in zip(configs, runs, strict=True):
@@ -655,15 +676,16 @@ def _train(configs, out_dir, data, rt, claims, say, on_epoch, on_batch) -> list[
     model, x_train, x_test = _place(model, data, config, device)
     separate = _Separate(configs, model, *shape, device)
     extra = build_loss(config)
-    opt, sched = build_optimizer(config, model)
+    graph = device.type == "cuda" and rt.cuda_graph != "off"
+    opt, sched = build_optimizer(config, model, capturable=graph)
     st = _resume(configs, out_dir, model, opt, sched, precision, device, say)
+    step = TrainStep(
+        model, opt, x_train, data.y_train, extra, autocast, sched, rt.cuda_graph, say
+    )
     t_run = last_ckpt = time.perf_counter()
     for epoch in range(st.start, config.epochs):
         t0 = time.perf_counter()
-        trs, train_s = _train_epoch(
-            configs, epoch, model, opt, sched, extra, autocast, x_train,
-            data.y_train, on_batch,
-        )  # fmt: skip
+        trs, train_s = _train_epoch(configs, epoch, step, on_batch)
         tes = _per_run(evaluate(model, x_test, data.y_test, autocast_dtype=autocast), k)
         nets = separate()
         recs = [
