@@ -106,10 +106,11 @@ def median_paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     return statistics.median(paired_ratios(a, b))
 
 
-def write_results(path, obj) -> Path:
+def write_results(path, obj, keep_previous: bool = True, quiet: bool = False) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically (a temporary file in the
     same folder, fsynced, then moved into place); an existing ``path`` is kept as
-    ``path.json.bak`` (never silently lost). Returns ``path``."""
+    ``path.json.bak`` (never silently lost; ``keep_previous=False``: replaced, for a
+    file rewritten as a measurement goes). Returns ``path``."""
     path = Path(path)
     if path.suffix != ".json":
         raise ValueError(f"results go to a .json file, got {path}")
@@ -121,7 +122,7 @@ def write_results(path, obj) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        if path.exists():
+        if keep_previous and path.exists():
             bak = path.with_suffix(".json.bak")
             os.replace(path, bak)
             print(f"previous results kept as {bak}")
@@ -129,5 +130,6 @@ def write_results(path, obj) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
     return path

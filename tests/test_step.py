@@ -306,21 +306,42 @@ def test_gpu_check_runs_on_the_cpu_in_quick_mode(tmp_path):
     stored = json.loads(out.read_text())
     assert stored["quick"] and stored["device"] == "cpu"
     grids = gpu.grids(quick=True)
-    kinds = {"|".join(map(str, gpu.step_kind(c))) for g in grids.values() for c in g}
+    kinds = {gpu.kind_key(c) for g in grids.values() for c in g}
     assert kinds <= set(stored["steps"])  # every kind of run of both grids is timed
     assert any("|gs|" in k for k in stored["steps"])  # and the Gram-Schmidt loop
     for row in stored["steps"].values():
-        assert row["fp32_s"] > 0 and row["fp32_packed_per_run_s"] > 0
+        assert row["fp32_eager"]["s"] > 0 and row["fp32_eager_packed2"]["per_run_s"] > 0
+    assert all(i["status"] == "ok" for i in stored["items"].values())
     # the projection, recomputed from the stored step times
     for name, configs in grids.items():
         hours = 0.0
         for c in configs:
-            t = stored["steps"]["|".join(map(str, gpu.step_kind(c)))]["fp32_s"]
+            t = stored["steps"][gpu.kind_key(c)]["fp32_eager"]["s"]
             hours += c.epochs * (gpu.TRAIN_IMAGES[c.dataset] // c.batch_size) * t / 3600
         got = stored["projection"]["hours"][name]
-        assert got["runs"] == len(configs)
+        assert got["runs"] == len(configs) and got["missing_kinds"] == []
         assert got["alone"] == pytest.approx(hours, rel=1e-9)
     assert r["projection"] == stored["projection"]
     if "pipeline" in stored:  # the CIFAR-10 subset is there
         for run in stored["pipeline"].values():
             assert len(run["test_acc"]) == 1
+
+
+def test_gpu_check_isolates_a_failing_item_and_keeps_to_its_budget(tmp_path):
+    out = tmp_path / "gpu.json"
+    grids = gpu.grids(quick=True)
+    bad = gpu.kind_key(grids["paper"][0])
+    args = ["--device", "cpu", "--quick", "--no-tests", "--out", str(out)]
+    gpu.main([*args, "--fail", f"step {bad}", "--subset", str(tmp_path / "none")])
+    stored = json.loads(out.read_text())
+    item = stored["items"][f"step {bad}"]
+    assert item["status"] == "error" and "forced failure" in item["error"]
+    assert bad not in stored["steps"] and len(stored["steps"]) >= 3  # the others
+    assert bad in stored["projection"]["hours"]["paper"]["missing_kinds"]
+    # a spent budget: nothing more is measured, what there is is written and projected
+    gpu.main([*args, "--budget", "0", "--subset", str(tmp_path / "none")])
+    stored = json.loads(out.read_text())
+    assert stored["budget_spent"] and stored["steps"] == {}
+    assert all(i["status"].startswith("skipped") for i in stored["items"].values())
+    assert stored["projection"]["hours"]["paper"]["alone"] == 0.0
+    assert out.with_suffix(".json.bak").exists()  # the previous run's file kept
