@@ -139,6 +139,7 @@ def pool_forward_kernel(
     x_ptr,
     eta_ptr,
     y_ptr,
+    y_acc_ptr,
     lse_ptr,
     M,
     C,
@@ -151,12 +152,15 @@ def pool_forward_kernel(
     KH: tl.constexpr,
     KW: tl.constexpr,
     F64: tl.constexpr,
+    SAVE_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
     """β-softmax pooling y = Σ_i w_i u_i, w = softmax(η u) over each window
     (Proposition 4, Eq. 9), and lse = log Σ_i exp(η u_i):
-    :func:`smaso.activations.softmax_pool_windows`. Unit m has η of channel m mod C."""
+    :func:`smaso.activations.softmax_pool_windows`. Unit m has η of channel m mod C.
+    ``SAVE_ACC``: y also in the compute dtype (for the backward of a low-precision
+    input: y rounded to bfloat16 would spoil u_i − y)."""
     pid = tl.program_id(0)
     rows = (pid // n_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (pid % n_col_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -180,7 +184,10 @@ def pool_forward_kernel(
             z += e
             zu += e * u
     offs = rows.to(tl.int64)[:, None] * Lo + cols[None, :]
-    tl.store(y_ptr + offs, (zu / z).to(y_ptr.dtype.element_ty), mask=mask)
+    y = zu / z
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if SAVE_ACC:
+        tl.store(y_acc_ptr + offs, y, mask=mask)
     tl.store(lse_ptr + offs, (high + tl.log(z)).to(lse_ptr.dtype.element_ty), mask)
 
 

@@ -306,12 +306,13 @@ def _check_pool(x: torch.Tensor, kh: int, kw: int, what: str) -> torch.Tensor:
 
 
 def pool_forward(x: torch.Tensor, eta: torch.Tensor, kh: int, kw: int):
-    """(y, y, lse) of :func:`smaso.activations.softmax_pool_windows`: β-softmax
+    """(y, y_acc, lse) of :func:`smaso.activations.softmax_pool_windows`: β-softmax
     pooling y = Σ_i softmax(η u)_i u_i over the kh×kw windows (stride kh×kw) of
     ``x`` (N, C, H, W), H and W multiples of kh and kw (Proposition 4, Eq. 9), with
-    ``eta`` one value per channel; lse = log Σ_i exp(η u_i) in the compute dtype
-    (float32, float64 for float64 inputs). The output twice: the fast path's
-    ``forward`` returns the output, then what the backward needs."""
+    ``eta`` one value per channel; y_acc (y itself for float32 and float64 inputs)
+    and lse = log Σ_i exp(η u_i) in the compute dtype (float32, float64 for float64
+    inputs): the fast path's ``forward`` returns the output, then what the backward
+    needs."""
     jit = _kernels()
     x = _check_pool(x, kh, kw, "pool_forward")
     N, C, H, W = x.shape
@@ -319,14 +320,16 @@ def pool_forward(x: torch.Tensor, eta: torch.Tensor, kh: int, kw: int):
     Ho, Wo = H // kh, W // kw
     y = torch.empty((N, C, Ho, Wo), dtype=x.dtype, device=x.device)
     lse = torch.empty((N, C, Ho, Wo), dtype=_acc_dtype(x), device=x.device)
+    y_acc = y if y.dtype == lse.dtype else torch.empty_like(lse)
     if y.numel() == 0:
-        return y, y, lse
+        return y, y_acc, lse
     p = _get_plan(N * C, Ho * Wo)
     with _device(x):
         jit.pool_forward_kernel[(p.row_blocks * p.col_blocks,)](
             x,
             e,
             y,
+            y_acc,
             lse,
             N * C,
             C,
@@ -339,14 +342,15 @@ def pool_forward(x: torch.Tensor, eta: torch.Tensor, kh: int, kw: int):
             KH=kh,
             KW=kw,
             F64=x.dtype == torch.float64,
+            SAVE_ACC=y_acc is not y,
             BLOCK_M=p.block_m,
             BLOCK_L=p.block_l,
         )
-    return y, y, lse
+    return y, y_acc, lse
 
 
 def pool_backward(g, x, eta, y, lse, kh: int, kw: int):
-    """(grad_x, grad_eta) of :func:`pool_forward` from its (y, lse):
+    """(grad_x, grad_eta) of :func:`pool_forward` from its (y_acc, lse):
     :func:`smaso.activations.softmax_pool_grads`, with dη summed per channel (in
     ``eta``'s shape) in the same pass."""
     jit = _kernels()
