@@ -47,13 +47,16 @@ LOW = [torch.float32, torch.bfloat16]
 # the largest term), and the rounding of a bfloat16 output: 2^-7, as the interpreter
 # casts float32 to bfloat16 by truncation (a GPU rounds to nearest: 2^-8).
 REL = {torch.float64: 1e-13, torch.float32: 2e-6, torch.bfloat16: 2**-7}
-COMPUTE = {DT: DT, torch.float32: torch.float32, torch.bfloat16: torch.float32}
+COMPUTE = {DT: DT, torch.float32: torch.float32}
+COMPUTE |= {torch.bfloat16: torch.float32, torch.float16: torch.float32}
 
 # (slope, α) of the two-piece family: β-VQ ReLU, leaky-ReLU, absolute value (α = 1,
 # Eq. 9), the α-entropy VQ ReLU (Eq. T2) and a leaky one at α = 1.5
 TWO_PIECE = [(0.0, 1.0), (0.01, 1.0), (-1.0, 1.0), (0.0, 2.0), (0.0, 1.5), (0.3, 1.5)]
 # (M, L): one position, one row, odd lengths, and rows longer than a tile
-ROWS = [(1, 1), (6, 1), (5, 133), (3, 1500), (7, 64)]
+ROWS = [(1, 1), (6, 1), (5, 133), (3, 1500)]
+# (N, C, H, W) and a window that tiles it
+POOLS = [((2, 3, 4, 6), (2, 2)), ((1, 5, 9, 4), (3, 2)), ((3, 1, 2, 6), (1, 3))]
 
 
 def test_under_the_interpreter():
@@ -125,22 +128,23 @@ def _data(shape, dtype, seed=0, scale=3.0):
 # The kernels, called directly, against the maths of smaso.activations in float64
 
 
-@interpreted
-@pytest.mark.parametrize("dtype", [DT, *LOW])
-@pytest.mark.parametrize("rows", ROWS, ids=str)
-@pytest.mark.parametrize(("slope", "alpha"), TWO_PIECE, ids=str)
-def test_interp_two_piece_kernels(slope, alpha, rows, dtype, tiles):
+def _on(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+def _check_two_piece(slope, alpha, rows, dtype, device, rels):
     """y, grad_x and the per-row dη of two_piece_vq (Theorem 3 with R = 2, Eq. 9 / T2)
-    and two_piece_vq_grads."""
+    and two_piece_vq_grads, the kernels run on ``device``."""
     M = rows[0]
     x, g = _data(rows, dtype), _data(rows, dtype, 1, 1.0)
     eta = (torch.rand(M, 1, generator=torch.Generator().manual_seed(2)) + 0.1).to(dtype)
-    (y,) = tk.two_piece_forward(x, eta, slope, alpha)
-    gx, geta = tk.two_piece_backward(g, x, eta, slope, alpha)
+    (y,) = tk.two_piece_forward(*_on(device, x, eta), slope, alpha)
+    gx, geta = tk.two_piece_backward(*_on(device, g, x, eta), slope, alpha)
     assert y.dtype == gx.dtype == geta.dtype == dtype and geta.shape == eta.shape
+    y, gx, geta = _on("cpu", y, gx, geta)
     x64, g64, eta64 = x.to(DT), g.to(DT), eta.to(DT)
     dx, deta = two_piece_vq_grads(x64, eta64, slope, alpha)
-    rel = REL[dtype]
+    rel = rels[dtype]
     _assert_close(y, two_piece_vq(x64, eta64, slope, alpha), rel)
     _assert_close(gx, g64 * dx, rel)
     terms = g64 * deta  # dη: a sum, so its error scales with the sum of |terms|
@@ -167,33 +171,27 @@ def test_interp_two_piece_layer_eta_and_empty_rows():
     assert gx.shape == (3, 0) and torch.equal(geta, torch.zeros(3, 1))
 
 
-@interpreted
-@pytest.mark.parametrize("dtype", [DT, *LOW])
-@pytest.mark.parametrize(
-    ("shape", "window"),
-    [((2, 3, 4, 6), (2, 2)), ((1, 5, 9, 4), (3, 2)), ((3, 1, 2, 6), (1, 3))],
-    ids=str,
-)
-def test_interp_pool_kernels(shape, window, dtype, tiles):
+def _check_pool(shape, window, dtype, device, rels):
     """β-softmax pooling (Proposition 4) and its derivatives: softmax_pool_windows,
     beta_softmax_pool2d (an independent reference) and softmax_pool_grads."""
     kh, kw = window
     x = _data(shape, dtype)
     C = shape[1]
     eta = (torch.rand(C, generator=torch.Generator().manual_seed(3)) + 0.2).to(dtype)
-    y, y_acc, lse = tk.pool_forward(x, eta, kh, kw)
+    y, y_acc, lse = tk.pool_forward(*_on(device, x, eta), kh, kw)
     assert y.dtype == dtype and lse.dtype == y_acc.dtype == COMPUTE[dtype]
-    assert (y_acc is y) == (dtype != torch.bfloat16)
+    assert (y_acc is y) == (dtype == COMPUTE[dtype])
+    g = _data(y.shape, dtype, 1, 1.0)
+    gx, geta = tk.pool_backward(*_on(device, g, x, eta), y_acc, lse, kh, kw)
+    assert gx.dtype == geta.dtype == dtype and geta.shape == eta.shape
+    y, y_acc, lse, gx, geta = _on("cpu", y, y_acc, lse, gx, geta)
     x64, eta64 = x.to(DT), eta.to(DT)
     y64, lse64 = softmax_pool_windows(x64, eta64, kh, kw)
-    rel = REL[dtype]
+    rel = rels[dtype]
     _assert_close(y, beta_softmax_pool2d(x64, eta64, window), rel)
     _assert_close(y, y64, rel)
-    _assert_close(y_acc, y64, REL[COMPUTE[dtype]])
-    _assert_close(lse, lse64, REL[COMPUTE[dtype]])
-    g = _data(y.shape, dtype, 1, 1.0)
-    gx, geta = tk.pool_backward(g, x, eta, y_acc, lse, kh, kw)
-    assert gx.dtype == geta.dtype == dtype and geta.shape == eta.shape
+    _assert_close(y_acc, y64, rels[COMPUTE[dtype]])
+    _assert_close(lse, lse64, rels[COMPUTE[dtype]])
     dx, deta = softmax_pool_grads(x64, eta64, y64, lse64, kh, kw)
     gu = g.to(DT).repeat_interleave(kh, 2).repeat_interleave(kw, 3)
     _assert_close(gx, gu * dx, rel)
@@ -201,11 +199,7 @@ def test_interp_pool_kernels(shape, window, dtype, tiles):
     _assert_close(geta, terms.sum((0, 2, 3)), rel, terms.abs().sum((0, 2, 3)) + 1)
 
 
-@interpreted
-@pytest.mark.parametrize("dtype", [DT, *LOW])
-@pytest.mark.parametrize("pieces", [2, 3, 5])
-@pytest.mark.parametrize("rows", [(1, 1), (6, 1), (5, 133), (3, 300)], ids=str)
-def test_interp_max_affine_kernels(rows, pieces, dtype, tiles):
+def _check_max_affine(rows, pieces, dtype, device, rels):
     """The β-VQ of max-affine units (Theorem 3, Eq. 9): max_affine_vq and the
     derivatives of _max_affine_backward (max_affine_vq_grads) for x, the slopes, the
     offsets and η."""
@@ -213,9 +207,10 @@ def test_interp_max_affine_kernels(rows, pieces, dtype, tiles):
     x, g = _data(rows, dtype), _data(rows, dtype, 1, 1.0)
     a, b = _data((M, pieces), dtype, 2, 1.0), _data((M, pieces), dtype, 3, 1.0)
     eta = (torch.rand(M, 1, generator=torch.Generator().manual_seed(4)) + 0.2).to(dtype)
-    (y,) = tk.max_affine_forward(x, a, b, eta)
-    grads = tk.max_affine_backward(g, x, a, b, eta)
-    rel = REL[dtype]
+    (y,) = tk.max_affine_forward(*_on(device, x, a, b, eta))
+    grads = _on("cpu", *tk.max_affine_backward(*_on(device, g, x, a, b, eta)))
+    y = y.cpu()
+    rel = rels[dtype]
     x64, g64, a64, b64, eta64 = (t.to(DT) for t in (x, g, a, b, eta))
     _assert_close(y, max_affine_vq(x64, a64, b64, eta64), rel)
     expected = _max_affine_backward(g64, x64, a64, b64, eta64)
@@ -233,6 +228,29 @@ def test_interp_max_affine_kernels(rows, pieces, dtype, tiles):
     for got, want, p, size in zip(grads[1:], expected[1:], params, sizes, strict=True):
         assert got.shape == p.shape and got.dtype == dtype
         _assert_close(got, want, rel, size + 1)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [DT, *LOW])
+@pytest.mark.parametrize("rows", ROWS, ids=str)
+@pytest.mark.parametrize(("slope", "alpha"), TWO_PIECE, ids=str)
+def test_interp_two_piece_kernels(slope, alpha, rows, dtype, tiles):
+    _check_two_piece(slope, alpha, rows, dtype, "cpu", REL)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [DT, *LOW])
+@pytest.mark.parametrize(("shape", "window"), POOLS, ids=str)
+def test_interp_pool_kernels(shape, window, dtype, tiles):
+    _check_pool(shape, window, dtype, "cpu", REL)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [DT, *LOW])
+@pytest.mark.parametrize("pieces", [2, 3, 5])
+@pytest.mark.parametrize("rows", [(1, 1), (6, 1), (5, 133), (3, 300)], ids=str)
+def test_interp_max_affine_kernels(rows, pieces, dtype, tiles):
+    _check_max_affine(rows, pieces, dtype, "cpu", REL)
 
 
 @interpreted
@@ -382,6 +400,27 @@ def _cuda_module(name, dtype):
     return m, x.detach().to(device="cuda", dtype=dtype).requires_grad_(True)
 
 
+# float32 on a GPU: tl.exp is exp2.approx (about 2 ulps, on an argument rounded to
+# float32 first); bfloat16 outputs rounded to nearest
+REL_CUDA = {DT: 1e-13, torch.float32: 1e-5, torch.bfloat16: 2**-8 + 1e-5}
+REL_CUDA[torch.float16] = 2**-11 + 1e-5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [DT, *LOW, torch.float16])
+def test_cuda_kernels_equal_the_maths(dtype, tiles):
+    """The kernels called directly on CUDA tensors, every configuration, against the
+    float64 maths on the CPU."""
+    for slope, alpha in TWO_PIECE:
+        for rows in ROWS:
+            _check_two_piece(slope, alpha, rows, dtype, "cuda", REL_CUDA)
+    for shape, window in POOLS:
+        _check_pool(shape, window, dtype, "cuda", REL_CUDA)
+    for pieces in (2, 3, 5):
+        for rows in [(1, 1), (6, 1), (5, 133), (3, 300)]:
+            _check_max_affine(rows, pieces, dtype, "cuda", REL_CUDA)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("name", MODULES)
@@ -393,7 +432,6 @@ def test_cuda_triton_is_the_default_and_equals_eager(name, dtype, triton_only):
     m64.fused = False
     y64, grads64, _ = _outputs_and_grads(m64, x64)
     m, x = _cuda_module(name, dtype)
-    x.grad = None
     assert tk.applies(x)
     y, grads, fast = _outputs_and_grads(m, x)
     assert fast and fused.compile_errors() == {}
