@@ -110,12 +110,11 @@ def tiles(request, monkeypatch):
 
 def _assert_close(actual, expected, rel, scale=None):
     """|actual − expected| ≤ rel · scale elementwise, with expected in float64 and
-    scale the largest |expected| (or a given per-entry scale)."""
+    scale max(1, largest |expected|) (or a given per-entry scale)."""
     expected = expected.to(DT)
     if scale is None:
         scale = expected.abs().max().clamp(min=1.0)
     err = (actual.to(DT) - expected).abs()
-    assert actual.dtype != DT or err.max() <= rel * scale.max()
     assert (err <= rel * scale).all(), f"max error {err.max():.3g}"
 
 
@@ -407,17 +406,19 @@ REL_CUDA[torch.float16] = 2**-11 + 1e-5
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [DT, *LOW, torch.float16])
-def test_cuda_kernels_equal_the_maths(dtype, tiles):
+@pytest.mark.parametrize("dtype", [*LOW, torch.float16])
+def test_cuda_kernels_equal_the_maths(dtype):
     """The kernels called directly on CUDA tensors, every configuration, against the
-    float64 maths on the CPU."""
+    float64 maths on the CPU (float64 on CUDA: the modules' test below). Two row
+    shapes, as each builds its own kernels (seconds each); the second splits its
+    rows (3 rows: 2 programs per row in the backward)."""
     for slope, alpha in TWO_PIECE:
-        for rows in ROWS:
+        for rows in [(5, 133), (3, 1500)]:
             _check_two_piece(slope, alpha, rows, dtype, "cuda", REL_CUDA)
     for shape, window in POOLS:
         _check_pool(shape, window, dtype, "cuda", REL_CUDA)
     for pieces in (2, 3, 5):
-        for rows in [(1, 1), (6, 1), (5, 133), (3, 300)]:
+        for rows in [(6, 1), (3, 3000)]:
             _check_max_affine(rows, pieces, dtype, "cuda", REL_CUDA)
 
 
