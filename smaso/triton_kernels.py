@@ -114,12 +114,16 @@ def applies(x: torch.Tensor) -> bool:
 
 def attempt(fn: Callable, *args):
     """``fn(*args)`` (one of this module's kernels) where :func:`applies` to
-    ``args[0]`` and ``fn`` has not failed before; None otherwise, or when it fails now
-    (the reason goes to :func:`errors`)."""
+    ``args[0]`` and ``fn`` has not failed before; None otherwise: where the inputs'
+    shapes are not the kernel's (its ``ValueError``, e.g. a 4-D input to a kernel on
+    rows), or when it fails now (the reason goes to :func:`errors`, and ``fn`` is not
+    tried again)."""
     if fn.__name__ in _FAILED or not applies(args[0]):
         return None
     try:
         return fn(*args)
+    except ValueError:  # inputs of another layout: not for these kernels
+        return None
     except Exception as exc:
         _FAILED[fn.__name__] = f"{type(exc).__name__}: {exc}"
         return None

@@ -305,6 +305,13 @@ def test_interp_a_failing_kernel_is_recorded_and_skipped(monkeypatch):
     assert calls == [1]
     assert tk.errors() == {"two_piece_forward": "RuntimeError: out of resources"}
     assert tk.attempt(tk.two_piece_forward, x.int(), x, 0.0, 1.0) is None  # dtype
+    # inputs the kernels do not take (not rows: swish_fused's 4-D x): None, and the
+    # kernel stays in use
+    tk._FAILED.clear()
+    eta4 = torch.ones(1, 3, 1, 1)
+    assert tk.attempt(tk.two_piece_forward, torch.ones(2, 3, 4, 4), eta4, 0, 1) is None
+    assert tk.errors() == {}
+    assert tk.attempt(tk.two_piece_forward, x, torch.ones(2, 1), 0, 1) is not None
 
 
 # --------------------------------------------------------------------------------------
