@@ -11,7 +11,8 @@ Three layers of the same idea:
    modules run with its derivatives (:func:`two_piece_vq`, :func:`two_piece_vq_grads`,
    :func:`max_affine_vq`, :func:`max_affine_vq_grads`, :func:`softmax_pool_windows`,
    :func:`softmax_pool_grads`): the forward and hand-written backward of their fused
-   kernels (:mod:`smaso.fused`, :mod:`smaso.native`);
+   kernels (:mod:`smaso.fused`; :mod:`smaso.native` on the CPU,
+   :mod:`smaso.triton_kernels` on CUDA);
 3. drop-in ``nn.Module`` activations with a learnable β per channel or per layer
    (:class:`BetaVQReLU`, :class:`BetaVQLeakyReLU`, :class:`BetaVQAbs`,
    :class:`BetaVQMaxPool2d`, :class:`BetaVQMaxout`, :class:`TsallisVQReLU`), which run
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused, native
+from . import fused, native, triton_kernels
 from .checks import as_beta, as_pair, check_alpha, check_eta
 from .tsallis import (
     CLOSED_FORM_ALPHAS,
@@ -240,18 +241,27 @@ def _make_two_piece_kernels(slope: float, alpha: float) -> fused.Kernels:
         dx, deta = two_piece_vq_grads(x, eta, slope, alpha)
         return g * dx, (g * deta).sum_to_size(eta.shape)
 
-    def native_forward(x, eta):
-        return native.two_piece_forward(x, eta, slope)
+    def native_forward(x, eta):  # Triton on CUDA, C++ on the CPU (α = 1)
+        tk = triton_kernels
+        out = tk.attempt(tk.two_piece_forward, x, eta, slope, alpha)
+        if out is None and alpha == 1.0:
+            out = native.two_piece_forward(x, eta, slope)
+        return out
 
     def native_backward(g, x, eta):
-        return native.two_piece_backward(g, x, eta, slope)
+        tk = triton_kernels
+        out = tk.attempt(tk.two_piece_backward, g, x, eta, slope, alpha)
+        if out is None and alpha == 1.0:
+            out = native.two_piece_backward(g, x, eta, slope)
+        return out
+
+    def native_applies(x):
+        return triton_kernels.applies(x) or (alpha == 1.0 and native.applies(x))
 
     if alpha not in CLOSED_FORM_ALPHAS:
         return fused.Kernels(value)  # entmax by bisection: eager only
-    if alpha != 1.0:
-        return fused.Kernels(value, forward, backward)
     return fused.Kernels(
-        value, forward, backward, native_forward, native_backward, native.applies
+        value, forward, backward, native_forward, native_backward, native_applies
     )
 
 
@@ -342,7 +352,12 @@ def _max_affine_backward(g, x, slopes, offsets, eta):
 
 
 _MAX_AFFINE_KERNELS = fused.Kernels(
-    _max_affine_value, _max_affine_forward, _max_affine_backward
+    _max_affine_value,
+    _max_affine_forward,
+    _max_affine_backward,
+    functools.partial(triton_kernels.attempt, triton_kernels.max_affine_forward),
+    functools.partial(triton_kernels.attempt, triton_kernels.max_affine_backward),
+    triton_kernels.applies,  # on CUDA
 )
 
 
@@ -404,7 +419,21 @@ def _make_pool_kernels(kh: int, kw: int) -> fused.Kernels:
         gu = _per_entry(g, kh, kw)
         return gu * dx, (gu * deta).sum((0, 2, 3), keepdim=True)
 
-    return fused.Kernels(value, forward, backward)
+    def native_forward(x, eta):  # Triton, on CUDA
+        return triton_kernels.attempt(triton_kernels.pool_forward, x, eta, kh, kw)
+
+    def native_backward(g, x, eta, y, lse):
+        tk = triton_kernels
+        return tk.attempt(tk.pool_backward, g, x, eta, y, lse, kh, kw)
+
+    return fused.Kernels(
+        value,
+        forward,
+        backward,
+        native_forward,
+        native_backward,
+        triton_kernels.applies,
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ learnable activation of :mod:`smaso.activations` supplies its maths as three fun
   besides the inputs (compiled by ``torch.compile``, one pass);
 * ``backward(g, x, *params, *saved) -> (grad_x, *grad_params)``: the hand-written
   derivatives (compiled, one pass);
-* optionally the same two as hand-written C++ (:mod:`smaso.native`, for the β-VQ
-  ReLU, leaky-ReLU and absolute value on the CPU), which run instead of the compiled
-  ones wherever they apply.
+* optionally the same two hand-written: C++ on the CPU (:mod:`smaso.native`, for the
+  β-VQ ReLU, leaky-ReLU and absolute value) and Triton on CUDA
+  (:mod:`smaso.triton_kernels`, for every activation with fused kernels), which run
+  instead of the compiled ones wherever they apply: on CUDA, the default.
 
 **Units as rows (a two-stage reduction).** A per-channel parameter's gradient is a sum
 over the batch and the positions. Reduced in one go (over N, H and W for each channel),
@@ -84,10 +85,10 @@ class Kernels(NamedTuple):
     ``forward`` and ``backward`` None where a configuration has no fused kernels.
 
     ``native_forward`` and ``native_backward``, optional, are hand-written kernels of
-    the same signatures (:mod:`smaso.native`), run as they are instead of the compiled
-    ones; they return None where they do not apply, and the compiled kernels run.
-    ``native_applies(x)`` tells beforehand whether they will run for input ``x`` (they
-    need no ``torch.compile``).
+    the same signatures (:mod:`smaso.native`, :mod:`smaso.triton_kernels`), run as
+    they are instead of the compiled ones; they return None where they do not apply,
+    and the compiled kernels run. ``native_applies(x)`` tells beforehand whether they
+    will run for input ``x`` (they need no ``torch.compile``).
     """
 
     value: Callable
