@@ -239,7 +239,7 @@ def _templates_vmap(model, x, create_graph, lead):
             out, x, g, create_graph=create_graph, retain_graph=True
         )[0]
 
-    return torch.func.vmap(vjp)(_one_hots(out)).movedim(0, lead), lead
+    return torch.func.vmap(vjp)(_one_hots(out)).movedim(0, lead)
 
 
 #: Modules that act on each entry apart (per-channel parameters at most): their
@@ -256,6 +256,10 @@ _ELEMENTWISE = (
     nn.Softplus,
     nn.Identity,
 )
+
+
+#: Elementwise modules whose derivative is piecewise constant.
+_PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Identity)
 
 
 def _elementwise_types():
@@ -398,6 +402,8 @@ def _templates_chain(layers, model, x, lead):
             z = z.detach().requires_grad_(True)
         y = m(z)  # elementwise: the derivative at z, for every class
         (slope,) = torch.autograd.grad(y, z, torch.ones_like(y), create_graph=True)
+        if isinstance(m, _PIECEWISE_LINEAR):  # a slope of zero derivative: the
+            slope = slope.detach()  # product then keeps no class-wide tensor
         backs.append(lambda g, s=slope: g * s)
         z = y
     out = z.view(len(z), model.runs, -1).transpose(0, 1) if lead == 2 else z
