@@ -166,20 +166,49 @@ def input_templates(model, x, create_graph=True):
     return _templates(model, x, create_graph)[0]
 
 
-def _templates(model, x, create_graph):
-    """(templates, number of leading sample axes of ``x``: 1, or 2 for packed runs)."""
+def _check_template_args(model, x):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point torch.Tensor")
-    x = x.detach().requires_grad_(True)
-    out = model(x)
-    lead = 2 if hasattr(model, "runs") else 1  # packed runs: (k, N, ...)
+
+
+def _check_output(out, x, lead):
     if out.ndim != lead + 1 or out.shape[:lead] != x.shape[:lead]:
         raise ValueError(
             f"model must map (N, ...) inputs to (N, C) outputs, got {tuple(out.shape)} "
             f"for input {tuple(x.shape)}"
         )
+
+
+def _templates(model, x, create_graph):
+    """(templates, number of leading sample axes of ``x``: 1, or 2 for packed runs).
+
+    One forward pass of ``model`` on ``x`` (which updates batch-norm running
+    statistics as a training forward pass does), then all classes' backward passes
+    at once, as one batch of cotangents: through the layers of a network of
+    :mod:`smaso.models` (:func:`_chain`) by their explicit backward formulas, else by
+    ``torch.func.vmap`` over ``torch.autograd.grad``. The template of class ``c`` is
+    the gradient of ``sum_n f_c(x_n)`` in ``x_n``, exactly what one backward pass per
+    class (:func:`_templates_loop`) gives, batch-norm's cross-sample terms included."""
+    _check_template_args(model, x)
+    lead = 2 if hasattr(model, "runs") else 1  # packed runs: (k, N, ...)
+    chain = _chain(model)
+    with torch.enable_grad():
+        if chain is None:
+            return _templates_vmap(model, x, create_graph, lead), lead
+        T = _templates_chain(chain, model, x, lead)
+    return (T if create_graph else T.detach()), lead
+
+
+def _templates_loop(model, x, create_graph):
+    """The templates by one backward pass per class (the reference the batched
+    :func:`_templates` is tested against)."""
+    _check_template_args(model, x)
+    x = x.detach().requires_grad_(True)
+    out = model(x)
+    lead = 2 if hasattr(model, "runs") else 1
+    _check_output(out, x, lead)
     C = out.shape[-1]
     eye = torch.eye(C, dtype=out.dtype, device=out.device)
     grads = [
@@ -189,6 +218,261 @@ def _templates(model, x, create_graph):
         for c in range(C)
     ]
     return torch.stack(grads, dim=lead), lead
+
+
+def _one_hots(out):
+    """(C, *out.shape): cotangent ``c`` is 1 at class ``c`` of every output row (of
+    every run), 0 elsewhere; built from ``out`` (no factory call)."""
+    C = out.shape[-1]
+    E = torch.diag_embed(torch.ones_like(out.detach()[(0,) * (out.ndim - 1)]))
+    return E.view(C, *(1,) * (out.ndim - 1), C).expand(C, *out.shape)
+
+
+def _templates_vmap(model, x, create_graph, lead):
+    """Any model: one backward pass vmapped over the classes' cotangents."""
+    x = x.detach().requires_grad_(True)
+    out = model(x)
+    _check_output(out, x, lead)
+
+    def vjp(g):
+        return torch.autograd.grad(
+            out, x, g, create_graph=create_graph, retain_graph=True
+        )[0]
+
+    return torch.func.vmap(vjp)(_one_hots(out)).movedim(0, lead)
+
+
+#: Modules that act on each entry apart (per-channel parameters at most): their
+#: backward is the product with their derivative, computed once for all classes.
+_ELEMENTWISE = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardswish,
+    nn.GELU,
+    nn.ELU,
+    nn.Softplus,
+    nn.Identity,
+)
+
+
+#: Elementwise modules whose derivative is piecewise constant.
+_PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Identity)
+
+
+def _elementwise_types():
+    from .activations import (
+        BetaVQAbs,
+        BetaVQLeakyReLU,
+        BetaVQMaxout,
+        BetaVQReLU,
+        SoftplusSwish,
+        TsallisVQReLU,
+    )
+
+    return (
+        *_ELEMENTWISE,
+        BetaVQAbs,
+        BetaVQLeakyReLU,
+        BetaVQMaxout,
+        BetaVQReLU,
+        SoftplusSwish,
+        TsallisVQReLU,
+    )
+
+
+def _supported(m):
+    from .models import GroupedLinear
+
+    if isinstance(m, nn.Conv2d):
+        return m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    if isinstance(m, nn.MaxPool2d):
+        k, s = nn.modules.utils._pair(m.kernel_size), nn.modules.utils._pair(m.stride)
+        return (
+            k == s
+            and nn.modules.utils._pair(m.padding) == (0, 0)
+            and nn.modules.utils._pair(m.dilation) == (1, 1)
+            and not m.ceil_mode
+            and not m.return_indices
+        )
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        return nn.modules.utils._pair(m.output_size) == (1, 1)
+    if isinstance(m, nn.Flatten):
+        return m.start_dim == 1 and m.end_dim == -1
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return True
+    if getattr(m, "inplace", False):
+        return False
+    return isinstance(m, (nn.Linear, GroupedLinear, *_elementwise_types()))
+
+
+def _chain(model):
+    """The layers of ``model`` if it is an ``nn.Sequential`` (or packed runs of one,
+    :class:`smaso.pack.PackedRuns`) of layers whose backward :func:`_templates_chain`
+    knows, ending in a dense layer; else None."""
+    from .pack import PackedRuns
+
+    net = model.net if isinstance(model, PackedRuns) else model
+    if type(net) is not nn.Sequential or not len(net):
+        return None
+    layers = list(net)
+    if not all(_supported(m) for m in layers) or not isinstance(layers[-1], nn.Linear):
+        return None
+    return layers
+
+
+def _batch_norm_backward(m, z):
+    """The backward of batch norm ``m`` at its input ``z`` (N, ch, ...), as a function
+    of a batch of cotangents (B, N, ch, ...): in training mode (batch statistics) the
+    gradient through the normalisation, the statistics of each cotangent's own N
+    samples included."""
+    dims = (0, *range(2, z.ndim))
+    shape = (1, -1, *(1,) * (z.ndim - 2))
+    w = m.weight.view(shape) if m.weight is not None else None
+    if m.training or m.running_mean is None:
+        var, mean = torch.var_mean(z, dim=dims, correction=0, keepdim=True)
+        invstd = (var + m.eps).rsqrt()
+        xhat = (z - mean) * invstd
+        a = invstd if w is None else invstd * w
+        red = tuple(d + 1 for d in dims)
+
+        def back(g):
+            mg = g.mean(red, keepdim=True)
+            m2 = (g * xhat).mean(red, keepdim=True)
+            return a * g - (a * mg + (a * m2) * xhat)
+
+        return back
+    a = (m.running_var.view(shape) + m.eps).rsqrt()
+    a = a if w is None else a * w
+    return lambda g: g * a
+
+
+def _templates_chain(layers, model, x, lead):
+    """Templates through ``layers`` (:func:`_chain`) with explicit backward formulas
+    applied to all classes' cotangents at once, a batch (C, N, ...): the forward pass
+    runs each layer as the model does (same values, same batch-norm updates) and keeps
+    what the backward needs, then the cotangents go down the layers. Differentiable
+    (double backprop) in the parameters."""
+    from .models import GroupedLinear
+
+    x = x.detach()
+    z = model.pack_input(x) if lead == 2 else x
+    backs = []
+    for m in layers:
+        if isinstance(m, nn.Conv2d):
+            W, zin = m.weight, z.shape
+            z = m._conv_forward(z, W, m.bias)
+            backs.append(_conv_backward(m, W, zin, z.shape))
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            backs.append(_batch_norm_backward(m, z))
+            z = m(z)
+            continue
+        if isinstance(m, nn.MaxPool2d):
+            y, idx = nn.functional.max_pool2d(
+                z, m.kernel_size, m.stride, return_indices=True
+            )
+            backs.append(_max_pool_backward(z, y, idx))
+            z = y
+            continue
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            H, W = z.shape[-2:]
+            shape = z.shape
+            backs.append(lambda g, s=shape, a=H * W: g.expand(g.shape[0], *s) / a)
+            z = m(z)
+            continue
+        if isinstance(m, nn.Flatten):
+            shape = z.shape
+            backs.append(lambda g, s=shape: g.reshape(g.shape[0], *s))
+            z = m(z)
+            continue
+        if isinstance(m, GroupedLinear):
+            W = m.weight.view(m.groups, -1, m.in_features)
+            backs.append(lambda g, W=W: _grouped_backward(g, W))
+            z = m(z)
+            continue
+        if isinstance(m, nn.Linear):
+            W = m.weight
+            backs.append(lambda g, W=W: g @ W)
+            z = m(z)
+            continue
+        if not z.requires_grad:  # (nothing before needs a gradient)
+            z = z.detach().requires_grad_(True)
+        y = m(z)  # elementwise: the derivative at z, for every class
+        (slope,) = torch.autograd.grad(y, z, torch.ones_like(y), create_graph=True)
+        if isinstance(m, _PIECEWISE_LINEAR):  # a slope of zero derivative: the
+            slope = slope.detach()  # product then keeps no class-wide tensor
+        backs.append(lambda g, s=slope: g * s)
+        z = y
+    out = z.view(len(z), model.runs, -1).transpose(0, 1) if lead == 2 else z
+    _check_output(out, x, lead)
+    # the cotangents of the network's output (N, [runs *] C), one per class
+    g = _one_hots(z.view(len(z), -1, out.shape[-1]))
+    g = g.reshape(g.shape[0], *z.shape)
+    for back in reversed(backs):
+        g = back(g)
+    # (C, N, [runs *] ch, H, W) -> (N, C, ...) or (runs, N, C, ch, H, W)
+    if lead == 2:
+        g = g.view(g.shape[0], g.shape[1], model.runs, *x.shape[2:])
+        return g.permute(2, 1, 0, *range(3, g.ndim))
+    return g.movedim(0, 1)
+
+
+def _conv_backward(m, W, zin, zout):
+    """Backward of convolution ``m`` (weight ``W``) from output shape ``zout`` to
+    input shape ``zin``: a transposed convolution on the (C * N) cotangents."""
+    out_pad = [
+        zin[2 + i]
+        - ((zout[2 + i] - 1) * m.stride[i] - 2 * m.padding[i])
+        - m.dilation[i] * (m.kernel_size[i] - 1)
+        - 1
+        for i in range(2)
+    ]
+
+    def back(g):
+        t = nn.functional.conv_transpose2d(
+            g.flatten(0, 1), W, None, m.stride, m.padding, out_pad, m.groups, m.dilation
+        )
+        return t.view(g.shape[0], *zin)
+
+    return back
+
+
+def _max_pool_backward(z, y, idx):
+    """Backward of a max-pooling with non-overlapping windows (kernel = stride): each
+    output's cotangent goes to its window's maximum, the one the pooling's indices
+    name (ties as PyTorch breaks them)."""
+    mask = torch.zeros_like(z).flatten(2).scatter_(2, idx.flatten(2), 1.0).view_as(z)
+    (H, W), (h, w) = z.shape[-2:], y.shape[-2:]
+    kh, kw = H // h, W // w
+
+    def back(g):
+        B = g.shape[:-2]
+        up = g[..., :, None, :, None].expand(*B, h, kh, w, kw)
+        up = up.reshape(*B, h * kh, w * kw)
+        if (h * kh, w * kw) != (H, W):
+            up = nn.functional.pad(up, (0, W - w * kw, 0, H - h * kh))
+        return up * mask
+
+    return back
+
+
+def _grouped_backward(g, W):
+    """Backward of a :class:`smaso.models.GroupedLinear` (weight ``W`` as (groups,
+    out, in)) for cotangents (B, N, groups * out)."""
+    B, N = g.shape[:2]
+    t = torch.einsum("bngo,goi->bngi", g.view(B, N, W.shape[0], W.shape[1]), W)
+    return t.reshape(B, N, -1)
+
+
+def _gram_penalty(T, lead):
+    T = T.flatten(lead + 1)  # (..., N, C, D)
+    G = T @ T.mT
+    N, C = G.shape[-3], G.shape[-1]
+    off = 1.0 - torch.diag_embed(torch.ones_like(G[..., 0, 0, :]))[..., None, :, :]
+    return (G * G * off).sum((-3, -2, -1)) / (N * C * C)
 
 
 def template_penalty(model, x):
@@ -202,14 +486,15 @@ def template_penalty(model, x):
     (a mean over all ``C x C x N`` entries, with the diagonal set to zero).
     Differentiable in the model's parameters (double backprop). For a linear model
     ``f(x) = W x + b`` it is ``orthogonality_penalty(W) / C^2``. Packed runs: one
-    penalty per run.
+    penalty per run. All classes' templates come from one batched backward pass
+    (:func:`_templates`).
     """
-    T, lead = _templates(model, x, True)
-    T = T.flatten(lead + 1)  # (..., N, C, D)
-    G = T @ T.mT
-    N, C = G.shape[-3], G.shape[-1]
-    off = 1.0 - torch.eye(C, dtype=G.dtype, device=G.device)
-    return (G * G * off).sum((-3, -2, -1)) / (N * C * C)
+    return _gram_penalty(*_templates(model, x, True))
+
+
+def _template_penalty_loop(model, x):
+    """:func:`template_penalty` with one backward pass per class: the reference."""
+    return _gram_penalty(*_templates_loop(model, x, True))
 
 
 PENALTIES = ("filters", "filters_normalized", "templates")

@@ -41,17 +41,23 @@ class PackedRuns(nn.Module):
         self.net, self.runs = net, runs
 
     def forward(self, x):
+        return (
+            self.net(self.pack_input(x)).view(x.shape[1], self.runs, -1).transpose(0, 1)
+        )
+
+    def pack_input(self, x):
+        """The input of ``net`` for inputs ``x`` (k, N, C, H, W): (N, k * C, H, W),
+        run ``r``'s channels group ``r``."""
         k, n = x.shape[:2]
         if k != self.runs:
             raise ValueError(
                 f"expected inputs of {self.runs} runs, (runs, N, ...), got "
                 f"{tuple(x.shape)}"
             )
-        # (k, N, C, H, W) -> (N, k * C, H, W): run r's channels are group r
         x = x.transpose(0, 1).reshape(n, k * x.shape[2], *x.shape[3:])
         if x.is_cuda and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x).view(n, k, -1).transpose(0, 1)
+        return x
 
 
 def pack_state(states: list[dict], packed: PackedRuns) -> dict:
