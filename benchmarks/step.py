@@ -78,18 +78,18 @@ SETTINGS = {
 }
 
 
-#: Operations that make a tensor from nothing (on a GPU: an allocation and a fill, or
-#: values copied from the host), counted as "created" when the package's own code
-#: calls them inside a step; a copy with an explicit ``device`` counts as a move.
+#: Operations that make a tensor from sizes or values given on the host (on a GPU:
+#: values copied from the host, or a shape a graph would bake in), counted as
+#: "created" when the package's own code calls them inside a step; a copy with an
+#: explicit ``device`` counts as a move. (``ones_like`` and its kind take everything
+#: from a tensor on the device: a fill, like any other operation.)
 FACTORY_OPS = frozenset(
     {
         "aten.arange",
         "aten.empty",
-        "aten.empty_like",
         "aten.empty_strided",
         "aten.eye",
         "aten.full",
-        "aten.full_like",
         "aten.hamming_window",
         "aten.lift_fresh",
         "aten.linspace",
@@ -99,14 +99,12 @@ FACTORY_OPS = frozenset(
         "aten.new_ones",
         "aten.new_zeros",
         "aten.ones",
-        "aten.ones_like",
         "aten.rand",
         "aten.randint",
         "aten.randn",
         "aten.randperm",
         "aten.scalar_tensor",
         "aten.zeros",
-        "aten.zeros_like",
     }
 )
 PACKAGE = str(Path(__file__).resolve().parents[1] / "smaso")
