@@ -1,11 +1,15 @@
 """The stored experiments of the convolution chapter (Theorem 4 for convolutions,
 Section 5; future work 3 and 4 of Section 6), on the CIFAR-10 subset, CPU scale.
 
-* **Accuracy** (:func:`run_cnn`): the smallCNN of the authors' code (version 1,
-  :func:`smaso.models.small_cnn`) with every convolution made circular 'same'
-  (:func:`circular_small_cnn`), in four arms: plain, QR-orthonormal filters
-  (:class:`smaso.orthogonal.OrthogonalFilters`), Cayley and BCOP exactly orthogonal
-  operators (:mod:`smaso.orthoconv`); Adam, a few epochs, 3 seeds.
+* **Accuracy** (:func:`run_cnn`): a small circular CNN whose constrained layers are
+  square (:func:`orthogonal_cnn`: an unconstrained stem lifts 3 -> C channels, then
+  two C -> C convolutions), so that an orthogonal operator has orthonormal *rows* and
+  Theorem 4 (Eq. 11) applies to its units. Four arms for the C -> C layers: plain,
+  QR-orthonormal filters (:class:`smaso.orthogonal.OrthogonalFilters`), Cayley and
+  BCOP exactly orthogonal operators (:mod:`smaso.orthoconv`); Adam, a few epochs, 3
+  seeds. The trained weights are stored beside each run (:func:`load_cnn`).
+  :func:`circular_small_cnn` (the authors' smallCNN made circular, widening layers)
+  remains the model of the cost benchmark.
 * **Denoising** (:func:`run_denoise`): grayscale subset images plus Gaussian noise,
   denoised by :class:`smaso.denoise.TransformDenoiser` with the fixed block DCT, or a
   trained Cayley, BCOP, QR-filter or free convolution, soft or β-VQ shrinkage, at
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import time
 from pathlib import Path
 
@@ -53,15 +58,21 @@ __all__ = [
     "circular_small_cnn",
     "denoiser",
     "grayscale_subset",
+    "load_cnn",
     "load_results",
     "operator_error",
+    "orthogonal_cnn",
+    "restrict_to_span",
+    "row_coherence",
     "run_cnn",
     "run_denoise",
+    "square_layers",
+    "unit_maso",
 ]
 
 RESULTS = Path(__file__).resolve().parents[1] / "book" / "results" / "convolution"
 CNN_ARMS = ("none", "qr", "cayley", "bcop")
-CNN_CONFIG = dict(epochs=10, lr=1e-3, batch_size=64, bn_momentum=0.1)
+CNN_CONFIG = dict(width=16, epochs=10, lr=1e-3, batch_size=64, bn_momentum=0.1)
 DENOISE_ARMS = ("dct", "cayley", "bcop", "qr", "free")
 SIGMAS = (0.05, 0.1, 0.2, 0.3)
 DENOISE_CONFIG = dict(
@@ -110,6 +121,116 @@ def circular_small_cnn(arm="none", image_size=32, num_classes=10, in_channels=3)
     return nn.Sequential(*layers)
 
 
+def _square_conv(arm, c, n):
+    """A circular 'same' 3x3 convolution ``c -> c`` for ``arm`` (on ``n x n`` maps)."""
+    if arm == "cayley":
+        return register_cayley(CircularConv2d(c, c, 3), n)
+    conv = nn.Conv2d(c, c, 3, padding=1, padding_mode="circular")
+    if arm == "qr":
+        parametrize.register_parametrization(conv, "weight", OrthogonalFilters("qr"))
+    elif arm == "bcop":
+        register_bcop(conv)
+    return conv
+
+
+def orthogonal_cnn(
+    arm="none", width=16, image_size=32, num_classes=10, in_channels=3, bn_momentum=0.1
+):
+    """The accuracy study's network: a circular 3x3 stem ``in_channels -> width``
+    (unconstrained in every arm), BN, ReLU, max-pool 2; then two circular 3x3
+    convolutions ``width -> width``, each with BN and ReLU (max-pool 2 after the
+    first); global average pooling; a dense layer. ``arm`` constrains the two square
+    layers: "none" (plain), "qr" (orthonormal flattened filters, Eq. 11 at one
+    position), "cayley" or "bcop" (exactly orthogonal operators with orthonormal rows,
+    Eq. 11 for all units, so Theorem 4 applies). Maps 32 -> 16 -> 8 pixels."""
+    if arm not in CNN_ARMS:
+        raise ValueError(f"arm must be one of {CNN_ARMS}, got {arm!r}")
+    if image_size % 4:
+        raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
+    c, n = width, image_size // 2
+
+    def bn():
+        return nn.BatchNorm2d(c, momentum=bn_momentum)
+
+    return nn.Sequential(
+        nn.Conv2d(in_channels, c, 3, padding=1, padding_mode="circular"),
+        bn(), nn.ReLU(), nn.MaxPool2d(2),
+        _square_conv(arm, c, n), bn(), nn.ReLU(), nn.MaxPool2d(2),
+        _square_conv(arm, c, n // 2), bn(), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes),
+    )  # fmt: skip
+
+
+def square_layers(model, image_size=32):
+    """The ``width -> width`` layers of :func:`orthogonal_cnn`: a list of ``(index,
+    conv, bn, n)``, ``model[index]`` being the convolution, ``bn`` its batch norm and
+    ``n`` its input size."""
+    out, n = [], image_size
+    for i, m in enumerate(model):
+        if isinstance(m, nn.MaxPool2d):
+            n //= 2
+        elif isinstance(m, nn.Conv2d) and m.in_channels == m.out_channels:
+            out.append((i, m, model[i + 1], n))
+    return out
+
+
+def row_coherence(conv, n):
+    """Mutual coherence (Eq. 11 as a number) of all ``c_out * n * n`` rows of the
+    circular convolution ``conv`` on ``n x n`` inputs, from the layer's own forward
+    pass: the rows at position 0 are read by autograd, and applying the layer (without
+    bias) to them gives their inner products with every row, since the rows at other
+    positions are circular shifts. Zero iff the rows are mutually orthogonal. Row
+    scalings (a batch norm after the layer) leave it unchanged."""
+    c_in, c_out = conv.in_channels, conv.out_channels
+    p = next(conv.parameters())
+    x = torch.zeros(1, c_in, n, n, dtype=p.dtype, requires_grad=True)
+    y = conv(x)
+    rows = torch.stack(
+        [
+            torch.autograd.grad(y[0, o, 0, 0], x, retain_graph=True)[0][0]
+            for o in range(c_out)
+        ]
+    )
+    with torch.no_grad():
+        G = conv(rows) - (0 if conv.bias is None else conv.bias[:, None, None])
+    norms = G[torch.arange(c_out), torch.arange(c_out), 0, 0].sqrt()
+    cos = (G / (norms[:, None, None, None] * norms[None, :, None, None])).abs()
+    cos[torch.arange(c_out), torch.arange(c_out), 0, 0] = 0
+    return cos.max().item()
+
+
+def unit_maso(conv, bn, n, units):
+    """MASO parameters ``A`` (K, 2, D), ``B`` (K, 2) of the ReLU units ``units`` (a
+    list of ``(channel, i, j)``) of the layer ``ReLU(bn(conv(z)))`` on inputs ``z`` of
+    ``c_in x n x n`` (``bn`` in eval mode: affine): slope = the unit's row of the
+    layer's matrix (by autograd), offset = its output at ``z = 0``; the second region
+    (ReLU off) has slope and offset 0 (Theorem 1)."""
+    if bn.training:
+        raise ValueError("bn must be in eval mode (an affine map)")
+    p = next(conv.parameters())
+    x = torch.zeros(1, conv.in_channels, n, n, dtype=p.dtype, requires_grad=True)
+    y = bn(conv(x))[0]
+    rows = torch.stack(
+        [torch.autograd.grad(y[u], x, retain_graph=True)[0].flatten() for u in units]
+    )
+    bias = torch.stack([y[u] for u in units]).detach()
+    A = torch.stack([rows, torch.zeros_like(rows)], dim=1)
+    B = torch.stack([bias, torch.zeros_like(bias)], dim=1)
+    return A, B
+
+
+def restrict_to_span(A, z):
+    """``(A Q, z Q)`` for ``Q`` an orthonormal basis of the span of the slopes
+    ``A[k, r]``: the factorial model's joint posterior (Eq. 10) depends on ``z`` only
+    through its projection on that span (``||z - mu_t||^2 = ||P z - mu_t||^2 + ||(I -
+    P) z||^2``, the last term the same for every configuration), and so does each unit's
+    posterior (Eq. 3). Exact, and it makes brute-force inference cheap for inputs of
+    thousands of dimensions."""
+    U, sv, _ = torch.linalg.svd(A.reshape(-1, A.shape[-1]).T, full_matrices=False)
+    Q = U[:, sv > sv.max() * A.shape[-1] * torch.finfo(A.dtype).eps]
+    return A @ Q, z @ Q
+
+
 def operator_error(conv, n):
     """Largest deviation from orthonormal rows (``c_out <= c_in``) or columns of the
     circular convolution ``conv`` on ``n x n`` inputs, from its per-frequency
@@ -132,18 +253,32 @@ def _path(out_dir, name):
     return Path(out_dir) / f"{name}.json"
 
 
+def _study_model(arm):
+    c = CNN_CONFIG
+    return orthogonal_cnn(arm, width=c["width"], bn_momentum=c["bn_momentum"])
+
+
+def load_cnn(arm, seed, out_dir=RESULTS):
+    """The trained network of run ``(arm, seed)`` (:func:`run_cnn`), in eval mode,
+    from its stored weights ``cnn-ARM-seedSEED.pt``."""
+    model = _study_model(arm)
+    state = torch.load(Path(out_dir) / f"cnn-{arm}-seed{seed}.pt", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def run_cnn(arm, seed, out_dir=RESULTS, force=False, progress=False):
-    """Train :func:`circular_small_cnn` (``arm``, ``seed``) on the CIFAR-10 subset
-    with :func:`smaso.train.fit` (:data:`CNN_CONFIG`) and write
-    ``cnn-ARM-seedSEED.json``: the history, final test accuracy, the orthogonality
-    error of each convolution operator after training, and the wall time. An existing
-    file is returned as is unless ``force``."""
+    """Train :func:`orthogonal_cnn` (``arm``, ``seed``) on the CIFAR-10 subset with
+    :func:`smaso.train.fit` (:data:`CNN_CONFIG`) and write ``cnn-ARM-seedSEED.json``
+    (the history, final test accuracy, the orthogonality error of each convolution
+    operator after training, and the wall time) and the trained weights
+    ``cnn-ARM-seedSEED.pt``. An existing run is returned as is unless ``force``."""
     path = _path(out_dir, f"cnn-{arm}-seed{seed}")
     if path.exists() and not force:
         return json.loads(path.read_text())
     data = cifar10_subset()
     torch.manual_seed(seed)
-    model = circular_small_cnn(arm)
+    model = _study_model(arm)
     c = CNN_CONFIG
     t0 = time.perf_counter()
     history = fit(
@@ -162,6 +297,10 @@ def run_cnn(arm, seed, out_dir=RESULTS, force=False, progress=False):
             errors.append(operator_error(m, n))
         elif isinstance(m, nn.MaxPool2d):
             n //= 2
+    weights = path.with_suffix(".pt")
+    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, weights)
     result = {
         "config": {"arm": arm, "seed": seed, **c},
         "history": history,

@@ -306,8 +306,10 @@ def small_cnn(num_classes=10, in_channels=3, activation="relu", version=1, **opt
     32x32 inputs (inputs >= 10x10); 29,440 parameters for CIFAR-10 (96,522 in version
     2). ``version=2`` (their Gram-Schmidt script): conv 32 5x5 valid, ..., conv 64 3x3
     valid, ..., conv 128 3x3 valid, BN, act; global average pooling; dense with bias
-    (inputs >= 20x20). Every layer has at most as many filters as inputs, so all can be
-    exactly orthogonal. ``activation``: a name of :data:`ACTIVATIONS` or a module
+    (inputs >= 20x20). In version 2 every layer has at most as many filters as entries
+    per patch (32 <= 75, 64 <= 288, 128 <= 576), so its flattened filters can be
+    orthonormal (Eq. 11 at one position); in version 1 two layers cannot (32 filters in
+    R^27, 128 in R^64). ``activation``: a name of :data:`ACTIVATIONS` or a module
     factory. ``options``: the batch-norm and bias options of :func:`conv_net`.
     """
     v = _version(version)

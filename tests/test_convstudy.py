@@ -6,10 +6,14 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from smaso import convstudy
 from smaso.data import TensorData, find_cifar10_subset
+from smaso.factorial import joint_log_posterior, mutual_coherence
+from smaso.layers import layer_maso
 from smaso.models import small_cnn
+from smaso.orthoconv import bcop_conv2d, cayley_conv2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,6 +53,70 @@ def test_circular_small_cnn(arm):
         raw = c.parametrizations.weight.original if arm != "none" else c.weight
         assert torch.equal(raw.detach(), b.weight.detach())
         assert c.padding_mode == "circular"
+
+
+@pytest.mark.parametrize("arm", convstudy.CNN_ARMS)
+def test_orthogonal_cnn(arm):
+    torch.manual_seed(0)
+    model = convstudy.orthogonal_cnn(arm, width=8)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    square = convstudy.square_layers(model)
+    assert [(c.in_channels, c.out_channels, n) for _, c, _, n in square] == [
+        (8, 8, 16),
+        (8, 8, 8),
+    ]
+    assert all(model[i] is c and model[i + 1] is bn for i, c, bn, _ in square)
+    errors = [convstudy.operator_error(c, n) for _, c, _, n in square]
+    coherence = [convstudy.row_coherence(c, n) for _, c, _, n in square]
+    if arm in ("cayley", "bcop"):  # orthonormal rows: Theorem 4 applies
+        assert max(errors) < 1e-5 and max(coherence) < 1e-5
+    else:
+        assert min(errors) > 0.1 and min(coherence) > 0.05
+    stem = model[0]
+    assert stem.in_channels == 3 and not parametrize.is_parametrized(stem)
+    with pytest.raises(ValueError, match="arm must be one of"):
+        convstudy.orthogonal_cnn("gs")
+
+
+@pytest.mark.parametrize("make", [cayley_conv2d, bcop_conv2d, None])
+def test_row_coherence_against_the_layer_matrix(make):
+    torch.manual_seed(1)
+    if make is cayley_conv2d:
+        conv = make(3, 3, 3, 4)
+    elif make is bcop_conv2d:
+        conv = make(3, 2, 3)
+    else:
+        conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular")
+    conv = conv.double()
+    c_in = conv.in_channels
+    A, _ = layer_maso([conv, nn.ReLU()], (c_in, 4, 4))
+    ref = mutual_coherence(A).item()  # every pair of rows of the dense matrix
+    assert abs(convstudy.row_coherence(conv, 4) - ref) < 1e-12
+
+
+def test_unit_maso_and_restriction_to_the_span():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular").double()
+    bn = nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    bn.eval()
+    units = [(0, 1, 1), (2, 1, 2), (1, 3, 0)]
+    A, B = convstudy.unit_maso(conv, bn, 4, units)
+    A_ref, B_ref = layer_maso([conv, bn, nn.ReLU()], (2, 4, 4))
+    index = [o * 16 + i * 4 + j for o, i, j in units]
+    assert (A - A_ref[index]).abs().max() < 1e-12
+    assert (B - B_ref[index]).abs().max() < 1e-12
+    z = torch.randn(7, 32, dtype=torch.float64)
+    A3, z3 = convstudy.restrict_to_span(A, z)
+    assert A3.shape == (3, 2, 3) and z3.shape == (7, 3)
+    full, short = joint_log_posterior(A, B, z), joint_log_posterior(A3, B, z3)
+    assert (full - short).abs().max() < 1e-10
+    with pytest.raises(ValueError, match="eval mode"):
+        convstudy.unit_maso(conv, bn.train(), 4, units)
 
 
 def test_circular_small_cnn_errors():
@@ -94,7 +162,11 @@ def test_run_cnn_writes_once(tmp_path, monkeypatch):
     path = tmp_path / "cnn-bcop-seed0.json"
     stored = json.loads(path.read_text())
     assert stored["config"]["arm"] == "bcop" and len(stored["history"]) == 1
-    assert max(stored["operator_errors"]) < 1e-5
+    assert max(stored["operator_errors"][1:]) < 1e-5  # [0]: the unconstrained stem
+    data = tiny_subset()
+    with torch.no_grad():  # the stored weights give the stored accuracy
+        pred = convstudy.load_cnn("bcop", 0, tmp_path)(data.x_test).argmax(1)
+    assert (pred == data.y_test).double().mean().item() == stored["test_acc"]
     assert r["test_acc"] == stored["test_acc"]
     path.write_text(json.dumps({**stored, "test_acc": -1.0}))
     assert convstudy.run_cnn("bcop", 0, out_dir=tmp_path)["test_acc"] == -1.0
@@ -127,6 +199,7 @@ def test_stored_results_match_the_current_configuration():
     for (arm, seed), r in results["cnn"].items():
         assert r["config"] == {"arm": arm, "seed": seed, **convstudy.CNN_CONFIG}
         assert len(r["history"]) == convstudy.CNN_CONFIG["epochs"]
+        assert (convstudy.RESULTS / f"cnn-{arm}-seed{seed}.pt").is_file()
     for (arm, shrink), r in results["denoise"].items():
         assert r["config"] == {
             "arm": arm,

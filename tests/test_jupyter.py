@@ -13,6 +13,9 @@ Chromium (tests/browsing.py) then does what a reader does:
 * Run > Run All Cells: every code cell runs, top to bottom in one kernel, in the
   chapter's folder, with this checkout's ``smaso``; no error output, and the kernel
   never dies;
+* after Run All, the markdown cells show MyST as the book does (jupyterlab-myst, part
+  of the ``make lab`` environment): a ``{doc}`` role is a link, not raw text, and a
+  display equation is typeset;
 * edit a code cell and save (Ctrl+S): the edit is in both ``intro.md`` (still MyST
   markdown) and ``intro.ipynb``, and the two hold the same cells.
 
@@ -451,6 +454,49 @@ def test_chapter_runs_top_to_bottom(notebook: Visit, lab: Lab):
     assert Path(package).resolve().parent == ROOT / "smaso", (
         f"the kernel imported smaso from {package}, not from {ROOT}"
     )
+    _no_page_problems(v)
+
+
+# The rendered markdown cells: raw MyST left visible, the links and typeset display
+# equations (KaTeX from jupyterlab-myst, or JupyterLab's MathJax).
+MYST_JS = (
+    "() => { const cells = [...document.querySelectorAll('.jp-Notebook"
+    " .jp-MarkdownCell')]; const text = cells.map(c => c.innerText).join('\\n');"
+    " return { cells: cells.length,"
+    " raw: (text.match(/\\{(doc|eq|cite|cite:t|glue:text)\\}\\S*/g) || []).slice(0, 5),"
+    " links: cells.flatMap(c => [...c.querySelectorAll('a')]).map("
+    "a => [a.innerText.trim(), a.getAttribute('href') || '']),"
+    " display: cells.flatMap(c => [...c.querySelectorAll("
+    "'.katex-display, mjx-container[display=\"true\"]')]).length }; }"
+)
+
+
+def test_myst_is_rendered(notebook: Visit, lab: Lab):
+    """After Run All (the previous test), the chapter's MyST reads as in the book: the
+    role {doc}`gmm` of the intro is a link to that chapter, no role is left as raw
+    text, and the intro's display equation (Eq. 1) is typeset."""
+    v = notebook
+    _no_dialog(v, lab, "myst")
+
+    def rendered() -> dict:
+        return _evaluate(v, MYST_JS, default={}) or {}
+
+    def doc_links(r: dict) -> list:
+        return [a for a in r.get("links", []) if "gmm" in a[1] or a[0] == "gmm"]
+
+    r = _wait(
+        v,
+        lab,
+        lambda: (r := rendered()) and doc_links(r) and r["display"] and r,
+        30,
+        lambda: (
+            f"MyST is not rendered in JupyterLab (is jupyterlab-myst installed?): "
+            f"{rendered()}"
+        ),
+        "myst",
+    )
+    v.page.screenshot(path=str(SHOTS / "jupyter-myst.png"), full_page=True)
+    assert not r["raw"], f"raw MyST left in the rendered cells: {r['raw']}"
     _no_page_problems(v)
 
 
