@@ -23,7 +23,8 @@ largest ``max |A - I|`` of the change of variable at re-anchoring
 (:func:`smaso.orthogonal.anchor_map`): how far from the identity is the map that Adam's
 kept moments do not follow.
 
-Writes benchmarks/results/square_layers.json (the previous file kept as .json.bak).
+Writes benchmarks/results/square_layers.json after each run (the previous file kept
+as .json.bak).
 
     .venv/bin/python benchmarks/square_layers.py [--steps 60000] [--seeds 0]
     [--every 0 100] [--methods qr gs-unnormalised] [--threads 1]
@@ -205,8 +206,8 @@ def main():
                 r = run(method, every, seed, args.steps, args.width, args.log_every)
                 print(summary(r), flush=True)
                 results["runs"].append(r)
-    results["loadavg_after"] = loadavg()
-    write_results(args.out, results)
+                results["loadavg_after"] = loadavg()
+                write_results(args.out, results)  # after each run: a partial record
 
 
 if __name__ == "__main__":
