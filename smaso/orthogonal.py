@@ -23,7 +23,10 @@ inputs (``out > fan_in``, e.g. 96 filters of 3x3 on RGB, in R^27) the filters ca
 mutually orthogonal; by default (``tall="columns"``) the weight then gets orthonormal
 *columns* (``W^T W = I``, the closest a tall matrix gets to orthogonal rows), or with
 ``tall="error"`` a ``ValueError``. Linearly dependent filters raise a ``ValueError``.
-Never NaN.
+Never NaN. A *square* layer (as many filters as inputs) loses its last filter's sign
+when that raw filter's residual crosses zero in training; :func:`reanchor_`, called
+every few steps, changes the raw weight without changing the function so that it does
+not (``benchmarks/square_layers.py``).
 """
 
 import torch
@@ -605,17 +608,22 @@ def reanchor_(model):
     the filter shrinking through 0); only the components of the raw filters along
     earlier ones are removed.
 
+    Call it once after building the model (the initial raw weight is far from
+    anchored: a square layer's last residual can start near zero), then every few
+    steps (:func:`reanchor_every`).
+
     The optimiser's state is left as it is (Adam's moments kept). Re-anchoring is the
-    change of raw variable ``W -> A W`` (:func:`anchor_map`); the raw gradient at the
-    same function becomes ``A^-T`` times the old one, and ``A`` is the identity plus the
-    drift of the raw weight since the last re-anchoring (``A = I`` re-anchoring twice),
-    small when re-anchoring often (``benchmarks/square_layers.py`` records it).
-    Transforming the first moment exactly would not do for the second (not linear in
+    change of raw variable ``W -> A W`` (:func:`anchor_map`): the raw gradient at the
+    same function becomes ``A^-T`` times the old one, and ``A`` is the identity plus
+    the drift of the raw weight since the last re-anchoring (``A = I`` re-anchoring
+    twice), small when re-anchoring often (``benchmarks/square_layers.py`` records
+    it), so the kept moments are close to those of the new variable. Transforming the
+    first moment exactly (``A^-T m``) has no counterpart for the second (not linear in
     the gradient); resetting them restarts Adam's bias correction for these layers
-    (and needs its step counts). Keeping them needs no access to the optimiser, works
-    with any, and does not touch a captured step. Reads values on the host (a GPU
-    synchronisation) and raises the ``ValueError`` of :func:`check_rank` if a layer's
-    filters are already dependent.
+    (it needs their step counts). Keeping them needs no access to the optimiser, works
+    with any, and leaves a captured optimiser step untouched. Reads values on the host
+    (a GPU synchronisation) and raises the ``ValueError`` of :func:`check_rank` if a
+    layer's filters are already dependent.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
