@@ -593,11 +593,12 @@ def reanchored(W, p, prior=()):
     return F.reshape(W.shape).to(W.dtype)
 
 
-def reanchor_(model):
-    """Re-anchor every exact layer of ``model`` in place: its raw weight
-    (``parametrizations.weight.original``) becomes :func:`reanchored`'s, copied into the
-    same tensor (no new storage: it can run between replays of a captured CUDA graph);
-    returns the number of layers re-anchored. The function the model computes is
+def reanchor_(model, unnormalised=False):
+    """Re-anchor every exact layer of ``model`` in place (those of the authors'
+    unnormalised Gram-Schmidt only with ``unnormalised=True``, see below): its raw
+    weight (``parametrizations.weight.original``) becomes :func:`reanchored`'s, copied
+    into the same tensor (no new storage: it can run between replays of a captured CUDA
+    graph); returns the number of layers re-anchored. The function the model computes is
     unchanged (to rounding); what changes is the raw weight: orthonormalised filters
     get raw filters ``||v_k|| q_k`` (residuals ``R_kk = ||v_k||``, rows' norms kept), so
     the residual of a square layer's last filter starts again from its largest value
@@ -606,7 +607,9 @@ def reanchor_(model):
     weight becomes the filters ``u_k`` themselves: same function, same residuals
     (``|R_kk| = ||u_k||`` is the filter's norm there, and a zero crossing is continuous,
     the filter shrinking through 0); only the components of the raw filters along
-    earlier ones are removed.
+    earlier ones are removed. It cannot help there, and in ``benchmarks/
+    square_layers.py`` it changed training so that filters shrank closer to the rank
+    tolerance: left out by default.
 
     Call it once after building the model (the initial raw weight is far from
     anchored: a square layer's last residual can start near zero), then every few
@@ -634,7 +637,7 @@ def reanchor_(model):
                 continue
             plist = m.parametrizations.weight
             exact = [i for i, p in enumerate(plist) if hasattr(p, "unnormalised")]
-            if not exact:
+            if not exact or (plist[exact[-1]].unnormalised and not unnormalised):
                 continue
             if exact != [len(plist) - 1]:
                 raise ValueError(
@@ -648,10 +651,10 @@ def reanchor_(model):
     return n
 
 
-def reanchor_every(model, every):
+def reanchor_every(model, every, unnormalised=False):
     """A training hook (``on_batch`` of :func:`smaso.train.train_epoch`) calling
-    :func:`reanchor_` on ``model`` after every ``every``-th call (counted across
-    epochs); it returns what :func:`reanchor_` returned, else 0."""
+    :func:`reanchor_` (``model``, ``unnormalised``) after every ``every``-th call
+    (counted across epochs); it returns what :func:`reanchor_` returned, else 0."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be a positive int, got {every!r}")
     calls = 0
@@ -659,6 +662,6 @@ def reanchor_every(model, every):
     def hook(*_):
         nonlocal calls
         calls += 1
-        return reanchor_(model) if calls % every == 0 else 0
+        return reanchor_(model, unnormalised) if calls % every == 0 else 0
 
     return hook

@@ -94,14 +94,14 @@ def test_reanchor_keeps_the_function(name, method, apodized, expected):
     y0, w0 = model(x), weights(model)
     raw = [m.parametrizations.weight.original for m in orthogonal_layers(model)]
     ptrs = [p.data_ptr() for p in raw]
-    assert reanchor_(model) == expected
+    assert reanchor_(model, unnormalised=True) == expected
     assert [p.data_ptr() for p in raw] == ptrs  # in place: same storage
     torch.testing.assert_close(model(x), y0, rtol=0, atol=1e-12)
     for a, b in zip(weights(model), w0, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     # twice: the raw weight is already anchored (A = I), nothing moves
     before = [p.clone() for p in raw]
-    assert reanchor_(model) == expected
+    assert reanchor_(model, unnormalised=True) == expected
     for a, b in zip(raw, before, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -120,7 +120,11 @@ def test_reanchor_resets_the_residuals(method):
     res0 = torch.linalg.qr(W.detach().mT)[1].diagonal().abs()
     assert res0[5] < 1e-2 * norms0[5]  # the last filter close to death
     w0 = layer.weight.detach().clone()
-    assert reanchor_(layer) == 1
+    unnormalised = method == "gs-unnormalised"
+    assert reanchor_(layer) == (0 if unnormalised else 1)  # left out by default
+    if unnormalised:
+        assert torch.equal(layer.weight, w0)
+    assert reanchor_(layer, unnormalised=True) == 1
     res = torch.linalg.qr(W.detach().mT)[1].diagonal().abs()
     torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-12)
     if method == "gs-unnormalised":
