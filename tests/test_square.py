@@ -264,7 +264,8 @@ def square_layer_run(reanchor, steps=100, seed=5):
 def test_square_layer_flips_without_reanchoring():
     """Today's failure: the residual of the last filter crosses zero again and again,
     each time a jump of the function, and near zero the forward raises (here after
-    43 flips, between steps 60 and 100: where exactly is a matter of rounding)."""
+    43 flips, at step 93 on the machine this was written on: where exactly is a matter
+    of rounding)."""
     flips, raised, min_res = square_layer_run(reanchor=False)
     assert flips > 0 and (raised or min_res < 1e-3)
 
