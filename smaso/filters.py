@@ -125,6 +125,9 @@ class UnnormalisedGramSchmidt(nn.Module):
     """Parametrization ``weight = unnormalised_gram_schmidt(original)``, no autocast;
     ``groups`` and ``check`` as in :class:`smaso.orthogonal.OrthogonalFilters`."""
 
+    #: its vectors and their norms (:func:`smaso.orthogonal.reanchored`)
+    tall, keep_norms, unnormalised = "columns", False, True
+
     def __init__(self, *, groups: int = 1, check: bool = True):
         super().__init__()
         self.groups, self.check = groups, bool(check)
@@ -153,6 +156,10 @@ class Apodize(nn.Module):
         super().__init__()
         window = hamming_window(*kernel, dtype=torch.get_default_dtype())
         self.register_buffer("window", window, persistent=False)
+
+    #: one linear map on every filter: commutes with mixing filters
+    #: (:func:`smaso.orthogonal.reanchored`)
+    filterwise_linear = True
 
     def forward(self, weight):
         return apodize(weight, self.window)

@@ -23,7 +23,10 @@ inputs (``out > fan_in``, e.g. 96 filters of 3x3 on RGB, in R^27) the filters ca
 mutually orthogonal; by default (``tall="columns"``) the weight then gets orthonormal
 *columns* (``W^T W = I``, the closest a tall matrix gets to orthogonal rows), or with
 ``tall="error"`` a ``ValueError``. Linearly dependent filters raise a ``ValueError``.
-Never NaN.
+Never NaN. A *square* layer (as many filters as inputs) loses its last filter's sign
+when that raw filter's residual crosses zero in training; :func:`reanchor_`, called
+every few steps, changes the raw weight without changing the function so that it does
+not (``benchmarks/square_layers.py``).
 """
 
 import torch
@@ -32,6 +35,7 @@ from torch.nn.utils import parametrize
 
 __all__ = [
     "OrthogonalFilters",
+    "anchor_map",
     "check_orthogonalizable",
     "check_rank",
     "filter_matrix",
@@ -46,6 +50,9 @@ __all__ = [
     "orthogonalize",
     "penalty_loss",
     "qr_orthogonalize",
+    "reanchor_",
+    "reanchor_every",
+    "reanchored",
     "register_orthogonal",
     "rows_to_orthogonalize",
     "template_penalty",
@@ -709,6 +716,9 @@ class OrthogonalFilters(nn.Module):
         self.method, self.tall, self.keep_norms = method, tall, bool(keep_norms)
         self.groups, self.check = groups, bool(check)
 
+    #: orthonormal filters (:func:`reanchored` keeps the raw filters' norms)
+    unnormalised = False
+
     def _orthogonalize(self, weight, check):
         # autocast off: Gram-Schmidt's matmuls in bf16 leave filters orthogonal to ~1e-3
         with torch.autocast(weight.device.type, enabled=False):
@@ -794,3 +804,149 @@ def register_orthogonal(model, method="qr", tall="columns", keep_norms=False):
             m, "weight", OrthogonalFilters(method, tall, keep_norms)
         )
     return layers
+
+
+# ---------------------------------------------------------------- re-anchoring
+# A square exact layer (as many filters as inputs) has its last orthonormal filter
+# fixed, up to sign, by the others: the loss does not depend on the last raw filter
+# ``v_n`` except through the sign of its residual ``R_nn = <v_n, q_n>``, which the other
+# filters' rotation (and Adam's steps on rounding noise) can take through zero: the
+# filter flips (a jump of the function), and near zero the rank check raises.
+
+
+def anchor_map(M, unnormalised=False):
+    """The change of raw variable that re-anchors the exact parametrisation of the rows
+    of ``M`` (..., r, c), ``r <= c`` (Eq. 11).
+
+    With ``M = L Q`` (``Q`` the sign-fixed orthonormal rows of :func:`qr_rows`, ``L``
+    lower triangular with the positive diagonal ``|R_kk|``), returns ``A = D L^-1``
+    (float64, (..., r, r), lower triangular with positive diagonal), so that ``A M =
+    D Q``: ``D`` the rows' norms ``||v_k||`` (orthonormalised filters: ``A M`` has the
+    raw rows' norms and residuals ``R_kk = ||v_k||``, the largest they can be), or
+    ``D = |R_kk|`` (``unnormalised``: ``A M = U``, the authors' unnormalised
+    Gram-Schmidt filters, whose residuals *are* ``|R_kk|``, so unchanged). Since the
+    QR factorisation with positive diagonal is unique, ``orth(A X) = orth(X)`` for
+    every ``X`` of full rank: the re-anchored raw weight computes the same filters
+    (and so does any perturbation of it: a change of variable, not an approximation).
+    Dependent rows raise the ``ValueError`` of :func:`check_rank`.
+    """
+    M64 = M.detach().double()
+    R = torch.linalg.qr(M64.mT, mode="r")[1]
+    d = R.diagonal(dim1=-2, dim2=-1)
+    check_rank(d, M64)
+    L = R.mT * d.sign()[..., None, :]  # M = L (Q signs)^T, diagonal |R_kk|
+    D = d.abs() if unnormalised else torch.linalg.vector_norm(M64, dim=-1)
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+    return D[..., :, None] * torch.linalg.solve_triangular(L, eye, upper=False)
+
+
+def reanchored(W, p, prior=()):
+    """The re-anchored raw weight of an exact parametrisation ``p`` (an
+    :class:`OrthogonalFilters` or the authors' unnormalised Gram-Schmidt,
+    :class:`smaso.filters.UnnormalisedGramSchmidt`) with raw weight ``W``: the same
+    exactly orthogonal filters (Eq. 11), from raw filters whose residuals are
+    ``R_kk = ||v_k||`` (:func:`anchor_map`), far from the rank tolerance; ``None`` where
+    that is not possible (see below).
+
+    ``prior``: the parametrisations applied to ``W`` before ``p`` (e.g. the
+    apodisation of :class:`smaso.filters.Apodize`); each must apply one linear map to
+    every filter alike (attribute ``filterwise_linear``), so that it commutes with the
+    change of variable ``W -> A W``, which mixes filters. Layers with more filters than
+    inputs (their *columns* orthonormalised, ``tall="columns"``) are re-anchored
+    column-wise, ``W -> W A^T``, unless a prior parametrisation or ``keep_norms``
+    (norms of the rows) would not commute with that: then ``None`` (such layers cannot
+    lose a filter the square way: their columns' residuals live in a space of more
+    than one dimension, where the loss has a gradient). Float64 computation, the
+    result in ``W``'s dtype.
+    """
+    for q in prior:
+        if not getattr(q, "filterwise_linear", False):
+            raise ValueError(
+                f"cannot re-anchor through the parametrization {q}: only one applying "
+                "the same linear map to every filter (filterwise_linear) commutes with "
+                "it"
+            )
+    pre = W
+    for q in prior:
+        pre = q(pre)
+    M, transposed = rows_to_orthogonalize(pre, p.tall, p.groups)
+    if transposed and (prior or p.keep_norms):
+        return None
+    A = anchor_map(M, p.unnormalised)
+    F = _group_filters(W, p.groups).double()
+    F = F @ A.mT if transposed else A @ F
+    return F.reshape(W.shape).to(W.dtype)
+
+
+def reanchor_(model, unnormalised=False):
+    """Re-anchor every exact layer of ``model`` in place (those of the authors'
+    unnormalised Gram-Schmidt only with ``unnormalised=True``, see below): its raw
+    weight (``parametrizations.weight.original``) becomes :func:`reanchored`'s, copied
+    into the same tensor (no new storage: it can run between replays of a captured CUDA
+    graph); returns the number of layers re-anchored. The function the model computes is
+    unchanged (to rounding); what changes is the raw weight: orthonormalised filters
+    get raw filters ``||v_k|| q_k`` (residuals ``R_kk = ||v_k||``, rows' norms kept), so
+    the residual of a square layer's last filter starts again from its largest value
+    instead of drifting to zero (a flip of that filter, a jump of the function, or the
+    rank check's ``ValueError``). For the authors' unnormalised Gram-Schmidt the raw
+    weight becomes the filters ``u_k`` themselves: same function, same residuals
+    (``|R_kk| = ||u_k||`` is the filter's norm there, and a zero crossing is continuous,
+    the filter shrinking through 0); only the components of the raw filters along
+    earlier ones are removed. It cannot help there, and in ``benchmarks/
+    square_layers.py`` it changed training so that filters shrank closer to the rank
+    tolerance: left out by default.
+
+    Call it once after building the model (the initial raw weight is far from
+    anchored: a square layer's last residual can start near zero), then every few
+    steps (:func:`reanchor_every`).
+
+    The optimiser's state is left as it is (Adam's moments kept). Re-anchoring is the
+    change of raw variable ``W -> A W`` (:func:`anchor_map`): the raw gradient at the
+    same function becomes ``A^-T`` times the old one, and ``A`` is the identity plus
+    the drift of the raw weight since the last re-anchoring (``A = I`` re-anchoring
+    twice), small when re-anchoring often (``benchmarks/square_layers.py`` records
+    it), so the kept moments are close to those of the new variable. Transforming the
+    first moment exactly (``A^-T m``) has no counterpart for the second (not linear in
+    the gradient); resetting them restarts Adam's bias correction for these layers
+    (it needs their step counts). Keeping them needs no access to the optimiser, works
+    with any, and leaves a captured optimiser step untouched. Reads values on the host
+    (a GPU synchronisation) and raises the ``ValueError`` of :func:`check_rank` if a
+    layer's filters are already dependent.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    n = 0
+    with torch.no_grad():
+        for m in orthogonal_layers(model):
+            if not parametrize.is_parametrized(m, "weight"):
+                continue
+            plist = m.parametrizations.weight
+            exact = [i for i, p in enumerate(plist) if hasattr(p, "unnormalised")]
+            if not exact or (plist[exact[-1]].unnormalised and not unnormalised):
+                continue
+            if exact != [len(plist) - 1]:
+                raise ValueError(
+                    f"{m}: can only re-anchor one exact parametrization, applied last"
+                )
+            W = plist.original
+            new = reanchored(W, plist[-1], list(plist)[:-1])
+            if new is not None:
+                W.copy_(new)
+                n += 1
+    return n
+
+
+def reanchor_every(model, every, unnormalised=False):
+    """A training hook (``on_batch`` of :func:`smaso.train.train_epoch`) calling
+    :func:`reanchor_` (``model``, ``unnormalised``) after every ``every``-th call
+    (counted across epochs); it returns what :func:`reanchor_` returned, else 0."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int, got {every!r}")
+    calls = 0
+
+    def hook(*_):
+        nonlocal calls
+        calls += 1
+        return reanchor_(model, unnormalised) if calls % every == 0 else 0
+
+    return hook
