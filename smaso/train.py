@@ -315,6 +315,7 @@ class TrainStep:
             self.side.wait_stream(torch.cuda.current_stream(self.dev))
             with torch.cuda.stream(self.side):
                 self._eager(idx)
+            torch.cuda.current_stream(self.dev).wait_stream(self.side)
             self.eager_steps += 1
         else:
             self._eager(idx)

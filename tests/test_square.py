@@ -3,6 +3,8 @@ whose last orthonormal filter flips (a jump of the function) or dies (the rank c
 raises) when its raw residual crosses zero, and the change of variable that prevents it
 without changing the function (Eq. 11)."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -276,3 +278,38 @@ def test_square_layer_never_flips_with_reanchoring():
     flips, raised, min_res = square_layer_run(reanchor=True)
     assert (flips, raised) == (0, False)
     assert min_res > 0.1
+
+
+def test_the_pipeline_reanchors_every_n_steps_and_resumes_alike(tmp_path, monkeypatch):
+    """``reanchor_every`` re-anchors before the first step and after every N-th step
+    of the run, counted from its start: a killed and resumed run computes what an
+    uninterrupted one does. At 0 (the default) a run keeps its name."""
+    from helpers import tiny
+
+    from smaso.experiment import run, runner
+
+    base = tiny(epochs=2, orthogonality="qr", limit_train=120)
+    assert dataclasses.replace(base, reanchor_every=0).run_id() == base.run_id()
+    cfg = dataclasses.replace(base, reanchor_every=4)
+    assert cfg.run_id() != base.run_id()
+    calls = []
+    real = runner.reanchor_
+    monkeypatch.setattr(runner, "reanchor_", lambda m: calls.append(1) or real(m))
+    full = run(cfg, tmp_path / "a", log=None)
+    steps = 2 * (120 // cfg.batch_size + (120 % cfg.batch_size > 0))
+    assert len(calls) == 1 + steps // 4
+
+    class Kill(Exception):
+        pass
+
+    def kill(epoch, model, rec):
+        if epoch == 1:
+            raise Kill
+
+    with pytest.raises(Kill):
+        run(cfg, tmp_path / "b", log=None, on_epoch=kill, checkpoint_every=0)
+    resumed = run(cfg, tmp_path / "b", log=None)
+    assert resumed["resumes"] == [1]
+    for a, b in zip(full["history"], resumed["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-12)
+        assert a["test_acc"] == b["test_acc"]

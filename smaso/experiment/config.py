@@ -223,6 +223,12 @@ class RunConfig:
     apodize: bool | None = _field(
         None, "Hamming-window and centre conv filters (authors' smallCNN exact runs)"
     )
+    reanchor_every: int = _field(
+        0,
+        "every N steps (and before the first) re-anchor the raw weights of the exact "
+        "QR/Gram-Schmidt layers to their orthogonal factor, so that a square layer "
+        "never flips or dies (smaso.orthogonal.reanchor_; 100 recommended; 0: never)",
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -237,6 +243,7 @@ class RunConfig:
         for name in ("batch_size", "epochs", "upsample"):
             positive_int(name, getattr(self, name))
         nonneg_int("seed", self.seed)
+        nonneg_int("reanchor_every", self.reanchor_every)
         finite_number("bn_momentum", self.bn_momentum, 0, 1, low_open=True)
         for name in ("limit_train", "limit_test"):
             if getattr(self, name) is not None:
@@ -266,10 +273,15 @@ class RunConfig:
 
     def identity(self) -> dict:
         """The fields that name the run: all of them, except a field added after the
-        first results format (``protocol`` and the protocol-dependent ones) while it
-        holds the paper protocol's value, so that earlier runs keep their names."""
+        first results format (``protocol`` and the protocol-dependent ones; those of
+        :data:`LATER_FIELDS`) while it holds the paper protocol's value (its default),
+        so that earlier runs keep their names."""
         d = self.to_dict()
-        paper = {"protocol": "paper", **PROTOCOLS["paper"].resolve(self)}
+        paper = {
+            "protocol": "paper",
+            **PROTOCOLS["paper"].resolve(self),
+            **LATER_FIELDS,
+        }
         return {k: v for k, v in d.items() if k not in paper or v != paper[k]}
 
     def run_id(self) -> str:
@@ -283,6 +295,11 @@ class RunConfig:
         )
         head = f"{self.dataset}_{self.model}_{self.activation}_{orth}"
         return f"{head}_lr{self.lr:g}_s{self.seed}_{digest}"
+
+
+#: Fields added after the first results format that are not the protocols' (their
+#: default leaves a run's name as it was).
+LATER_FIELDS = {"reanchor_every": 0}
 
 
 def config_fields(*, rows: bool = True) -> list[dataclasses.Field]:

@@ -40,6 +40,7 @@ from ..orthogonal import (
     filter_matrix,
     orthogonal_layers,
     penalty_loss,
+    reanchor_,
 )
 from ..pack import PackedRuns, pack_state, unpack_state
 from ..train import CUDA_GRAPH, AdamWithoutBiasCorrection, TrainStep, evaluate
@@ -522,6 +523,24 @@ def _per_run(values: dict, k: int) -> list[dict]:
     return [{key: v[r] for key, v in values.items()} for r in range(k)]
 
 
+def _reanchoring(config, epoch, n, step: TrainStep, on_batch):
+    """``on_batch`` with the config's re-anchoring of the exact layers
+    (:func:`smaso.orthogonal.reanchor_`) after every ``reanchor_every``-th step of the
+    run (counted from its first, so a resumed run re-anchors where it would have):
+    a change of variable between steps, outside any captured graph."""
+    every = config.reanchor_every
+    if not every:
+        return on_batch
+
+    def after(i):
+        if (epoch * n + i + 1) % every == 0:
+            reanchor_(step.model)
+        if on_batch is not None:
+            on_batch(i)
+
+    return after
+
+
 def _train_epoch(configs, epoch, step: TrainStep, on_batch):
     """Train one epoch of every run with ``step`` (packed: each run's batches stacked,
     (k, N)); the runs' training metrics and the seconds it took."""
@@ -532,7 +551,8 @@ def _train_epoch(configs, epoch, step: TrainStep, on_batch):
     else:
         per_run = [_batches(c, epoch, y) for c in configs]
         batches = [torch.stack(b) for b in zip(*per_run, strict=True)]
-    tr = step.epoch(batches, on_batch)
+    hook = _reanchoring(configs[0], epoch, len(batches), step, on_batch)
+    tr = step.epoch(batches, hook)
     if y.device.type == "cuda":
         torch.cuda.synchronize()
     runs = _per_run(tr, len(configs))
@@ -679,6 +699,8 @@ def _train(configs, out_dir, data, rt, claims, say, on_epoch, on_batch) -> list[
     graph = device.type == "cuda" and rt.cuda_graph != "off"
     opt, sched = build_optimizer(config, model, capturable=graph)
     st = _resume(configs, out_dir, model, opt, sched, precision, device, say)
+    if config.reanchor_every and st.start == 0:
+        reanchor_(model)  # an initialisation can start close to a flip
     step = TrainStep(
         model, opt, x_train, data.y_train, extra, autocast, sched, rt.cuda_graph, say
     )
