@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 from benchmarks.common import loadavg, metadata, write_results
-from benchmarks.step import per_step_ops
+from benchmarks.step import per_step_ops, summary
 from smaso import orthogonal
 from smaso.experiment import RunConfig, build_loss, build_training_model
 
@@ -59,7 +59,7 @@ def step_ops(impl, classes, runs, model="large-cnn-code"):
         ops = per_step_ops(net, opt, build_loss(config), x, y, batches)
     finally:
         orthogonal.template_penalty = saved
-    return sum(ops.values())
+    return summary(ops)["ops"]
 
 
 def memory_child(impl, classes, batch, side, model):

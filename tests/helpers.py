@@ -67,3 +67,21 @@ def load_benchmark(name):
     sys.modules.setdefault(spec.name, module)
     spec.loader.exec_module(module)
     return module
+
+
+class Killed(Exception):
+    """A run stopped from its ``on_epoch`` hook, as a kill would stop it."""
+
+
+def run_killed_after(run, config, out, epoch: int, **runtime):
+    """``run(config, out)`` stopped at the end of ``epoch`` (its checkpoint written)."""
+
+    def kill(e, model, rec):
+        if e == epoch:
+            raise Killed
+
+    try:
+        run(config, out, log=None, on_epoch=kill, checkpoint_every=0, **runtime)
+    except Killed:
+        return
+    raise AssertionError(f"the run ended before epoch {epoch}")

@@ -284,7 +284,7 @@ def test_the_pipeline_reanchors_every_n_steps_and_resumes_alike(tmp_path, monkey
     """``reanchor_every`` re-anchors before the first step and after every N-th step
     of the run, counted from its start: a killed and resumed run computes what an
     uninterrupted one does. At 0 (the default) a run keeps its name."""
-    from helpers import tiny
+    from helpers import run_killed_after, tiny
 
     from smaso.experiment import run, runner
 
@@ -299,15 +299,7 @@ def test_the_pipeline_reanchors_every_n_steps_and_resumes_alike(tmp_path, monkey
     steps = 2 * (120 // cfg.batch_size + (120 % cfg.batch_size > 0))
     assert len(calls) == 1 + steps // 4
 
-    class Kill(Exception):
-        pass
-
-    def kill(epoch, model, rec):
-        if epoch == 1:
-            raise Kill
-
-    with pytest.raises(Kill):
-        run(cfg, tmp_path / "b", log=None, on_epoch=kill, checkpoint_every=0)
+    run_killed_after(run, cfg, tmp_path / "b", 1)
     resumed = run(cfg, tmp_path / "b", log=None)
     assert resumed["resumes"] == [1]
     for a, b in zip(full["history"], resumed["history"], strict=True):

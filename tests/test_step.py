@@ -243,7 +243,7 @@ def test_a_step_that_cannot_be_captured_runs_eagerly():
 def test_the_pipeline_trains_with_a_cuda_graph_and_resumes(tmp_path):
     """A run with the captured step, killed after its first epoch and resumed, gives
     the numbers of an uninterrupted one."""
-    from helpers import tiny
+    from helpers import run_killed_after, tiny
 
     from smaso.experiment import run
 
@@ -252,15 +252,7 @@ def test_the_pipeline_trains_with_a_cuda_graph_and_resumes(tmp_path):
     full = run(cfg, tmp_path / "a", log=lines.append, device="cuda", cuda_graph="on")
     assert not any("CUDA graph not used" in s for s in lines)
 
-    class Kill(Exception):
-        pass
-
-    def kill(epoch, model, rec):
-        if epoch == 1:
-            raise Kill
-
-    with pytest.raises(Kill):
-        run(cfg, tmp_path / "b", on_epoch=kill, device="cuda", checkpoint_every=0)
+    run_killed_after(run, cfg, tmp_path / "b", 1, device="cuda")
     resumed = run(cfg, tmp_path / "b", log=None, device="cuda", cuda_graph="on")
     assert resumed["resumes"] == [1]
     a = [h["test_acc"] for h in full["history"]]

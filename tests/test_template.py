@@ -13,12 +13,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from smaso import orthogonal as o
-from smaso.experiment import RunConfig, build_loss, build_training_model
 from smaso.models import build, can_pack
 from smaso.pack import PackedRuns
 
 F64 = torch.float64
-step = load_benchmark("step")
+template_bench = load_benchmark("template")
 
 #: Smallest convenient input side of each network (its maps stay >= 1 pixel).
 SIDE = {
@@ -207,21 +206,5 @@ def test_training_step_operations_bounded(classes):
     """At most 2,000 operations a training step of the Table 2 largeCNN with the
     template penalty, alone and packed, whatever the number of classes (the loop:
     85,629 at 100 classes)."""
-    config = RunConfig(
-        model="large-cnn-code",
-        orthogonality="templates",
-        dataset="cifar100" if classes == 100 else "cifar10",
-    )
-    counts = []
-    for k in (1, 2):
-        configs = [RunConfig(**{**config.to_dict(), "seed": s}) for s in range(k)]
-        model = build_training_model(configs, 3, classes)
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(16, 3, 12, 12, generator=g)
-        y = torch.arange(16) % classes
-        shape = (3,) if k == 1 else (k, 3)
-        batches = [torch.randint(0, 16, shape, generator=g) for _ in range(2)]
-        opt = torch.optim.Adam(model.parameters())
-        ops = step.per_step_ops(model, opt, build_loss(config), x, y, batches)
-        counts.append(sum(ops.values()))
+    counts = [template_bench.step_ops("after", classes, k) for k in (1, 2)]
     assert all(200 < n <= 2000 for n in counts), counts
