@@ -4,9 +4,11 @@
 :func:`smaso.activations.two_piece_vq` with the sigmoid weight (α = 1: the β-VQ ReLU,
 leaky-ReLU and absolute value), on units as rows (:func:`smaso.fused.fold`). Measured
 against kernels compiled by ``torch.compile`` from the same maths, they take one pass
-over memory each way as well, but run about 10 % faster with one thread and much
-faster with two (``benchmarks/activations.py``), which is what brings the β-VQ ReLU
-within 1.3x ``nn.SiLU``.
+over memory each way as well, but run faster (``benchmarks/activations.py``), which is
+what brings the β-VQ ReLU within 1.3x ``nn.SiLU``. They run on PyTorch's intra-op
+threads (``torch.set_num_threads``; :func:`parallel_threads`), in chunks of rows fixed
+by the row length alone, so their numbers are the same, bit for bit, on any number of
+threads.
 
 The extension is built on first use by ``torch.utils.cpp_extension`` (seconds; kept in
 its cache, ``TORCH_EXTENSIONS_DIR``), for the vector instructions PyTorch itself uses
