@@ -311,7 +311,7 @@ def activations(device, timeout, log) -> dict:
     script = ROOT / "benchmarks" / "activations.py"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "activations.json"
-        cmd = [sys.executable, str(script), "--device", str(device), "--out", str(out)]
+        cmd = [sys.executable, str(script), "--devices", "cuda", "--out", str(out)]
         proc = subprocess.run(
             cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout
         )

@@ -4,9 +4,11 @@
 :func:`smaso.activations.two_piece_vq` with the sigmoid weight (α = 1: the β-VQ ReLU,
 leaky-ReLU and absolute value), on units as rows (:func:`smaso.fused.fold`). Measured
 against kernels compiled by ``torch.compile`` from the same maths, they take one pass
-over memory each way as well, but run about 10 % faster with one thread and much
-faster with two (``benchmarks/activations.py``), which is what brings the β-VQ ReLU
-within 1.3x ``nn.SiLU``.
+over memory each way as well, but run faster (``benchmarks/activations.py``), which is
+what brings the β-VQ ReLU within 1.3x ``nn.SiLU``. They run on PyTorch's intra-op
+threads (``torch.set_num_threads``; :func:`parallel_threads`), in chunks of rows fixed
+by the row length alone, so their numbers are the same, bit for bit, on any number of
+threads.
 
 The extension is built on first use by ``torch.utils.cpp_extension`` (seconds; kept in
 its cache, ``TORCH_EXTENSIONS_DIR``), for the vector instructions PyTorch itself uses
@@ -20,12 +22,19 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["applies", "build_error", "two_piece_backward", "two_piece_forward"]
+__all__ = [
+    "applies",
+    "build_error",
+    "parallel_threads",
+    "two_piece_backward",
+    "two_piece_forward",
+]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "two_piece.cpp"
 _DTYPES = (torch.float32, torch.float64)
@@ -51,6 +60,7 @@ def _ops():
         cap = torch.backends.cpu.get_cpu_capability()
         cap = cap if cap in _FLAGS else "DEFAULT"
         flags = ["-O3", f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
+        threads = _openmp_flags()
         try:
             from .fused import import_cpp_extension_quietly
 
@@ -66,7 +76,8 @@ def _ops():
                     load(
                         f"smaso_native_{cap.lower()}",
                         [str(SOURCE)],
-                        extra_cflags=flags + _FLAGS.get(cap, []),
+                        extra_cflags=flags + _FLAGS.get(cap, []) + threads,
+                        extra_ldflags=threads,
                         is_python_module=False,
                         verbose=False,
                     )
@@ -77,6 +88,16 @@ def _ops():
             _STATE["error"] = f"{type(exc).__name__}: {exc}"
             return None
     return _STATE["ops"]
+
+
+def _openmp_flags() -> list[str]:
+    """``-fopenmp`` where PyTorch's threads are OpenMP's and the compiler is GCC's
+    (Linux): at::parallel_for is a header template that runs on one thread unless the
+    extension itself is compiled with OpenMP. The extension then shares PyTorch's
+    OpenMP runtime (the library of the same name, already loaded), so
+    ``torch.set_num_threads`` applies to it."""
+    openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    return ["-fopenmp"] if openmp and sys.platform.startswith("linux") else []
 
 
 def _applies(*tensors: torch.Tensor) -> bool:
@@ -114,3 +135,11 @@ def two_piece_backward(g: torch.Tensor, x: torch.Tensor, eta: torch.Tensor, slop
         g.contiguous(), x.contiguous(), eta.reshape(-1).contiguous(), slope
     )
     return gx, geta.view(eta.shape)
+
+
+def parallel_threads() -> int | None:
+    """How many threads the kernels' ``at::parallel_for`` runs on now (at most
+    ``torch.get_num_threads()``; 1 if the extension were built without OpenMP), or
+    None where the kernels are not built."""
+    ops = _ops()
+    return None if ops is None else int(ops.parallel_threads())

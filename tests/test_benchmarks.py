@@ -1,9 +1,12 @@
-"""Tests for the benchmarks' shared helpers (benchmarks/common.py) and the quick mode of
+"""Tests for the benchmarks' shared helpers (benchmarks/common.py), the quick mode of
 the Cholesky-QR benchmark (benchmarks/cholqr.py): its candidates against
-:func:`smaso.orthogonal.qr_rows` and ``torch.linalg.qr``, and the JSON it writes.
+:func:`smaso.orthogonal.qr_rows` and ``torch.linalg.qr``, and the JSON it writes, and
+the activations benchmark (benchmarks/activations.py): its runs on the CPU and on CUDA,
+a tiny run on the CPU, and the stored results the book and the README quote.
 The timings themselves are not checked here (speed is for the benchmarks to measure)."""
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -23,6 +26,7 @@ load = load_benchmark
 
 common = load("common")
 cholqr = load("cholqr")
+activations = load("activations")
 
 
 def test_metadata_holds_what_the_stored_results_record():
@@ -159,3 +163,116 @@ def test_quick_mode_writes_the_json_with_its_correctness_numbers(tmp_path):
         assert 1e-9 < one["orthogonality"] < 1e-2
         assert acc["cond 1e+06", "float64", "qr_rows", s]["orthogonality"] < 1e-13
         assert acc["cond 1e+08", "float64", "qr_rows", s]["error"] is None
+
+
+def test_activations_runs_cpu_thread_counts_and_cuda_float32_and_bfloat16(
+    monkeypatch, tmp_path
+):
+    assert activations.plan(["cpu"], [1, 2]) == [
+        {"device": "cpu", "dtype": "float32", "threads": 1},
+        {"device": "cpu", "dtype": "float32", "threads": 2},
+    ]
+    cuda = [{"device": "cuda", "dtype": d} for d in ("float32", "bfloat16")]
+    assert activations.plan(["cuda"], [1, 2]) == cuda
+    with pytest.raises(ValueError, match="cpu and cuda"):
+        activations.plan(["mps"], [1])
+    assert activations.timer("cpu") is common.timed
+    assert activations.timer("cuda") is activations.cuda_timed
+    # where CUDA is present, the default runs add CUDA's to the CPU's
+    measured = []
+
+    def fake_run(spec, shape, only, repeats):
+        measured.append(spec)
+        return {"device": spec["device"], "dtype": spec["dtype"], "results": []}
+
+    monkeypatch.setattr(activations, "measure_run", fake_run)
+    monkeypatch.setattr(activations, "report", lambda *a: None)
+    monkeypatch.setattr(activations.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(activations.native, "parallel_threads", lambda: 2)
+    activations.main(["--threads", "1", "2", "--out", str(tmp_path / "a.json")])
+    assert measured == activations.plan(["cpu"], [1, 2]) + cuda
+
+
+def test_activations_times_cuda_between_two_events(monkeypatch):
+    """The CUDA clock: the device synchronised, an event recorded before and after the
+    step, the time between them (elapsed_time, in ms) in seconds."""
+    calls = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+            self.name = f"event {len([c for c in calls if c.startswith('new')])}"
+            calls.append("new " + self.name)
+
+        def record(self):
+            calls.append("record " + self.name)
+
+        def synchronize(self):
+            calls.append("wait for " + self.name)
+
+        def elapsed_time(self, end):
+            return 250.0  # ms
+
+    monkeypatch.setattr(activations.torch.cuda, "Event", Event)
+    monkeypatch.setattr(
+        activations.torch.cuda, "synchronize", lambda: calls.append("sync")
+    )
+    (seconds,) = activations.cuda_timed(lambda: calls.append("step"))
+    assert seconds == 0.25
+    assert calls == [
+        "new event 0",
+        "new event 1",
+        "sync",
+        "record event 0",
+        "step",
+        "record event 1",
+        "wait for event 1",
+    ]
+
+
+def test_activations_tiny_run_on_the_cpu(tmp_path, restore_threads):
+    out = tmp_path / "activations.json"
+    args = ["--shape", "2", "4", "6", "6", "--repeats", "2", "--only", "BetaVQReLU"]
+    result = activations.main([*args, "--threads", "1", "2", "--out", str(out)])
+    stored = json.loads(out.read_text())
+    assert stored == json.loads(json.dumps(result))
+    assert set(common.METADATA_KEYS) - {"threads"} <= set(stored)
+    assert [(r["device"], r["threads"]) for r in stored["runs"]] == [
+        ("cpu", 1),
+        ("cpu", 2),
+    ]
+    for run in stored["runs"]:
+        assert run["clocks"] == ["wall", "cpu"]
+        (row,) = run["results"]
+        assert row["activation"] == "BetaVQReLU" and row["peer"] == "nn.SiLU"
+        for v in row["variants"].values():
+            assert v["wall_ratio"] > 0 and v["cpu_ratio"] > 0 and v["wall_peer_ms"] > 0
+            assert v["max_rel_err"] < run["tolerance"] == 1e-4
+
+
+def test_stored_activation_results_have_wall_clock_ratios_at_1_and_2_threads():
+    bench = json.loads((RESULTS / "activations.json").read_text())
+    cpu = {r["threads"]: r for r in bench["runs"] if r["device"] == "cpu"}
+    assert {1, 2} <= set(cpu)
+    for run in cpu.values():
+        relu = run["results"][0]
+        assert (relu["activation"], relu["peer"]) == ("BetaVQReLU", "nn.SiLU")
+        for row in run["results"]:
+            for v in row["variants"].values():
+                assert v["wall_ratio"] > 0 and v["cpu_ratio"] > 0
+                assert v["max_rel_err"] < run["tolerance"]
+
+
+def test_readme_quotes_the_stored_activation_ratios():
+    """The README's wall-clock ratios of the default β-VQ ReLU to nn.SiLU are the
+    stored ones (to two decimals)."""
+    bench = json.loads((RESULTS / "activations.json").read_text())
+    stored = {
+        r["threads"]: r["results"][0]["variants"]["default"]["wall_ratio"]
+        for r in bench["runs"]
+        if r["device"] == "cpu"
+    }
+    readme = (ROOT / "README.md").read_text()
+    quoted = re.findall(r"([0-9.]+)x `nn.SiLU` with (\d+) threads?", readme)
+    assert quoted, "the README quotes no wall-clock ratio of BetaVQReLU"
+    assert {int(t): r for r, t in quoted} == {t: f"{v:.2f}" for t, v in stored.items()}
