@@ -221,6 +221,8 @@ class TrainStep:
         self.seen = self.batches = 0
         param = next(model.parameters())
         loss_dtype = torch.float32 if autocast_dtype is not None else param.dtype
+        if extra_loss is not None:  # computed in the parameters' precision
+            loss_dtype = torch.promote_types(loss_dtype, param.dtype)
         self.seed = torch.ones((), dtype=loss_dtype, device=self.dev)
         self.optimizer_in_graph = scheduler is None and all(
             g.get("capturable", False) for g in opt.param_groups
