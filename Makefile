@@ -8,6 +8,8 @@
 #                and saving it writes both NAME.md and NAME.ipynb (LAB_ARGS="--port=9999 --no-browser" etc.)
 #   make unit    the package's unit tests alone (no book, no nbval, no browser): the fast loop
 #   make lint    ruff: lint and format check of every Python file (make test runs it)
+#   make test-oldest  the unit tests and four chapters at the oldest versions pyproject.toml declares
+#                (a separate .venv-oldest; downloads about 2.5 GB; README: "Supported versions")
 # PYTHON picks the interpreter that creates the virtual environment; VENV where it lives.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -19,7 +21,7 @@ CONSTRAINTS := requirements/constraints.txt
 export PATH := $(abspath $(BIN)):$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: env book test unit lint notebook notebooks lab lock clean
+.PHONY: env book test test-oldest unit lint notebook notebooks lab lock clean
 
 env: $(STAMP)
 
@@ -51,8 +53,31 @@ test: lint book
 	$(BIN)/python -m pytest
 	$(OTHER_NUMERICS) $(BIN)/python -m pytest book $(XDIST) -p no:cacheprovider
 
+UNIT := -m pytest tests -q -n $(WORKERS) --dist worksteal --ignore=tests/test_browser.py --ignore=tests/test_jupyter.py --ignore=tests/test_book.py
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests -q -n $(WORKERS) --dist worksteal --ignore=tests/test_browser.py --ignore=tests/test_jupyter.py --ignore=tests/test_book.py
+	$(BIN)/python $(UNIT)
+
+# The oldest versions the package declares (README: "Supported versions"): a virtual environment of
+# its own, the runtime dependencies of pyproject.toml at their lower bounds (uv's lowest-direct
+# resolution: torch, torchvision, numpy, ...), the [book,test] extras at the newest versions that
+# go with them; then `make unit`'s tests and nbval of the four theory chapters that run in under
+# a minute, with caches of compiled kernels of their own. Downloads about 2.5 GB (a CUDA build of
+# the oldest torch): not part of `make test`. Run it when a dependency or its bound changes.
+OLDEST ?= .venv-oldest
+OLDEST_CHAPTERS := book/intro.ipynb book/maso.ipynb book/gmm.ipynb book/factorial.ipynb
+test-oldest:
+	rm -rf $(OLDEST)
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet --disable-pip-version-check uv
+	$(OLDEST)/bin/uv pip install --quiet --python $(OLDEST)/bin/python --resolution lowest-direct -r pyproject.toml
+	$(OLDEST)/bin/uv pip freeze --python $(OLDEST)/bin/python | grep -v '^uv==' > $(OLDEST)/lowest.txt
+	$(OLDEST)/bin/uv pip install --quiet --python $(OLDEST)/bin/python -c $(OLDEST)/lowest.txt -e '.[book,test]'
+	$(OLDEST)/bin/python -c "import torch, torchvision, numpy; print('oldest:', torch.__version__, torchvision.__version__, numpy.__version__)"
+	cd $(CURDIR) && export PATH="$(abspath $(OLDEST))/bin:$$PATH" \
+	  TORCH_EXTENSIONS_DIR="$(abspath $(OLDEST))/torch_extensions" \
+	  TORCHINDUCTOR_CACHE_DIR="$(abspath $(OLDEST))/inductor" && \
+	  $(OLDEST)/bin/python $(UNIT) && \
+	  $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider $(OLDEST_CHAPTERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -55,9 +55,7 @@ def metadata(threads: bool = True) -> dict:
     """
     commit, dirty = git_commit()
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"
-        ),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),

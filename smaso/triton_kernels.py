@@ -24,12 +24,12 @@ the outputs and the small partial sums, so forward and backward can be captured 
 CUDA graph.
 
 Triton is imported on the first CUDA input (not at all on the CPU). Where it is
-missing, or a kernel fails to build, :func:`attempt` returns None and the fast path
-uses its other kernels (``torch.compile``); :func:`errors` says why. ``SMASO_TRITON=0``
-switches these kernels off. ``SMASO_TRITON=interpret`` together with
-``TRITON_INTERPRET=1`` (set before triton is imported) runs them on CPU tensors in
-Triton's interpreter instead of on CUDA ones: how the tests check them without a GPU
-(``tests/test_triton.py``).
+missing or older than :data:`TRITON_MIN`, or a kernel fails to build, :func:`attempt`
+returns None and the fast path uses its other kernels (``torch.compile``);
+:func:`errors` says why. ``SMASO_TRITON=0`` switches these kernels off.
+``SMASO_TRITON=interpret`` together with ``TRITON_INTERPRET=1`` (set before triton is
+imported) runs them on CPU tensors in Triton's interpreter instead of on CUDA ones: how
+the tests check them without a GPU (``tests/test_triton.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -58,6 +59,9 @@ __all__ = [
 #: Input dtypes of the kernels.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
+#: The oldest triton (major, minor) the kernels are tested on (torch 2.6 brings it).
+TRITON_MIN = (3, 2)
+
 #: Elements of one program's tile, and the number of programs a backward aims at (it
 #: splits rows into chunks when there are fewer rows): tuning, not maths.
 TILE = 1024
@@ -65,6 +69,18 @@ PROGRAMS = 1024
 
 _STATE: dict[str, object] = {}
 _FAILED: dict[str, str] = {}
+
+
+def _too_old(version: str) -> str:
+    """Why triton ``version`` does not run these kernels ('' where it does): older than
+    :data:`TRITON_MIN`, the oldest whose interpreter runs ``tests/test_triton.py``
+    (triton 3.1, beside torch 2.5, rejects the kernels' ``tl.arange`` bounds). Such a
+    torch takes the other kernels of the fast path, with the same maths."""
+    parts = re.match(r"(\d+)\.(\d+)", version)
+    if parts and tuple(map(int, parts.groups())) >= TRITON_MIN:
+        return ""
+    least = ".".join(map(str, TRITON_MIN))
+    return f"triton {version} is older than {least}, the oldest these kernels run on"
 
 
 def _mode() -> str:
@@ -85,6 +101,12 @@ def _jit():
             )
             return None
         try:
+            import triton
+
+            too_old = _too_old(triton.__version__)
+            if too_old:
+                _STATE["error"] = too_old
+                return None
             from . import _triton_jit
         except Exception as exc:  # no triton (e.g. a CPU-only torch), or a broken one
             _STATE["error"] = f"{type(exc).__name__}: {exc}"

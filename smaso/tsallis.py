@@ -335,8 +335,9 @@ def tsallis_sigmoid(x: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
     alpha = check_alpha(alpha)
     if alpha == 1.0:
         return torch.sigmoid(x)
-    if alpha == 2.0:
-        return ((x + 1) / 2).clamp(0, 1)
+    if alpha == 2.0:  # clip((x + 1)/2, 0, 1), with derivative 0 at the kinks x = ±1
+        p = (x + 1) / 2  # on every torch (clamp's own backward there varies by version)
+        return torch.where(p <= 0, 0.0, torch.where(p >= 1, 1.0, p))
     if alpha == 1.5:
         d = (x / 2).clamp(-1, 1)
         return ((d + torch.sqrt(2 - d * d)) / 2) ** 2

@@ -350,8 +350,9 @@ def test_tanh_network_is_a_sigmoid_network():
         tanh_net = torch.nn.Sequential(
             torch.nn.Linear(D, H), torch.nn.Tanh(), torch.nn.Linear(H, C)
         ).double()
-        for p in tanh_net.parameters():
-            torch.nn.init.normal_(p, std=1.0, generator=g)
+        with torch.no_grad():
+            for p in tanh_net.parameters():
+                p.normal_(std=1.0, generator=g)
         W, b, W2, b2 = (p.detach() for p in tanh_net.parameters())
         sig_net = torch.nn.Sequential(
             torch.nn.Linear(D, H), torch.nn.Sigmoid(), torch.nn.Linear(H, C)

@@ -59,12 +59,21 @@ ROWS = [(1, 1), (6, 1), (5, 133), (3, 1500)]
 POOLS = [((2, 3, 4, 6), (2, 2)), ((1, 5, 9, 4), (3, 2)), ((3, 1, 2, 6), (1, 3))]
 
 
-def test_under_the_interpreter():
+def test_under_the_interpreter(monkeypatch):
     """Run this file's ``interpreted`` tests in Triton's interpreter (a subprocess:
-    the environment must be set before triton is imported)."""
+    the environment must be set before triton is imported). A triton older than
+    ``TRITON_MIN`` (the oldest torch's) runs none of the kernels: checked instead."""
     if INTERPRETED:
         pytest.skip("this is the interpreter run")
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    too_old = tk._too_old(triton.__version__)
+    if too_old:  # this triton's interpreter cannot run the kernels: none are used
+        monkeypatch.setattr(tk, "_STATE", {})
+        monkeypatch.setenv("SMASO_TRITON", "interpret")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert not tk.applies(torch.ones(2, 3))
+        assert tk.errors()["import"] == too_old
+        return
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "SMASO_TRITON": "interpret", "TRITON_INTERPRET": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
@@ -384,6 +393,22 @@ def test_cpu_tensors_never_use_triton(monkeypatch):
     monkeypatch.setenv("SMASO_TRITON", "0")
     assert tk.errors()["import"] == "switched off (SMASO_TRITON=0)"
     assert not tk.applies(torch.ones(2, 3, device="meta"))
+
+
+def test_an_older_triton_leaves_the_other_kernels(monkeypatch):
+    """A triton older than TRITON_MIN (triton 3.1 and older reject the kernels) is not
+    used: the fast path takes its other kernels, and errors() says why."""
+    if INTERPRETED:
+        pytest.skip("triton is imported here")
+    monkeypatch.setattr(tk, "_STATE", {})
+    monkeypatch.setitem(sys.modules, "triton", type(sys)("triton"))
+    sys.modules["triton"].__version__ = "3.1.0"
+    assert tk._jit() is None
+    assert tk.errors()["import"] == (
+        "triton 3.1.0 is older than 3.2, the oldest these kernels run on"
+    )
+    assert not tk._too_old("3.2.0") and not tk._too_old("3.10.0+git4f1c")
+    assert tk._too_old("2.1.0") and tk._too_old("3.1.0") and tk._too_old("nightly")
 
 
 def test_interpret_mode_without_triton_interpret_is_refused(monkeypatch):
