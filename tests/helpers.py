@@ -58,14 +58,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_benchmark(name):
-    """A script of benchmarks/ as a module (it puts the repository root on
-    sys.path)."""
+    """A script of benchmarks/ as the module ``benchmarks.NAME`` (it puts the
+    repository root on sys.path), loaded once per process: the module the other
+    benchmarks import (``benchmarks.common``'s functions are the same objects
+    everywhere)."""
+    if f"benchmarks.{name}" in sys.modules:
+        return sys.modules[f"benchmarks.{name}"]
     spec = importlib.util.spec_from_file_location(
         f"benchmarks.{name}", ROOT / "benchmarks" / f"{name}.py"
     )
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
     return module
 
 
