@@ -119,6 +119,7 @@ class Check:
         self.t0 = time.perf_counter()
         self.first_write = True
         result.setdefault("items", {})
+        self.write()  # before any item: a bad --out fails at once, a crash leaves JSON
 
     def spent(self) -> bool:
         return time.perf_counter() - self.t0 > self.budget

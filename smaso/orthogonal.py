@@ -270,23 +270,16 @@ _PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Identity)
 
 
 def _elementwise_types():
-    from .activations import (
-        BetaVQAbs,
-        BetaVQLeakyReLU,
-        BetaVQMaxout,
-        BetaVQReLU,
-        SoftplusSwish,
-        TsallisVQReLU,
-    )
+    from . import activations as act  # imported late: this module imports no smaso one
 
     return (
         *_ELEMENTWISE,
-        BetaVQAbs,
-        BetaVQLeakyReLU,
-        BetaVQMaxout,
-        BetaVQReLU,
-        SoftplusSwish,
-        TsallisVQReLU,
+        act.BetaVQAbs,
+        act.BetaVQLeakyReLU,
+        act.BetaVQMaxout,
+        act.BetaVQReLU,
+        act.SoftplusSwish,
+        act.TsallisVQReLU,
     )
 
 

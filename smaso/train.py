@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .checks import choice
 from .data import TensorData, epoch_batches
 
 __all__ = [
@@ -83,9 +84,12 @@ def fit(
     return history
 
 
-def _autocast(device_type, dtype):
+def _autocast(device_type, dtype, cache_enabled=None):
     return torch.autocast(
-        device_type=device_type, dtype=dtype, enabled=dtype is not None
+        device_type=device_type,
+        dtype=dtype,
+        enabled=dtype is not None,
+        cache_enabled=cache_enabled,
     )
 
 
@@ -198,10 +202,7 @@ class TrainStep:
         cuda_graph: str = "off",
         log: Callable[[str], None] | None = None,
     ):
-        if cuda_graph not in CUDA_GRAPH:
-            raise ValueError(
-                f"cuda_graph must be one of {CUDA_GRAPH}, got {cuda_graph!r}"
-            )
+        choice("cuda_graph", cuda_graph, CUDA_GRAPH)
         self.dev = x.device
         if cuda_graph == "on" and self.dev.type != "cuda":
             raise ValueError(
@@ -242,12 +243,8 @@ class TrainStep:
         """The step up to the gradients: the part of the step a graph always holds."""
         xb, yb = self.x[idx], self.y[idx]
         n = idx.shape[-1]
-        with torch.autocast(
-            self.dev.type,
-            dtype=self.autocast_dtype,
-            enabled=self.autocast_dtype is not None,
-            cache_enabled=not self.use_graph,
-        ):
+        # a CUDA graph needs autocast with its cast cache off (PyTorch: CUDA Graphs)
+        with _autocast(self.dev.type, self.autocast_dtype, not self.use_graph):
             out = self.model(xb)
         loss = _cross_entropy(_logits_for_loss(out, self.autocast_dtype), yb)
         self.total += loss.detach().double() * n

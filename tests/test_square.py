@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from test_orthogonal import rand
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -25,10 +26,6 @@ from smaso.orthogonal import (
 F64 = torch.float64
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
 def weights(model):

@@ -171,6 +171,8 @@ def test_cuda_graph_option_is_checked():
         Runtime(cuda_graph="yes")
     config = RunConfig(**SETTINGS["baseline"])
     model, opt, sched, extra, x, y, _ = _setup(config, 1)
+    with pytest.raises(ValueError, match="cuda_graph must be one of auto, on, off"):
+        TrainStep(model, opt, x, y, cuda_graph="yes")
     with pytest.raises(ValueError, match="needs data on a CUDA device"):
         TrainStep(model, opt, x, y, extra, None, sched, cuda_graph="on")
     assert not TrainStep(model, opt, x, y, cuda_graph="auto").use_graph

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import __version__
-from ..checks import positive_int
+from ..checks import choice, positive_int
 from ..data import DATASETS, TensorData, epoch_batches, load
 from ..filters import EXACT, register_filters
 from ..models import build, num_parameters
@@ -137,10 +137,7 @@ class Runtime:
             positive_int("threads", self.threads)
         if self.pack is not None:
             positive_int("pack", self.pack)
-        if self.cuda_graph not in CUDA_GRAPH:
-            raise ValueError(
-                f"cuda_graph must be one of {CUDA_GRAPH}, got {self.cuda_graph!r}"
-            )
+        choice("cuda_graph", self.cuda_graph, CUDA_GRAPH)
         if not self.checkpoint_every >= 0:
             raise ValueError(
                 f"checkpoint_every must be >= 0 seconds, got {self.checkpoint_every!r}"
