@@ -85,7 +85,7 @@ def launch_chromium() -> Iterator:
 
 
 # The window every page is read in: a laptop's. No code block, output or table of the
-# book may need sideways scrolling at this width (test_browser.check_overflow;
+# book may need sideways scrolling at this width (test_browser.check_layout;
 # book/_static/smaso.css; ruff at 88 columns).
 VIEWPORT = {"width": 1280, "height": 800}
 

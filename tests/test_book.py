@@ -127,3 +127,23 @@ def test_outputs_hold_no_memory_addresses(ipynb: Path):
 def test_nbval_runs_strict():
     config = (ROOT / "pyproject.toml").read_text()
     assert "--nbval " in config and "--nbval-lax" not in config
+
+
+# What a reader sees (tests/chapterstats.py): the machinery out of the reading path.
+MAX_BOOKKEEPING = 0.15
+
+
+@pytest.mark.parametrize("md", NOTEBOOK_CHAPTERS, ids=lambda p: p.name)
+def test_chapter_shows_no_machinery(md: Path):
+    from chapterstats import stats
+
+    s = stats(md)
+    assert s.visible_glue == 0, (
+        f"{md.name} shows {s.visible_glue} glue calls: put them in a cell tagged "
+        "remove-input (or remove-cell)"
+    )
+    assert s.bookkeeping_share <= MAX_BOOKKEEPING, (
+        f"{md.name}: {s.bookkeeping} of its {s.visible_code} visible code lines are "
+        f"imports, glue or seeds ({s.bookkeeping_share:.0%} > {MAX_BOOKKEEPING:.0%}): "
+        "move them into a hidden set-up cell"
+    )

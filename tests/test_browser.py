@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import html.parser
 import http.server
+import itertools
 import re
 import threading
 from pathlib import Path
@@ -42,7 +43,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
-from browsing import SHOTS, Visit
+from browsing import SHOTS, VIEWPORT, Visit
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = ROOT / "_build" / "html"
@@ -70,6 +71,14 @@ def toc_files() -> list[str]:
     for part in toc.get("parts", []):
         files += _toc_entries(part.get("chapters", []))
     return files
+
+
+def chapters_with_figures() -> list[str]:
+    """The front page and the numbered chapters of the main parts (not the appendix
+    or the back matter): no more than SCREENS_WITHOUT_FIGURE screens between figures."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    parts = [p for p in toc["parts"] if p["caption"] not in ("Appendix", "Back matter")]
+    return [toc["root"]] + [c["file"] for p in parts for c in p["chapters"]]
 
 
 def _is_page(rel: Path) -> bool:
@@ -389,24 +398,127 @@ def check_numbers(page) -> list[str]:
     return problems
 
 
-OVERFLOW_JS = """() => [...document.querySelectorAll('article pre, article table')]
-  .filter(e => e.scrollWidth > e.clientWidth && e.offsetParent !== null)
-  .map(e => ({tag: e.tagName.toLowerCase(), over: e.scrollWidth - e.clientWidth,
-    line: e.textContent.split('\\n')
-      .reduce((a, b) => a.length >= b.length ? a : b, '').trim().slice(0, 70)}))"""
+# Every element inside the article: one whose content is wider than its box, where
+# the box scrolls (overflow-x auto/scroll) or clips (hidden/clip); and one that sticks
+# out of the column without a scrolling or clipping box around it. Display math included
+# (MathJax's containers), as are tables' scrolling wrappers. Hidden elements and
+# screen-reader-only text (clipped to 1 px) are skipped; so are inline elements' boxes
+# (an inline box has no width of its own to scroll).
+LAYOUT_JS = """() => {
+  const article = document.querySelector('article.bd-article')
+    || document.querySelector('article') || document.body;
+  const box = article.getBoundingClientRect();
+  const out = [];
+  const text = e => (e.textContent || '').trim().replace(/\\s+/g, ' ').slice(0, 70);
+  const clips = e => ['auto', 'scroll', 'hidden', 'clip']
+    .includes(getComputedStyle(e).overflowX);
+  // How far the visible content of e reaches past its box (scrollWidth also counts
+  // MathJax's screen-reader copy, which is positioned out of sight).
+  const spill = e => {
+    const left = e.getBoundingClientRect().left + e.clientLeft;
+    let right = left;
+    for (const d of e.querySelectorAll('*')) {
+      if (d.closest('mjx-assistive-mml')) continue;
+      const r = d.getBoundingClientRect();
+      if (r.width > 1 && r.height > 1) right = Math.max(right, r.right);
+    }
+    const walk = document.createTreeWalker(e, NodeFilter.SHOW_TEXT);
+    const range = document.createRange();
+    for (let t = walk.nextNode(); t; t = walk.nextNode()) {
+      if (!t.textContent.trim()
+          || t.parentElement.closest('mjx-assistive-mml')) continue;
+      range.selectNodeContents(t);
+      right = Math.max(right, range.getBoundingClientRect().right);
+    }
+    return Math.round(right - left - e.clientWidth);
+  };
+  for (const e of article.querySelectorAll('*')) {
+    if (e.getClientRects().length === 0) continue;
+    const r = e.getBoundingClientRect();
+    if (r.width <= 1 || r.height <= 1) continue;
+    const style = getComputedStyle(e);
+    if (style.display !== 'inline'
+        && ['auto', 'scroll', 'hidden', 'clip'].includes(style.overflowX)
+        && e.scrollWidth > e.clientWidth + 1 && e.clientWidth > 1) {
+      const over = spill(e);
+      if (over > 2) out.push({tag: e.tagName.toLowerCase(),
+        cls: e.className.toString().slice(0, 40),
+        what: style.overflowX === 'hidden' || style.overflowX === 'clip'
+          ? 'clips' : 'scrolls sideways', over: over, line: text(e)});
+      continue;
+    }
+    if (r.right > box.right + 1 || r.left < box.left - 1) {
+      let p = e.parentElement, held = false;
+      while (p && p !== article) { if (clips(p)) { held = true; break; }
+                                   p = p.parentElement; }
+      if (!held) out.push({tag: e.tagName.toLowerCase(),
+        cls: e.className.toString().slice(0, 40), what: 'sticks out of the column',
+        over: Math.round(Math.max(r.right - box.right, box.left - r.left)),
+        line: text(e)});
+    }
+  }
+  return out;
+}"""
 
 
-def check_overflow(page) -> list[str]:
-    """Every code block, output and table of the page fits its column (no sideways
-    scroll). Collapsed cells (``hide-input``) are opened first: a reader who opens them
-    must not have to scroll either."""
+def check_layout(page) -> list[str]:
+    """Nothing in the article is wider than the column: no code block, output, table,
+    table wrapper or display equation scrolls sideways, clips its content, or sticks
+    out. Collapsed cells (``hide-input``) are opened first: a reader who opens them must
+    not have to scroll either."""
     page.evaluate(
         "() => document.querySelectorAll('details').forEach(d => d.open = true)"
     )
+    seen, problems = set(), []
+    for o in page.evaluate(LAYOUT_JS):
+        key = (o["what"], o["line"])
+        if key in seen:  # an element and its wrapper: one problem
+            continue
+        seen.add(key)
+        problems.append(
+            f"a <{o['tag']} class={o['cls']!r}> {o['what']} by {o['over']} px: "
+            f"{o['line']!r}"
+        )
+    return problems
+
+
+# Figures, in the page as a reader first sees it (collapsed cells closed): how much each
+# image is shrunk (natural width / shown width), and where each figure is.
+FIGURES_JS = """() => {
+  const article = document.querySelector('article.bd-article')
+    || document.querySelector('article') || document.body;
+  const top = article.getBoundingClientRect().top + window.scrollY;
+  const imgs = [...article.querySelectorAll('img')].filter(i => i.clientWidth > 0);
+  return {height: article.scrollHeight,
+    images: imgs.map(i => ({src: i.getAttribute('src'), natural: i.naturalWidth,
+      shown: i.clientWidth,
+      y: i.getBoundingClientRect().top + window.scrollY - top}))};
+}"""
+SHRINK = 1.25  # a figure may be shown at most this much smaller than it was drawn
+SCREENS_WITHOUT_FIGURE = 6  # in a chapter, at most this many screens between figures
+
+
+def check_figures_read(page) -> list[str]:
+    """Every figure is shown at no less than 1/SHRINK of its drawn width (so its fonts
+    stay as drawn: smaso.plotting)."""
     return [
-        f"a <{o['tag']}> is {o['over']} px wider than its column: {o['line']!r}"
-        for o in page.evaluate(OVERFLOW_JS)
+        f"figure {i['src']} is drawn {i['natural']} px wide and shown at "
+        f"{i['shown']} px (shrunk {i['natural'] / i['shown']:.2f}x > {SHRINK}x)"
+        for i in page.evaluate(FIGURES_JS)["images"]
+        if i["natural"] > SHRINK * i["shown"]
     ]
+
+
+def screens_without_figure(page) -> tuple[float, list[float]]:
+    """The longest stretch of the article without a figure (from its top, between
+    figures, to its end), in screens of the test's window; and where the figures
+    are (in screens)."""
+    f = page.evaluate(FIGURES_JS)
+    screen = VIEWPORT["height"]
+    ys = sorted(i["y"] for i in f["images"])
+    edges = [0.0, *ys, float(f["height"])]
+    gaps = [(b - a) / screen for a, b in itertools.pairwise(edges)]
+    return max(gaps), [y / screen for y in ys]
 
 
 def load(v: Visit, url: str) -> None:
@@ -448,12 +560,45 @@ def test_page(visit, server, page_path: str):
         + check_links(v.page, server)
         + check_numbers(v.page)
     )
+    problems += check_figures_read(v.page)
+    if page_path.removesuffix(".html") in chapters_with_figures():
+        longest, _ = screens_without_figure(v.page)
+        if longest > SCREENS_WITHOUT_FIGURE:
+            problems.append(
+                f"{longest:.1f} screens without a figure (at most "
+                f"{SCREENS_WITHOUT_FIGURE}): plot a result"
+            )
     v.page.screenshot(path=str(SHOTS / f"{shot_name(page_path)}.png"), full_page=True)
-    problems += check_overflow(v.page)
+    problems += check_layout(v.page)
     problems += v.errors + [
         f"tried to load from outside the book: {url}" for url in v.external
     ]
     assert not problems, f"{page_path}:\n  " + "\n  ".join(problems)
+
+
+def test_layout_check_finds_a_planted_overflow(visit, server):
+    """The layout check fails on what it is for: a display equation, a table and a
+    code block planted into a real chapter, each wider than the column."""
+    v = visit()
+    load(v, f"{server}{toc_files()[1]}.html")
+    assert check_layout(v.page) == []
+    v.page.evaluate(
+        """() => {
+      const article = document.querySelector('article.bd-article');
+      const bs = String.fromCharCode(92);  // a backslash: \\[ ... \\]
+      article.insertAdjacentHTML('beforeend',
+        `<div class="math notranslate nohighlight" id="planted-math">
+         ${bs}[ ${'x + '.repeat(200)} y ${bs}]</div>
+         <div class="pst-scrollable-table-container"><table><tr>
+         <td>${'t'.repeat(400)}</td></tr></table></div>
+         <div class="highlight"><pre>${'p'.repeat(400)}</pre></div>`);
+      return MathJax.typesetPromise([document.getElementById('planted-math')]);
+    }"""
+    )
+    problems = check_layout(v.page)
+    assert any("x+x+x" in p.replace(" ", "") for p in problems), problems
+    assert any("tttt" in p for p in problems), problems
+    assert any("pppp" in p for p in problems), problems
 
 
 def test_search_finds_the_term(visit, server):
