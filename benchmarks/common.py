@@ -9,18 +9,14 @@ root on ``sys.path`` first.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
-from smaso.experiment.store import cpu_name, git_commit
+from smaso.records import provenance
 
 __all__ = [
     "METADATA_KEYS",
@@ -36,6 +32,7 @@ METADATA_KEYS = (
     "date",
     "torch",
     "python",
+    "smaso",
     "machine",
     "cpu",
     "cpu_count",
@@ -47,28 +44,10 @@ METADATA_KEYS = (
 
 
 def metadata(threads: bool = True) -> dict:
-    """The machine and environment of a measurement: UTC date, torch and Python
-    versions, architecture (``machine``), CPU model name, CPU count, the ATen CPU
-    capability the kernels run with (``ATEN_CPU_CAPABILITY``), torch's intra-op thread
-    count now (left out with ``threads=False``, for a benchmark that records it per
-    run) and the git commit of the checkout (and whether tracked files differ from it).
-    """
-    commit, dirty = git_commit()
-    meta = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(),
-        "git_commit": commit,
-        "git_dirty": dirty,
-    }
-    if not threads:
-        del meta["threads"]
-    return meta
+    """The machine and environment of a measurement: :func:`smaso.records.provenance`
+    (UTC date, versions, machine, CPU, ATen CPU capability, thread count unless
+    ``threads=False``, git commit), the record every result of the package carries."""
+    return provenance(threads=threads)
 
 
 def loadavg() -> list[float]:

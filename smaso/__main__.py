@@ -140,16 +140,7 @@ def _grid_args(p):
     _add_fields(p.add_argument_group("options of every run"), config_fields(rows=False))
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m smaso", description=__doc__.split("\n\n")[0]
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-
-    r = sub.add_parser("run", help="train one configuration")
-    _add_fields(r.add_argument_group("the run"), config_fields())
-    _where(r)
-
+def _sweep_parser(sub) -> None:
     s = sub.add_parser(
         "sweep", help="run every configuration of a study (skips finished runs)"
     )
@@ -170,6 +161,8 @@ def parser() -> argparse.ArgumentParser:
     )
     _where(s)
 
+
+def _submit_parser(sub) -> None:
     b = sub.add_parser(
         "submit",
         help="submit a study's unfinished runs as one SLURM job array (submitit)",
@@ -189,6 +182,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--array-parallelism", type=int, help="tasks running at once")
     _where(b)
 
+
+def _table_parser(sub) -> None:
     t = sub.add_parser(
         "table",
         help="aggregate a results folder into Table 2's layout (mean ± std over seeds)",
@@ -214,6 +209,21 @@ def parser() -> argparse.ArgumentParser:
         help="average runs of different commits, precisions or torch versions",
     )
     t.add_argument("--json", help="also write the aggregated rows to this JSON file")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m smaso", description=__doc__.split("\n\n")[0]
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train one configuration")
+    _add_fields(r.add_argument_group("the run"), config_fields())
+    _where(r)
+
+    _sweep_parser(sub)
+    _submit_parser(sub)
+    _table_parser(sub)
 
     d = sub.add_parser(
         "download", help="fetch the torchvision datasets once, before a sweep"

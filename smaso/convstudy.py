@@ -25,9 +25,7 @@ over an existing file unless ``force``). Regenerate with::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import time
 from pathlib import Path
 
@@ -37,7 +35,6 @@ from torch.nn.utils import parametrize
 
 from .data import cifar10_subset
 from .denoise import TransformDenoiser, block_dct, psnr
-from .experiment import write_json_atomic
 from .models import small_cnn
 from .orthoconv import (
     CircularConv2d,
@@ -48,6 +45,7 @@ from .orthoconv import (
     semi_unitary_error,
 )
 from .orthogonal import OrthogonalFilters
+from .records import book_results, provenance, save_torch_atomic, write_json_atomic
 from .train import fit
 
 __all__ = [
@@ -70,7 +68,7 @@ __all__ = [
     "unit_maso",
 ]
 
-RESULTS = Path(__file__).resolve().parents[1] / "book" / "results" / "convolution"
+RESULTS = book_results("convolution")
 CNN_ARMS = ("none", "qr", "cayley", "bcop")
 CNN_CONFIG = dict(width=16, epochs=10, lr=1e-3, batch_size=64, bn_momentum=0.1)
 DENOISE_ARMS = ("dct", "cayley", "bcop", "qr", "free")
@@ -239,14 +237,6 @@ def operator_error(conv, n):
     return semi_unitary_error(frequency_operator(offset_kernel(w, n)))
 
 
-def _meta():
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-
-
 def _path(out_dir, name):
     return Path(out_dir) / f"{name}.json"
 
@@ -295,17 +285,14 @@ def run_cnn(arm, seed, out_dir=RESULTS, force=False, progress=False):
             errors.append(operator_error(m, n))
         elif isinstance(m, nn.MaxPool2d):
             n //= 2
-    weights = path.with_suffix(".pt")
-    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, weights)
+    save_torch_atomic(model.state_dict(), path.with_suffix(".pt"))
     result = {
         "config": {"arm": arm, "seed": seed, **c},
         "history": history,
         "test_acc": history[-1]["test_acc"],
         "operator_errors": errors,
         "wall_s": wall,
-        **_meta(),
+        **provenance(),
     }
     write_json_atomic(path, result, overwrite=force)
     return result
@@ -420,7 +407,7 @@ def run_denoise(arm, shrink, out_dir=RESULTS, force=False, seed=0, sigmas=SIGMAS
     result = {
         "config": {"arm": arm, "shrink": shrink, "seed": seed, **c},
         "runs": rows,
-        **_meta(),
+        **provenance(),
     }
     write_json_atomic(path, result, overwrite=force)
     return result

@@ -129,6 +129,32 @@ def test_run_learns_writes_results_and_skips_when_finished(tmp_path):
     )  # finished: nothing trained, nothing overwritten
 
 
+def test_a_single_run_checkpoint_of_the_old_format_resumes(tmp_path):
+    """Checkpoints have one format (``configs``/``histories``, a list of one for a
+    single run); one written before, with ``config``/``history``, still resumes."""
+    cfg = tiny(epochs=3)
+    whole = run(cfg, tmp_path / "whole", log=None)
+
+    def kill_after_epoch_1(epoch, model, rec):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(cfg, tmp_path / "k", log=None, on_epoch=kill_after_epoch_1,
+            checkpoint_every=0)  # fmt: skip
+    ckpt = checkpoint_path(tmp_path / "k", cfg)
+    state = torch.load(ckpt, weights_only=True)
+    assert len(state["configs"]) == 1 and len(state["histories"]) == 1
+    state["config"], state["history"] = (
+        state.pop("configs")[0],
+        state.pop("histories")[0],
+    )
+    torch.save(state, ckpt)  # as the runner wrote a single run's checkpoint before
+    resumed = run(cfg, tmp_path / "k", log=None)
+    assert resumed["resumes"] == [1]
+    assert strip(resumed["history"]) == strip(whole["history"])
+
+
 def test_resume_after_a_kill_loses_at_most_one_epoch(tmp_path):
     cfg = tiny(epochs=4)
     whole = run(cfg, tmp_path / "whole", log=None)
@@ -203,7 +229,7 @@ def test_a_real_kill_leaves_a_readable_checkpoint(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     state = load_checkpoint(ckpt)
-    assert state["epoch"] >= 1 and len(state["history"]) == state["epoch"]
+    assert state["epoch"] >= 1 and len(state["histories"][0]) == state["epoch"]
     assert run_status(out, cfg) == "partial" and not result_path(out, cfg).exists()
 
 
@@ -767,3 +793,21 @@ def test_stored_authors_subset_study_and_its_2x2_control():
     paper = {r["setting"]: r["cells"] for r in table2(load_results(STUDY))}
     p, a = paper["baseline [small-cnn]"], rows["baseline [small-cnn, authors]"]
     assert all(a[lr]["mean"] - p[lr]["mean"] > 2 for lr in (1e-3, 5e-4, 1e-4))
+
+
+def test_records_is_the_ground_floor():
+    """smaso.records writes files and records provenance without loading the Table 2
+    pipeline; the convolution study, the activation study and the benchmarks use it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, smaso.records as r, smaso.convstudy; "
+        "print('smaso.experiment.runner' in sys.modules, sorted(r.provenance()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split(" ", 1)
+    assert out[0] == "False", "importing smaso.records or convstudy loads the pipeline"
+    for key in ("date", "torch", "python", "smaso", "git_commit", "cpu", "threads"):
+        assert repr(key) in out[1]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -37,8 +36,8 @@ from torch import nn
 from ..activations import BetaVQMaxout
 from ..data import cifar10_subset, digits
 from ..models import ACTIVATIONS, study_cnn
+from ..records import book_results, provenance, write_json_atomic
 from ..train import fit, train_epoch
-from .store import write_json_atomic
 
 __all__ = [
     "ARMS",
@@ -56,7 +55,7 @@ __all__ = [
     "summarize",
 ]
 
-RESULTS = Path(__file__).resolve().parents[2] / "book" / "results" / "beyond"
+RESULTS = book_results("beyond")
 SCHEMA = 1
 
 #: Per dataset: the network widths and the training budget (identical for every arm).
@@ -177,13 +176,7 @@ def run_one(dataset: str, arm: str, seed: int, data=None, progress=False) -> dic
         "wall_s": round(wall, 2),
         "steps": steps,
     }
-    env = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-    }
-    return {"config": config, "result": result, "env": env}
+    return {"config": config, "result": result, "env": provenance()}
 
 
 def result_path(outdir: Path, dataset: str, arm: str, seed: int) -> Path:

@@ -246,11 +246,9 @@ def _table2_family(protocol, rows) -> dict:
     }
 
 
-def _exact_family(protocol, rows, table) -> dict:
-    """One study's exact row on one dataset with its controls: the cells, ours minus
-    the paper's single run (CIFAR-100), and, tested with Holm over them, the effects of
-    the 2x2 (or the exact row against its ReLU twin) and the exact row against the best
-    cell of the study's Table 2 on that dataset."""
+def _exact_arms(protocol, rows) -> dict:
+    """Who is who in an exact row's study: its first config, activation, method, LRs,
+    the display name of each (activation, orthogonality) arm and its row."""
     grid = PROTOCOLS[protocol].grid
     configs = [r["config"] for r in rows]
     c0 = next((c for c in configs if c["orthogonality"] in EXACT), configs[0])
@@ -264,7 +262,6 @@ def _exact_family(protocol, rows, table) -> dict:
     )
     grid_lrs = grid["exact_lrs"]
     grid_lrs = grid_lrs(c0["model"]) if callable(grid_lrs) else grid_lrs
-    lrs = _lrs([lr for r in rows for lr in r["cells"]], grid_lrs or TABLE2_LRS)
     names = {
         ("relu", "none"): "ReLU",
         (act, "none"): act,
@@ -282,18 +279,19 @@ def _exact_family(protocol, rows, table) -> dict:
             f"{sorted(unknown)} are not the exact row's {{{act}, ReLU}} x "
             f"{{{method}, none}}"
         )
-    # the 2x2 control (--exact-control), or the exact row with its ReLU twin or alone
-    control = ("relu", method) in by or (act, "none") in by
-    wanted = [k for k in names if control or k in by or k == (act, method)]
-    seeds = sorted({s for r in rows for c in r["cells"].values() for s in c["seeds"]})
-    exact_row = names[act, method]
-    ds = c0["dataset"]
-    paper = PAPER_GS_SWISH_CIFAR100 if ds == "cifar100" else None
+    lrs = _lrs([lr for r in rows for lr in r["cells"]], grid_lrs or TABLE2_LRS)
+    return dict(c0=c0, act=act, method=method, lrs=lrs, names=names, by=by)
+
+
+def _exact_cells(arms, wanted, seeds, paper) -> tuple[dict, list, list]:
+    """The cells of the exact row's arms (ours, the paper's single run, their
+    difference), and which are missing or have fewer than all ``seeds``."""
+    names, by, exact = arms["names"], arms["by"], (arms["act"], arms["method"])
     cells, missing, incomplete = {}, [], []
     for k in wanted:
-        for lr in lrs:
+        for lr in arms["lrs"]:
             c = _cell(by[k]["cells"].get(lr)) if k in by else None
-            p = (paper, None) if paper is not None and k == (act, method) else None
+            p = (paper, None) if paper is not None and k == exact else None
             cells[names[k], lr] = {
                 "ours": c,
                 "paper": p,  # one run: no spread
@@ -303,6 +301,15 @@ def _exact_family(protocol, rows, table) -> dict:
                 missing.append((names[k], lr))
             elif c["n"] < len(seeds):
                 incomplete.append((names[k], lr))
+    return cells, missing, incomplete
+
+
+def _exact_pairs(arms, control, cells, table) -> tuple[dict, dict | None]:
+    """The pairs of cells Holm's test compares: the 2x2's effects (or the exact row
+    against its ReLU twin), and the exact row against the best cell of the study's
+    Table 2 on the dataset (returned too)."""
+    act, method, names, lrs = arms["act"], arms["method"], arms["names"], arms["lrs"]
+    exact_row = names[act, method]
     if control:
         effects = {
             f"{method}, with ReLU": (("relu", method), ("relu", "none")),
@@ -320,20 +327,39 @@ def _exact_family(protocol, rows, table) -> dict:
         for lr in lrs
     }
     best = None
-    if table is not None:
-        ranked = [
-            (v["ours"]["mean"], s, lr)
-            for (d, s, lr), v in table["cells"].items()
-            if d == ds and v["ours"] is not None
-        ]
-        if ranked:
-            _, s, lr_best = max(ranked)
-            best = {"setting": s, "lr": lr_best, **table["cells"][ds, s, lr_best]}
-            for lr in lrs:
-                pairs["exact - best Table 2", lr] = (
-                    cells[exact_row, lr]["ours"],
-                    best["ours"],
-                )
+    ds = arms["c0"]["dataset"]
+    ranked = [
+        (v["ours"]["mean"], s, lr)
+        for (d, s, lr), v in (table["cells"].items() if table is not None else ())
+        if d == ds and v["ours"] is not None
+    ]
+    if ranked:
+        _, s, lr_best = max(ranked)
+        best = {"setting": s, "lr": lr_best, **table["cells"][ds, s, lr_best]}
+        for lr in lrs:
+            pairs["exact - best Table 2", lr] = (
+                cells[exact_row, lr]["ours"],
+                best["ours"],
+            )
+    return pairs, best
+
+
+def _exact_family(protocol, rows, table) -> dict:
+    """One study's exact row on one dataset with its controls: the cells, ours minus
+    the paper's single run (CIFAR-100), and, tested with Holm over them, the effects of
+    the 2x2 (or the exact row against its ReLU twin) and the exact row against the best
+    cell of the study's Table 2 on that dataset."""
+    arms = _exact_arms(protocol, rows)
+    c0, act, method = arms["c0"], arms["act"], arms["method"]
+    names, by = arms["names"], arms["by"]
+    # the 2x2 control (--exact-control), or the exact row with its ReLU twin or alone
+    control = ("relu", method) in by or (act, "none") in by
+    wanted = [k for k in names if control or k in by or k == (act, method)]
+    seeds = sorted({s for r in rows for c in r["cells"].values() for s in c["seeds"]})
+    ds = c0["dataset"]
+    paper = PAPER_GS_SWISH_CIFAR100 if ds == "cifar100" else None
+    cells, missing, incomplete = _exact_cells(arms, wanted, seeds, paper)
+    pairs, best = _exact_pairs(arms, control, cells, table)
     c100 = [
         v[0]
         for s in ("baseline", "ortho")
@@ -347,8 +373,8 @@ def _exact_family(protocol, rows, table) -> dict:
         "method": method,
         "control": control,
         "rows": [names[k] for k in wanted],
-        "exact_row": exact_row,
-        "lrs": lrs,
+        "exact_row": names[act, method],
+        "lrs": arms["lrs"],
         "seeds": seeds,
         "cells": cells,
         "missing": missing,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,6 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .. import __version__
 from ..checks import choice, positive_int
 from ..data import DATASETS, TensorData, epoch_batches, load
 from ..filters import EXACT, register_filters
@@ -43,6 +41,7 @@ from ..orthogonal import (
     reanchor_,
 )
 from ..pack import PackedRuns, pack_state, unpack_state
+from ..records import cpu_name, now, provenance, save_torch_atomic, write_json_atomic
 from ..train import CUDA_GRAPH, AdamWithoutBiasCorrection, TrainStep, evaluate
 from .config import DTYPES, RunConfig
 from .store import (
@@ -52,17 +51,12 @@ from .store import (
     ResultsError,
     checkpoint_path,
     claim,
-    cpu_name,
     failed_path,
-    git_commit,
     load_checkpoint,
     load_result,
     model_path,
-    now,
     pack_checkpoint_path,
     result_path,
-    save_torch_atomic,
-    write_json_atomic,
 )
 
 __all__ = [
@@ -440,66 +434,9 @@ class _State:
     started: str = field(default_factory=now)
 
 
-def _ckpt_file(out_dir, configs):
-    if len(configs) == 1:
-        return checkpoint_path(out_dir, configs[0])
-    return pack_checkpoint_path(out_dir, configs)
-
-
 _HOW = ("fused", "capturable", "foreach", "differentiable")
-
-
-def _resume(configs, out_dir, model, opt, sched, precision, device, say) -> _State:
-    """The state after the last finished epoch of the checkpoint, if there is one,
-    loaded into ``model``, ``opt`` and ``sched``; refused if the checkpoint belongs to
-    other configurations, or was trained under another precision or device type."""
-    file = _ckpt_file(out_dir, configs)
-    k = len(configs)
-    if not file.exists():
-        return _State([[] for _ in configs])
-    state = load_checkpoint(file)
-    rid = configs[0].run_id() if k == 1 else f"the pack of {k} runs {file.stem}"
-    try:
-        saved = [state.get("config")] if k == 1 else state.get("configs")
-        same = [RunConfig.from_dict(c) for c in saved] == list(configs)
-    except (TypeError, ValueError):
-        same = False
-    if not same:
-        raise CheckpointError(
-            f"checkpoint {file} belongs to another configuration than {rid}; it was "
-            "left in place"
-        )
-    was = (state.get("precision"), state.get("device_type"))
-    if was != (precision, device.type):
-        raise CheckpointError(
-            f"checkpoint {file} was trained in {was[0]} on {was[1]}; resuming it in "
-            f"{precision} on {device.type} would mix two precisions in one run. Resume "
-            "it where it ran (--device / --precision), or move the checkpoint away to "
-            "restart the run."
-        )
-    # how the optimiser runs here (fused, capturable) is not the checkpoint's to say
-    how = [{k: g[k] for k in _HOW if k in g} for g in opt.param_groups]
-    try:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        for g, h in zip(opt.param_groups, how, strict=True):
-            g.update(h)
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise CheckpointError(
-            f"checkpoint {file} does not fit {rid} ({e}); it was left in place"
-        ) from None
-    start = int(state["epoch"])
-    say(f"{rid}: resuming after epoch {start} from {file}")
-    histories = [state["history"]] if k == 1 else state["histories"]
-    return _State(
-        [list(h) for h in histories],
-        start,
-        float(state["wall_s"]),
-        [*state["resumes"], start],
-        state["started"],
-    )
+#: What a run's results record of :func:`smaso.records.provenance`.
+_PROVENANCE = ("torch", "python", "smaso", "git_commit", "git_dirty")
 
 
 def _batches(config, epoch, y):
@@ -562,10 +499,11 @@ def _train_epoch(configs, epoch, step: TrainStep, on_batch):
     return runs, time.perf_counter() - t0
 
 
-def _record(config, epoch, model, tr, te, train_s, t0):
-    """The epoch's record of one run (``model`` that run's network alone); checks that
-    its exact layers can still be orthogonalised (the check the training step leaves
-    out)."""
+def _record(config, epoch, model, tr, te, times):
+    """The epoch's record of one run (``model`` that run's network alone; ``times``:
+    the seconds the training took, and when the epoch began); checks that its exact
+    layers can still be orthogonalised (the check the training step leaves out)."""
+    train_s, t0 = times
     check_orthogonalizable(model)
     rec = {
         "epoch": epoch + 1,
@@ -588,73 +526,204 @@ def _record(config, epoch, model, tr, te, train_s, t0):
     return rec
 
 
-def _checkpoint(configs, out_dir, epoch, model, opt, sched, st, wall, precision, dev):
-    k = len(configs)
-    runs = (
-        {"config": configs[0].to_dict(), "history": st.histories[0]}
-        if k == 1
-        else {
-            "configs": [c.to_dict() for c in configs],
-            "histories": st.histories,
-        }
-    )
-    save_torch_atomic(
-        {
-            "format": CHECKPOINT_FORMAT,
-            **runs,
-            "epoch": epoch,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict() if sched is not None else None,
-            "wall_s": wall,
-            "resumes": st.resumes,
-            "started": st.started,
-            "precision": precision,
-            "device_type": dev.type,
-        },
-        _ckpt_file(out_dir, configs),
-    )
+class Training:
+    """One training of a pack of runs: one configuration with one or several seeds
+    (:func:`run_packed`; a single run is a pack of one). It holds the configs, the
+    device and precision, the model (packed when there are several runs), the optimiser,
+    the LR scheduler, the compiled training step and the state to checkpoint, and does
+    one :meth:`epoch`, one :meth:`checkpoint` and the :meth:`finish` at a time.
 
+    Args:
+        configs: the runs (``RunConfig``; :func:`smaso.pack.packable` together).
+        out_dir: the results folder (checkpoints, results, weights).
+        data: a loaded dataset to reuse, or None (loaded from ``rt``).
+        rt: the runtime options (:class:`Runtime`).
+        say: where the progress lines go.
+    """
 
-def _finish(config, out_dir, model, history, st, wall, precision, device, rt, packed):
-    """Write the results JSON (and the weights), remove the checkpoint and any failure
-    record: the run is done."""
-    commit, dirty = git_commit()
-    cuda = device.type == "cuda"
-    result = {
-        "format": RESULT_FORMAT,
-        "run_id": config.run_id(),
-        "config": config.to_dict(),
-        "seed": config.seed,
-        "status": "done",
-        "history": history,
-        **_summary(history),
-        "wall_s": wall,
-        "epoch_s_mean": float(np.mean([r["epoch_s"] for r in history])),
-        "num_parameters": num_parameters(model),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
-        "threads": torch.get_num_threads(),
-        "precision": precision,
-        "packed_runs": packed,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "smaso": __version__,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "started": st.started,
-        "finished": now(),
-        "resumes": st.resumes,
-    }
-    if rt.save_model:
-        save_torch_atomic(
-            {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            model_path(out_dir, config),
+    def __init__(self, configs, out_dir, data, rt: Runtime, say) -> None:
+        config = configs[0]
+        self.configs, self.out_dir, self.rt, self.say = configs, out_dir, rt, say
+        self.device = resolve_device(rt.device)
+        self.precision = effective_precision(config, self.device)
+        self.autocast = torch.bfloat16 if self.precision == "bf16-autocast" else None
+        self.data = _prepare_data(config, data, self.device, rt)
+        shape = (self.data.x_train.shape[1], self.data.num_classes)
+        model = build_training_model(configs, *shape)
+        self.model, x_train, self.x_test = _place(model, self.data, config, self.device)
+        self.separate = _Separate(configs, self.model, *shape, self.device)
+        graph = self.device.type == "cuda" and rt.cuda_graph != "off"
+        self.opt, self.sched = build_optimizer(config, self.model, capturable=graph)
+        self.state = self._resume()
+        if config.reanchor_every and self.state.start == 0:
+            reanchor_(self.model)  # an initialisation can start close to a flip
+        self.step = TrainStep(
+            self.model,
+            self.opt,
+            x_train,
+            self.data.y_train,
+            build_loss(config),
+            self.autocast,
+            self.sched,
+            rt.cuda_graph,
+            say,
         )
-    write_json_atomic(result_path(out_dir, config), result)
-    checkpoint_path(out_dir, config).unlink(missing_ok=True)
-    failed_path(out_dir, config).unlink(missing_ok=True)
-    return result
+
+    @property
+    def file(self) -> Path:
+        """The checkpoint: ``RUN_ID.pt`` for one run, ``pack-...pt`` for a pack."""
+        if len(self.configs) == 1:
+            return checkpoint_path(self.out_dir, self.configs[0])
+        return pack_checkpoint_path(self.out_dir, self.configs)
+
+    def _name(self) -> str:
+        k = len(self.configs)
+        return self.configs[0].run_id() if k == 1 else f"the pack of {k} runs"
+
+    def _resume(self) -> _State:
+        """The state after the last finished epoch of the checkpoint, if there is one,
+        loaded into the model, optimiser and scheduler; refused if the checkpoint
+        belongs to other configurations, or was trained under another precision or
+        device type."""
+        file = self.file
+        if not file.exists():
+            return _State([[] for _ in self.configs])
+        state = load_checkpoint(file)
+        rid = self._name() if len(self.configs) == 1 else f"{self._name()} {file.stem}"
+        try:
+            same = [RunConfig.from_dict(c) for c in state["configs"]] == self.configs
+        except (TypeError, ValueError, KeyError):
+            same = False
+        if not same:
+            raise CheckpointError(
+                f"checkpoint {file} belongs to another configuration than {rid}; it "
+                "was left in place"
+            )
+        self._check_precision(file, state)
+        self._load(file, state, rid)
+        start = int(state["epoch"])
+        self.say(f"{rid}: resuming after epoch {start} from {file}")
+        return _State(
+            [list(h) for h in state["histories"]],
+            start,
+            float(state["wall_s"]),
+            [*state["resumes"], start],
+            state["started"],
+        )
+
+    def _check_precision(self, file, state) -> None:
+        was = (state.get("precision"), state.get("device_type"))
+        if was != (self.precision, self.device.type):
+            raise CheckpointError(
+                f"checkpoint {file} was trained in {was[0]} on {was[1]}; resuming it "
+                f"in {self.precision} on {self.device.type} would mix two precisions "
+                "in one run. Resume it where it ran (--device / --precision), or move "
+                "the checkpoint away to restart the run."
+            )
+
+    def _load(self, file, state, rid) -> None:
+        # how the optimiser runs here (fused, capturable) is not the checkpoint's to say
+        how = [{k: g[k] for k in _HOW if k in g} for g in self.opt.param_groups]
+        try:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            for g, h in zip(self.opt.param_groups, how, strict=True):
+                g.update(h)
+            if self.sched is not None:
+                self.sched.load_state_dict(state["scheduler"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(
+                f"checkpoint {file} does not fit {rid} ({e}); it was left in place"
+            ) from None
+
+    def epoch(self, epoch: int, on_batch) -> list[dict]:
+        """Train and evaluate one epoch of every run; their records (appended to the
+        histories)."""
+        t0 = time.perf_counter()
+        trs, train_s = _train_epoch(self.configs, epoch, self.step, on_batch)
+        y_test, k = self.data.y_test, len(self.configs)
+        te = evaluate(self.model, self.x_test, y_test, autocast_dtype=self.autocast)
+        tes = _per_run(te, k)
+        recs = [
+            _record(c, epoch, net, tr, te, (train_s, t0))
+            for c, net, tr, te in zip(
+                self.configs, self.separate(), trs, tes, strict=True
+            )
+        ]
+        for h, rec in zip(self.state.histories, recs, strict=True):
+            h.append(rec)
+        return recs
+
+    def checkpoint(self, epoch: int, wall: float) -> None:
+        """Write the state after ``epoch`` epochs (one format for one run or a pack)."""
+        st = self.state
+        save_torch_atomic(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "configs": [c.to_dict() for c in self.configs],
+                "histories": st.histories,
+                "epoch": epoch,
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict() if self.sched else None,
+                "wall_s": wall,
+                "resumes": st.resumes,
+                "started": st.started,
+                "precision": self.precision,
+                "device_type": self.device.type,
+            },
+            self.file,
+        )
+
+    def finish(self, wall: float) -> list[dict]:
+        """Write each run's results JSON (and weights), remove the checkpoints and any
+        failure records: the runs are done. Their results dicts."""
+        nets = self.separate()
+        results = [
+            self._result(c, net, h, wall)
+            for c, net, h in zip(self.configs, nets, self.state.histories, strict=True)
+        ]
+        self.file.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # only if no other checkpoint is there
+            (Path(self.out_dir) / "checkpoints").rmdir()
+        return results
+
+    def _result(self, config, model, history, wall) -> dict:
+        prov, device, st = provenance(), self.device, self.state
+        cuda = device.type == "cuda"
+        result = {
+            "format": RESULT_FORMAT,
+            "run_id": config.run_id(),
+            "config": config.to_dict(),
+            "seed": config.seed,
+            "status": "done",
+            "history": history,
+            **_summary(history),
+            "wall_s": wall,
+            "epoch_s_mean": float(np.mean([r["epoch_s"] for r in history])),
+            "num_parameters": num_parameters(model),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
+            "threads": torch.get_num_threads(),
+            "precision": self.precision,
+            "packed_runs": len(self.configs),
+            **{
+                k: prov[k]
+                for k in ("torch", "python", "smaso", "git_commit", "git_dirty")
+            },
+            "started": st.started,
+            "finished": now(),
+            "resumes": st.resumes,
+        }
+        if self.rt.save_model:
+            save_torch_atomic(
+                {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                model_path(self.out_dir, config),
+            )
+        write_json_atomic(result_path(self.out_dir, config), result)
+        checkpoint_path(self.out_dir, config).unlink(missing_ok=True)
+        failed_path(self.out_dir, config).unlink(missing_ok=True)
+        return result
 
 
 class _Separate:
@@ -679,72 +748,37 @@ class _Separate:
         return self.nets
 
 
-def _train(configs, out_dir, data, rt, claims, say, on_epoch, on_batch) -> list[dict]:
-    """Train ``configs`` (one run, or several packed: :func:`run_packed`) in
-    ``out_dir`` while their ``claims`` are held: epochs, checkpoints by wall-clock
-    time, results files."""
-    k, config = len(configs), configs[0]
-    device = resolve_device(rt.device)
-    precision = effective_precision(config, device)
-    autocast = torch.bfloat16 if precision == "bf16-autocast" else None
-    data = _prepare_data(config, data, device, rt)
-    shape = (data.x_train.shape[1], data.num_classes)
-    model = build_training_model(configs, *shape)
-    model, x_train, x_test = _place(model, data, config, device)
-    separate = _Separate(configs, model, *shape, device)
-    extra = build_loss(config)
-    graph = device.type == "cuda" and rt.cuda_graph != "off"
-    opt, sched = build_optimizer(config, model, capturable=graph)
-    st = _resume(configs, out_dir, model, opt, sched, precision, device, say)
-    if config.reanchor_every and st.start == 0:
-        reanchor_(model)  # an initialisation can start close to a flip
-    step = TrainStep(
-        model, opt, x_train, data.y_train, extra, autocast, sched, rt.cuda_graph, say
-    )
+def _train(training: Training, claims, on_epoch, on_batch) -> list[dict]:
+    """Train ``training`` while its runs' ``claims`` are held: epochs, checkpoints by
+    wall-clock time, results files."""
+    configs, st, rt = training.configs, training.state, training.rt
+    epochs = configs[0].epochs
     t_run = last_ckpt = time.perf_counter()
-    for epoch in range(st.start, config.epochs):
-        t0 = time.perf_counter()
-        trs, train_s = _train_epoch(configs, epoch, step, on_batch)
-        tes = _per_run(evaluate(model, x_test, data.y_test, autocast_dtype=autocast), k)
-        nets = separate()
-        recs = [
-            _record(c, epoch, net, tr, te, train_s, t0)
-            for c, net, tr, te in zip(configs, nets, trs, tes, strict=True)
-        ]
-        for h, rec in zip(st.histories, recs, strict=True):
-            h.append(rec)
+    for epoch in range(st.start, epochs):
+        recs = training.epoch(epoch, on_batch)
         for c, held in zip(configs, claims, strict=True):
             if not held.held():
                 raise RunClaimedError(
                     f"{c.run_id()}: another process took over the run"
                 )
         wall = st.wall_before + time.perf_counter() - t_run
-        last = epoch + 1 == config.epochs
-        if not last and time.perf_counter() - last_ckpt >= rt.checkpoint_every:
-            _checkpoint(
-                configs, out_dir, epoch + 1, model, opt, sched, st, wall, precision,
-                device,
-            )  # fmt: skip
+        if (
+            epoch + 1 < epochs
+            and time.perf_counter() - last_ckpt >= rt.checkpoint_every
+        ):
+            training.checkpoint(epoch + 1, wall)
             last_ckpt = time.perf_counter()
         for held in claims:
             held.touch()
         for c, rec in zip(configs, recs, strict=True):
-            say(
-                f"{c.run_id()} epoch {epoch + 1}/{config.epochs}: train loss "
+            training.say(
+                f"{c.run_id()} epoch {epoch + 1}/{epochs}: train loss "
                 f"{rec['train_loss']:.3f} acc {rec['train_acc']:.3f}, "
                 f"test acc {rec['test_acc']:.3f} ({rec['epoch_s']:.1f} s)"
             )
         if on_epoch is not None:
-            on_epoch(epoch + 1, model, recs[0] if k == 1 else recs)
-    wall = st.wall_before + time.perf_counter() - t_run
-    results = [
-        _finish(c, out_dir, net, h, st, wall, precision, device, rt, k)
-        for c, net, h in zip(configs, separate(), st.histories, strict=True)
-    ]
-    _ckpt_file(out_dir, configs).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        (Path(out_dir) / "checkpoints").rmdir()  # only if no other checkpoint is there
-    return results
+            on_epoch(epoch + 1, training.model, recs[0] if len(recs) == 1 else recs)
+    return training.finish(st.wall_before + time.perf_counter() - t_run)
 
 
 def run(
@@ -831,7 +865,8 @@ def run_packed(
         claims = [stack.enter_context(_claimed(c, out_dir, rt)) for c in configs]
         if resolve_device(rt.device).type == "cuda":
             stack.enter_context(_cudnn_benchmark())
-        results = _train(configs, out_dir, data, rt, claims, say, on_epoch, on_batch)
+        training = Training(configs, out_dir, data, rt, say)
+        results = _train(training, claims, on_epoch, on_batch)
     for r in results:
         say(
             f"{r['run_id']}: done, final test acc (mean of last 3 epochs) "

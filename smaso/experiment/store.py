@@ -8,29 +8,32 @@
 
 Every file is written atomically (a temporary file in the same folder, then a rename or
 a hard link), so a reader sees the old file or the new one, never half of one;
-:func:`write_json_atomic` is the one JSON writer of the experiments (the activation
-study's too). A claim file, created exclusively, keeps two shards from training the
-same run; a claim whose process died (or that has not been touched for
-``stale_after`` seconds) is taken over.
+:func:`smaso.records.write_json_atomic` is the one JSON writer of the experiments (the
+activation study's and the convolution study's too). A claim file, created
+exclusively, keeps two shards from training the same run; a claim whose process died
+(or that has not been touched for ``stale_after`` seconds) is taken over.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import json
 import os
-import platform
 import socket
-import subprocess
 import time
 import uuid
-from functools import cache
 from pathlib import Path
 
 import torch
 
+from ..records import (
+    cpu_name,
+    git_commit,
+    now,
+    save_torch_atomic,
+    write_json_atomic,
+)
 from .config import RunConfig
 
 __all__ = [
@@ -104,61 +107,6 @@ def claim_path(out_dir, config: RunConfig) -> Path:
     return Path(out_dir) / "claims" / f"{config.run_id()}.claim"
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def write_json_atomic(path, obj, overwrite: bool = False) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically (a temporary file in the same
-    folder, fsynced, then moved into place): a reader sees the old file or the new one,
-    never half of one. With ``overwrite=False`` an existing ``path`` raises
-    ``FileExistsError`` and is left untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not overwrite and path.exists():
-        raise FileExistsError(f"{path} exists; not overwriting it")
-    tmp = _tmp_name(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, allow_nan=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic, and fails if path appeared in the meantime
-            except FileExistsError:
-                raise FileExistsError(f"{path} exists; not overwriting it") from None
-            except OSError:  # a filesystem without hard links
-                if path.exists():
-                    raise FileExistsError(
-                        f"{path} exists; not overwriting it"
-                    ) from None
-                os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def save_torch_atomic(obj, path) -> Path:
-    """``torch.save`` to ``path`` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:  # killed while writing (e.g. a preemption signal): no stray file
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 _RESULT_KEYS = (
     "format",
     "run_id",
@@ -215,7 +163,9 @@ def load_results(out_dir) -> list[dict]:
 
 
 def load_checkpoint(path) -> dict:
-    """Read a checkpoint written by :func:`smaso.experiment.run` (on the CPU);
+    """Read a checkpoint written by :func:`smaso.experiment.run` (on the CPU), in its
+    one format: ``configs`` and ``histories`` (a list of one for a single run; a single
+    run's checkpoint written with ``config`` and ``history`` is read as such).
     ``CheckpointError`` (naming the file, which is left in place) if it cannot be
     read."""
     path = Path(path)
@@ -231,6 +181,9 @@ def load_checkpoint(path) -> dict:
             f'{path} is not a smaso checkpoint (no "format": "{CHECKPOINT_FORMAT}"); '
             "it was left in place"
         )
+    if "config" in state:  # a single run's checkpoint before 2026-12-05: one format
+        state["configs"] = [state.pop("config")]
+        state["histories"] = [state.pop("history")]
     return state
 
 
@@ -384,42 +337,3 @@ def run_status(out_dir, config: RunConfig) -> str:
     if claim_holder(out_dir, config) is not None:
         return "claimed"
     return "partial" if checkpoint_path(out_dir, config).exists() else "todo"
-
-
-# --------------------------------------------------------------------------------------
-# provenance
-
-
-@cache
-def git_commit() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the checkout this package runs from, or (None, None)."""
-    root = Path(__file__).resolve().parents[2]
-
-    def git(*args):
-        return subprocess.run(
-            ["git", "-C", str(root), *args],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD") or None
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-    return commit, dirty if commit else None
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

@@ -29,6 +29,7 @@ from ..data import DATASETS, download_dataset
 from ..filters import EXACT
 from ..models import ACTIVATIONS, MODELS, can_pack
 from ..orthogonal import PENALTIES
+from ..records import now, write_json_atomic
 from .config import ORTHOGONALITY, PROTOCOLS, TABLE2_LRS, RunConfig
 from .runner import (
     RunClaimedError,
@@ -39,7 +40,7 @@ from .runner import (
     run,
     run_packed,
 )
-from .store import FAILED_FORMAT, failed_path, now, run_status, write_json_atomic
+from .store import FAILED_FORMAT, failed_path, run_status
 
 __all__ = [
     "METRICS",
@@ -344,13 +345,13 @@ def sweep(
     progress: which run, how many are left, and an estimate of the time left from the
     epochs trained so far (``epoch_lines=False``: no per-epoch lines).
     """
-    say = log or (lambda s: None)
     configs = list(configs)
     rt = Runtime(**runtime)
     dev = resolve_device(rt.device)
     status = {c.run_id(): run_status(out_dir, c) for c in configs}
     todo = [c for c in configs if status[c.run_id()] != "done"]
-    say(
+    state = _Sweep(out_dir, len(configs), sum(c.epochs for c in todo), log, rt)
+    state.say(
         f"sweep: {len(configs)} runs, {len(configs) - len(todo)} finished already, "
         f"{len(todo)} to train"
     )
@@ -359,90 +360,81 @@ def sweep(
     size = (
         rt.pack if rt.pack is not None else (len(configs) if dev.type == "cuda" else 1)
     )
-    done, failed, others = {}, [], []
-    cache = {}
-    epochs_left = sum(c.epochs for c in todo)
-    t0, trained = time.perf_counter(), 0
-    n = len(configs)
-
-    def count(epoch, model, rec):
-        nonlocal trained, epochs_left
-        k = len(rec) if isinstance(rec, list) else 1
-        trained += k
-        epochs_left -= k
-
-    def train(unit, k):
-        nonlocal epochs_left
-        c = unit[0]
-        key = (*data_key(c), str(dev))
-        if key not in cache:
-            cache.clear()  # keep one dataset in memory
-            cache[key] = load_data(c, dev, rt)
-        rate = (time.perf_counter() - t0) / trained if trained else None
-        eta = f", about {rate * epochs_left / 60:.0f} min left" if rate else ""
-        what = unit[0].run_id() if len(unit) == 1 else f"{len(unit)} packed runs"
-        say(f"[{k}/{n}] {what} ({epochs_left} epochs to go{eta})")
-        before = epochs_left
-        try:
-            rs = run_packed(
-                unit,
-                out_dir,
-                data=cache[key],
-                log=log if epoch_lines else None,
-                on_epoch=count,
-                **runtime,
-            )
-            done.update((r["run_id"], r) for r in rs)
-        finally:  # a resumed or failed run trained fewer epochs than it counted for
-            epochs_left = before - sum(c.epochs for c in unit)
-
+    runtime = dict(runtime, log=log if epoch_lines else None)
     k = 0
     for unit in packs(configs, status, size):
         k += len(unit)
-        rid = unit[0].run_id()
-        st = status[rid]
-        if st == "done":
-            done[rid] = run(unit[0], out_dir, log=None)
-            continue
-        if st == "failed":
-            say(f"[{k}/{n}] {rid}: failed before (see its .failed.json)")
-            failed.append(rid)
-            epochs_left -= unit[0].epochs
-            continue
-        try:
-            train(unit, k)
-        except RunClaimedError as e:
-            say(f"[{k}/{n}] {e}")
-            others += [c.run_id() for c in unit]
-        except Exception as e:  # one run's failure must not stop the shard
-            if len(unit) > 1:
-                say(f"[{k}/{n}] the pack failed ({type(e).__name__}: {e}); run by run")
-                for c in unit:
-                    _alone(c, train, k, out_dir, say, failed, others)
-            else:
-                record_failure(out_dir, unit[0], e)
-                say(f"[{k}/{n}] {rid} FAILED: {type(e).__name__}: {e}")
-                failed.append(rid)
-    results = [done[c.run_id()] for c in configs if c.run_id() in done]
-    say(
-        f"sweep: done, {len(results)} runs finished, {len(failed)} failed, "
-        f"{len(others)} left to other processes, "
-        f"{(time.perf_counter() - t0) / 60:.1f} min"
+        state.unit(unit, k, status[unit[0].run_id()], dev, runtime)
+    results = [state.done[c.run_id()] for c in configs if c.run_id() in state.done]
+    state.say(
+        f"sweep: done, {len(results)} runs finished, {len(state.failed)} failed, "
+        f"{len(state.others)} left to other processes, "
+        f"{(time.perf_counter() - state.t0) / 60:.1f} min"
     )
     return results
 
 
-def _alone(c, train, k, out_dir, say, failed, others):
-    """Train one run of a failed pack by itself."""
-    try:
-        train([c], k)
-    except RunClaimedError as e:
-        say(f"[{k}] {e}")
-        others.append(c.run_id())
-    except Exception as e:
-        record_failure(out_dir, c, e)
-        say(f"[{k}] {c.run_id()} FAILED: {type(e).__name__}: {e}")
-        failed.append(c.run_id())
+class _Sweep:
+    """What a sweep keeps between its packs: the finished, failed and other processes'
+    runs, the dataset in memory, and the epochs trained and left (for the estimate of
+    the time left)."""
+
+    def __init__(self, out_dir, n, epochs_left, log, rt):
+        self.out_dir, self.n, self.epochs_left, self.rt = out_dir, n, epochs_left, rt
+        self.say = log or (lambda s: None)
+        self.done, self.failed, self.others, self.cache = {}, [], [], {}
+        self.t0, self.trained = time.perf_counter(), 0
+
+    def count(self, epoch, model, rec):
+        k = len(rec) if isinstance(rec, list) else 1
+        self.trained += k
+        self.epochs_left -= k
+
+    def unit(self, unit, k, st, dev, runtime):
+        """Skip, report or train one pack (``unit``) whose first run's status is
+        ``st``; a failed pack is retried run by run, a failed run recorded."""
+        rid, n = unit[0].run_id(), self.n
+        if st == "done":
+            self.done[rid] = run(unit[0], self.out_dir, log=None)
+            return
+        if st == "failed":
+            self.say(f"[{k}/{n}] {rid}: failed before (see its .failed.json)")
+            self.failed.append(rid)
+            self.epochs_left -= unit[0].epochs
+            return
+        try:
+            self.train(unit, k, dev, runtime)
+        except RunClaimedError as e:
+            self.say(f"[{k}/{n}] {e}")
+            self.others += [c.run_id() for c in unit]
+        except Exception as e:  # one run's failure must not stop the shard
+            if len(unit) == 1:
+                record_failure(self.out_dir, unit[0], e)
+                self.say(f"[{k}/{n}] {rid} FAILED: {type(e).__name__}: {e}")
+                self.failed.append(rid)
+                return
+            self.say(f"[{k}/{n}] the pack failed ({type(e).__name__}: {e}); run by run")
+            for c in unit:
+                self.unit([c], k, "retry", dev, runtime)
+
+    def train(self, unit, k, dev, runtime):
+        c = unit[0]
+        key = (*data_key(c), str(dev))
+        if key not in self.cache:
+            self.cache.clear()  # keep one dataset in memory
+            self.cache[key] = load_data(c, dev, self.rt)
+        rate = (time.perf_counter() - self.t0) / self.trained if self.trained else None
+        eta = f", about {rate * self.epochs_left / 60:.0f} min left" if rate else ""
+        what = c.run_id() if len(unit) == 1 else f"{len(unit)} packed runs"
+        self.say(f"[{k}/{self.n}] {what} ({self.epochs_left} epochs to go{eta})")
+        before = self.epochs_left
+        try:
+            rs = run_packed(
+                unit, self.out_dir, data=self.cache[key], on_epoch=self.count, **runtime
+            )
+            self.done.update((r["run_id"], r) for r in rs)
+        finally:  # a resumed or failed run trained fewer epochs than it counted for
+            self.epochs_left = before - sum(c.epochs for c in unit)
 
 
 def download(datasets, root=None, log: Callable[[str], None] | None = print) -> None:
