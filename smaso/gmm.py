@@ -73,12 +73,7 @@ def log_joint(A, B, z, sigma2=1.0, scaled_prior=False):
     ``log p(z, t = r) = (<A[k, r], z> + B[k, r]) / sigma2 + c(z)``, so Theorem 2
     holds for every ``sigma2``.
     """
-    _, _, D = check_params(A, B, z)
-    sigma2 = check_sigma2(sigma2)
-    if not isinstance(scaled_prior, bool):
-        raise TypeError(
-            f"scaled_prior must be True or False, got {type(scaled_prior).__name__}"
-        )
+    D, sigma2 = _check_log_joint(A, B, z, sigma2, scaled_prior)
     z2, single = batched(z)
     sq = ((z2[:, None, None, :] - A[None]) ** 2).sum(dim=-1)  # (N, K, R)
     log_lik = -0.5 * D * math.log(2 * math.pi * sigma2) - sq / (2 * sigma2)
@@ -86,6 +81,18 @@ def log_joint(A, B, z, sigma2=1.0, scaled_prior=False):
     log_prior = _log_prior(A, B, prior_sigma2)
     out = log_lik + log_prior
     return out[0] if single else out
+
+
+def _check_log_joint(A, B, z, sigma2, scaled_prior):
+    """The argument checks of :func:`log_joint`: the input dimension ``D`` and the
+    checked ``sigma2``."""
+    _, _, D = check_params(A, B, z)
+    sigma2 = check_sigma2(sigma2)
+    if not isinstance(scaled_prior, bool):
+        raise TypeError(
+            f"scaled_prior must be True or False, got {type(scaled_prior).__name__}"
+        )
+    return D, sigma2
 
 
 def posterior(A, B, z, sigma2=1.0, scaled_prior=False):

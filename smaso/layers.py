@@ -501,17 +501,22 @@ def _layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None)
     return A.contiguous(), B.contiguous(), S1
 
 
-def residual_maso(modules, input_shape, max_regions, dtype, device):
-    """MASO of ``[Residual, nn.Flatten...]`` (Theorem 1 with a skip connection):
-    the body's (A, B) plus the shortcut's linear map added to every region's slope."""
-    res, tail = modules[0], modules[1:]
-    for m in tail:
+def _check_residual_tail(modules):
+    """Only ``nn.Flatten`` may follow a :class:`Residual` block in one MASO layer."""
+    for m in modules[1:]:
         if not isinstance(m, nn.Flatten):
             raise ValueError(
                 f"cannot read {[type(m).__name__ for m in modules]} as one MASO layer: "
                 "a Residual block is a layer of its own (only nn.Flatten may follow it "
                 "in the same layer; use split_layers)"
             )
+
+
+def residual_maso(modules, input_shape, max_regions, dtype, device):
+    """MASO of ``[Residual, nn.Flatten...]`` (Theorem 1 with a skip connection):
+    the body's (A, B) plus the shortcut's linear map added to every region's slope."""
+    res, tail = modules[0], modules[1:]
+    _check_residual_tail(modules)
     try:
         A, B, S = _layer_maso(list(res.body), input_shape, max_regions, dtype, device)
     except ValueError as e:

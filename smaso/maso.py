@@ -185,6 +185,14 @@ def apply_vq(A, B, z, T):
     or a single (K, R) matrix broadcast over the batch. Boolean/integer ``T``
     are converted to the dtype of ``A``.
     """
+    T, z2, single = _check_apply_vq(A, B, z, T)
+    out = (T * _scores(A, B, z2)).sum(dim=-1)
+    return out[0] if single else out
+
+
+def _check_apply_vq(A, B, z, T):
+    """The argument checks of :func:`apply_vq`: ``T`` in the dtype of ``A``, the
+    batch ``z2`` (N, D) and whether ``z`` was a single vector."""
     K, R, _ = check_params(A, B, z)
     T = _check_T(T, K, R, A)
     z2, single = batched(z)
@@ -199,8 +207,7 @@ def apply_vq(A, B, z, T):
                 f"T has batch size {T.shape[0]} (shape {tuple(T.shape)}) but z has "
                 f"{z2.shape[0]} (shape {tuple(z.shape)})"
             )
-    out = (T * _scores(A, B, z2)).sum(dim=-1)
-    return out[0] if single else out
+    return T, z2, single
 
 
 def region_affine(A, B, T):
