@@ -114,12 +114,12 @@ def _joint_log_prior(A, B, t, log_prior):
 
 
 def joint_log_posterior(A, B, z, sigma2=1.0, log_prior=None, max_configs=MAX_CONFIGS):
-    """Exact ``log p(t | z)`` of the factorial model, Eq. (10), for every configuration:
-    (N, R**K).
+    """Exact ``log p(t | z)`` of the factorial model (paper Eq. 10) for every
+    configuration: (N, R**K).
 
     Columns follow :func:`configurations`. The Gaussian log-density of each
     configuration's mean ``mu_t = sum_k A[k, t_k]`` is evaluated directly (nothing
-    assumes Eq. 11), the prior is the product of the Theorem-2 priors unless
+    assumes paper Eq. 11), the prior is the product of the Theorem-2 priors unless
     ``log_prior`` (R**K,) is given (need not be normalised), and each row is normalised
     with a log-sum-exp. Memory O(R**K (N + D)). Unbatched ``z`` (D,) gives (R**K,).
     """
@@ -221,6 +221,13 @@ def product_posterior(Q):
     return out[0] if Q.ndim == 2 else out
 
 
+def _check_slopes(A):
+    """Refuse anything but a slope tensor of shape (K, R, D)."""
+    check_tensor(A, "A")
+    if A.ndim != 3:
+        raise ValueError(f"A must have shape (K, R, D), got {tuple(A.shape)}")
+
+
 def _unit_rows(A):
     """Flattened slopes (K*R, D), their unit index and their norms."""
     K, R, D = A.shape
@@ -236,9 +243,7 @@ def mutual_coherence(A):
     Zero slopes (e.g. a ReLU's inactive region) are orthogonal to everything and count
     as 0. A single unit (K = 1) has coherence 0. Returns a 0-dim tensor.
     """
-    check_tensor(A, "A")
-    if A.ndim != 3:
-        raise ValueError(f"A must have shape (K, R, D), got {tuple(A.shape)}")
+    _check_slopes(A)
     flat, unit, norm = _unit_rows(A)
     u = flat / torch.where(norm > 0, norm, torch.ones_like(norm))[:, None]
     cos = (u @ u.T).abs()
@@ -247,19 +252,17 @@ def mutual_coherence(A):
 
 
 def coupling(A):
-    """Strength of the interaction between units' VQs in Eq. (10), (K, K), zero on the
-    diagonal.
+    """Strength of the interaction between units' VQs in paper Eq. 10, (K, K), zero on
+    the diagonal.
 
     Entry ``(k, k')`` is the Frobenius norm of the double-centred cross-Gram block
     ``G(r, r') = <A[k, r], A[k', r']>`` (row and column means removed). It is zero iff
     ``G`` is additive, ``f(r) + g(r')``. For a product prior, ``t`` is independent given
-    ``z`` (the joint posterior factorises, Theorem 4's conclusion) for every ``z``,
-    ``B`` and ``sigma2`` iff all entries are zero. Eq. (11) (zero blocks) is the special
-    case used by Theorem 4.
+    ``z`` (the joint posterior factorises, paper Theorem 4's conclusion) for every
+    ``z``, ``B`` and ``sigma2`` iff all entries are zero. Paper Eq. 11 (zero blocks) is
+    the special case used by paper Theorem 4.
     """
-    check_tensor(A, "A")
-    if A.ndim != 3:
-        raise ValueError(f"A must have shape (K, R, D), got {tuple(A.shape)}")
+    _check_slopes(A)
     G = torch.einsum("krd,lsd->krls", A, A)
     Gc = (
         G

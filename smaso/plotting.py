@@ -74,6 +74,9 @@ NAMES = {
     # maso, gmm:
     # soft, beta:
     # factorial:
+    "filters_normalized": "penalty on filter cosines",
+    "templates": "penalty on templates",
+    "qr-kept-norms": "exact (QR), kept norms",
     # convolution:
     # experiments:
     # beyond:
