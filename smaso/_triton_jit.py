@@ -32,7 +32,7 @@ def _compute(v, F64: tl.constexpr):
 @triton.jit
 def _weight(u, ALPHA: tl.constexpr):
     """(w(u), dw/du) of the two-region weight: α = 1 the sigmoid of Eq. (9), σ(u)
-    and σ(u)(1 − σ(u)); α = 2 and 1.5 the α-entropy weights of Eq. (T2)
+    and σ(u)(1 − σ(u)); α = 2 and 1.5 the α-entropy weights of (8.3) of the book
     (:func:`smaso.tsallis.tsallis_sigmoid` and its slope
     :func:`smaso.tsallis.tsallis_sigmoid_slope`)."""
     if ALPHA == 1.0:

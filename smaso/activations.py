@@ -199,7 +199,7 @@ def two_piece_vq(x: torch.Tensor, eta, slope: float = 0.0, alpha: float = 1.0):
     u = η (1 − s) x, with w = sigmoid (Eq. 9); the output is
     s x + (1 − s) x w(u) = x (s + (1 − s) w(u)): swish at s = 0 (Proposition 7),
     x tanh(η x) at s = −1. ``alpha`` > 1 takes the α-entropy VQ weight
-    :func:`smaso.tsallis.tsallis_sigmoid` instead (Eq. T2; :class:`TsallisVQReLU`).
+    :func:`smaso.tsallis.tsallis_sigmoid` instead ((8.3); :class:`TsallisVQReLU`).
     ``eta`` broadcasts against ``x``.
     """
     c = 1 - slope
@@ -623,7 +623,8 @@ class BetaVQMaxout(_LearnableBeta, nn.Module):
 
     Each channel c has its own slopes a_c (R,), offsets b_c (R,) and β_c, all learned.
     The output is Σ_r T_r (a_cr x + b_cr) with T = softmax(η s) (Eq. 9, Theorem 3), or
-    the α-entropy VQ α-entmax(η s) of :mod:`smaso.tsallis` (Eq. T2) when ``alpha`` > 1.
+    the α-entropy VQ α-entmax(η s) of :mod:`smaso.tsallis` ((8.3) of the book) when
+    ``alpha`` > 1.
     The hard VQ (β = 1, :meth:`hard`) is the convex max-affine function itself (Eq. 1).
     Initialisation: slopes evenly spaced in [0, 1], offsets 0, so the hard version
     starts as the ReLU. At α = 1 the maths is :func:`max_affine_vq`, with fused kernels
@@ -715,8 +716,8 @@ class BetaVQMaxout(_LearnableBeta, nn.Module):
 
 
 class TsallisVQReLU(_LearnableBeta, nn.Module):
-    """α-entropy VQ of the ReLU, x · tsallis_sigmoid(η x, α), with learnable β (Eq. T2
-    of :mod:`smaso.tsallis`).
+    """α-entropy VQ of the ReLU, x · tsallis_sigmoid(η x, α), with learnable β ((8.3)
+    of the book, :mod:`smaso.tsallis`).
 
     α = 1 is swish (:class:`BetaVQReLU`); α = 2 the Gini-VQ x · clip((η x + 1)/2, 0, 1),
     which at β = 1/4 (η = 1/3) is hard-swish; α = 1.5 lies between (smooth, exactly 0

@@ -7,7 +7,7 @@ of :mod:`smaso.native`:
 * the two-piece family :func:`smaso.activations.two_piece_vq` (Theorem 3 with R = 2,
   Eq. 9, then Eq. 2): :class:`~smaso.activations.BetaVQReLU`,
   :class:`~smaso.activations.BetaVQLeakyReLU`, :class:`~smaso.activations.BetaVQAbs`,
-  and with the α-entropy weight of Eq. (T2) (α ∈ {1, 1.5, 2})
+  and with the α-entropy weight of (8.3) of the book (α ∈ {1, 1.5, 2})
   :class:`~smaso.activations.TsallisVQReLU`;
 * β-softmax pooling over non-overlapping windows (Proposition 4):
   :class:`~smaso.activations.BetaVQMaxPool2d`;
@@ -237,7 +237,7 @@ def two_piece_forward(x: torch.Tensor, eta: torch.Tensor, slope=0.0, alpha=1.0):
     """(y,) = (:func:`smaso.activations.two_piece_vq` (x, eta, slope, alpha),) for rows
     ``x`` (M, L) and ``eta`` with one value per row ((M, 1) or (M,)): the β-VQ of the
     two-piece MASO {x, s x} (Theorem 3 with R = 2, Eq. 9; Eq. 2), with the α-entropy
-    weight of Eq. (T2) for α = 1.5 and 2."""
+    weight of (8.3) of the book for α = 1.5 and 2."""
     jit = _kernels()
     x = _check_rows(x, "two_piece_forward")
     M, L = x.shape

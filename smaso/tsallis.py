@@ -2,7 +2,8 @@
 MASO.
 
 Section 6 of the paper proposes to replace the Shannon entropy in Eq. (7)–(8) by another
-penalty. Here the penalty is the Tsallis α-entropy, scaled as
+penalty. Here the penalty is the Tsallis α-entropy, scaled as ((8.1) in chapter 8 of the
+book, whose equation numbers (8.x) the docstrings below use)
 
     H_α(t) = Σ_r (t_r − t_r^α) / (α (α − 1))     (α > 1),     H_1(t) = −Σ_r t_r log t_r,
 
@@ -10,13 +11,13 @@ which tends to the Shannon entropy as α → 1 and is half the Gini index 1 − 
 = 2. The α-entropy VQ of a unit with region scores s_r = <A_r, z> + B_r is
 
     T_{α,β} = argmax_{t ∈ Δ_R}  β <t, s> + (1 − β) H_α(t)
-    (Eq. T1)
+    (8.2)
 
 (Eq. 8 with H replaced by H_α). For β < 1, dividing by 1 − β leaves <t, η s> + H_α(t)
 with the same η = β / (1 − β) as Theorem 3. Its KKT conditions give the unique maximiser
 
     t_r = [ (α − 1) η s_r − τ ]_+^{1 / (α − 1)},   τ such that Σ_r t_r = 1,
-    (Eq. T2)
+    (8.3)
 
 the α-entmax of η s: softmax at α = 1 (Theorem 3 again), sparsemax (the Euclidean
 projection of η s onto the simplex) at α = 2. β = 1 gives the hard VQ and β = 0 the
@@ -67,13 +68,13 @@ __all__ = [
 HARD_SWISH_ETA = 1.0 / 3.0
 
 #: The α whose two-region weight :func:`tsallis_sigmoid` has a closed form (and a slope,
-#: :func:`tsallis_sigmoid_slope`); other α solve Eq. (T2) by bisection.
+#: :func:`tsallis_sigmoid_slope`); other α solve (8.3) by bisection.
 CLOSED_FORM_ALPHAS = (1.0, 1.5, 2.0)
 
 
 def tsallis_entropy(t: torch.Tensor, alpha: float = 2.0, dim: int = -1) -> torch.Tensor:
     """Tsallis α-entropy H_α(t) = Σ_r (t_r − t_r^α) / (α(α − 1)) along ``dim``; Shannon
-    at α = 1 (Eq. T1).
+    at α = 1 ((8.1) of the book).
 
     This is Tsallis's entropy divided by α, the scaling under which α = 2 gives
     sparsemax exactly. It is continuous in α at 1 and equals (1 − Σ t_r²)/2, half the
@@ -89,14 +90,14 @@ def tsallis_entropy(t: torch.Tensor, alpha: float = 2.0, dim: int = -1) -> torch
 def tsallis_objective(
     t: torch.Tensor, s: torch.Tensor, beta=0.5, alpha: float = 2.0
 ) -> torch.Tensor:
-    """The α-entropy VQ objective β <t, s> + (1 − β) H_α(t) of Eq. (T1) (Eq. 8 with H
+    """The α-entropy VQ objective β <t, s> + (1 − β) H_α(t) of (8.2) (Eq. 8 with H
     → H_α)."""
     beta = as_beta(beta, s)
     return beta * (t * s).sum(-1) + (1 - beta) * tsallis_entropy(t, alpha)
 
 
 # --------------------------------------------------------------------------------------
-# α-entmax: the maximiser of <t, u> + H_α(t) over the simplex (Eq. T2 with η s = u)
+# α-entmax: the maximiser of <t, u> + H_α(t) over the simplex ((8.3) with η s = u)
 
 
 def _sparsemax_last(x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +139,7 @@ def _entmax_bisect_last(x: torch.Tensor, alpha: float, n_iter: int) -> torch.Ten
 class _Entmax(torch.autograd.Function):
     """α-entmax along the last dim with the exact backward (α > 1).
 
-    Jacobian of Eq. (T2): dt/du = diag(g) − g gᵀ / Σ g with g_r = t_r^{2−α} on the
+    Jacobian of (8.3): dt/du = diag(g) − g gᵀ / Σ g with g_r = t_r^{2−α} on the
     support, 0 off it.
     """
 
@@ -175,12 +176,12 @@ def entmax(
     u: torch.Tensor, alpha: float = 1.5, dim: int = -1, n_iter: int | None = None
 ) -> torch.Tensor:
     """α-entmax of ``u`` along ``dim``: the maximiser of <t, u> + H_α(t) over the
-    simplex (Eq. T2).
+    simplex ((8.3) of the book).
 
     α = 1: softmax (Proposition 2); α = 2: sparsemax, computed exactly by sorting; other
-    α > 1: the threshold τ of Eq. (T2) by ``n_iter`` bisection steps (default: enough
+    α > 1: the threshold τ of (8.3) by ``n_iter`` bisection steps (default: enough
     for the dtype's precision, 60 for float64, 30 otherwise), then normalised. Gradients
-    w.r.t. ``u`` are exact (Jacobian of Eq. T2). Entries equal to -inf get weight 0 (at
+    w.r.t. ``u`` are exact (Jacobian of (8.3)). Entries equal to -inf get weight 0 (at
     least one entry per slice must be finite); NaN or +inf are errors. In float32, α
     within ~1e-3 of 1 loses accuracy: use float64 or α = 1.
     """
@@ -203,8 +204,8 @@ def entmax(
 
 
 def sparsemax(u: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Sparsemax of ``u`` along ``dim``: the Gini (α = 2) case of :func:`entmax`, Eq.
-    (T2).
+    """Sparsemax of ``u`` along ``dim``: the Gini (α = 2) case of :func:`entmax`,
+    (8.3).
 
     The Euclidean projection of ``u`` onto the simplex, [u − τ]_+ (Martins & Astudillo,
     2016).
@@ -216,7 +217,7 @@ def entmax_kkt_residual(
     t: torch.Tensor, u: torch.Tensor, alpha: float = 1.5
 ) -> torch.Tensor:
     """Largest violation of the KKT conditions certifying t = argmax_{Δ} <t, u> + H_α(t)
-    (Eq. T2), last dim.
+    ((8.3) of the book), last dim.
 
     The problem is strictly concave, so these conditions are necessary and sufficient: t
     ≥ 0, Σ t = 1, and with c_r = (α−1) u_r − t_r^{α−1} (for α > 1; c_r = u_r − log t_r
@@ -245,14 +246,14 @@ def entmax_kkt_residual(
 
 
 # --------------------------------------------------------------------------------------
-# The α-entropy VQ of a MASO (Eq. T1/T2) and its output (Eq. 2)
+# The α-entropy VQ of a MASO ((8.2)–(8.3) of the book) and its output (Eq. 2)
 
 
 def beta_entmax(
     s: torch.Tensor, beta, alpha: float = 2.0, dim: int = -1
 ) -> torch.Tensor:
-    """The α-entropy β-VQ of scores ``s`` along ``dim``: α-entmax(η s), η = β/(1−β), Eq.
-    (T2).
+    """The α-entropy β-VQ of scores ``s`` along ``dim``: α-entmax(η s), η = β/(1−β),
+    (8.3).
 
     The Tsallis counterpart of :func:`smaso.vq.beta_softmax` (which it returns at α =
     1). β = 1 gives the hard VQ (ties split evenly, the limit η → ∞), β = 0 exactly the
@@ -274,8 +275,8 @@ def beta_entmax(
 
 
 def tsallis_vq(A, B, z, beta, alpha: float = 2.0):
-    """α-entropy VQ selection matrix T_{α,β} (N, K, R) of a MASO (A, B) at input z, Eq.
-    (T1)–(T2).
+    """α-entropy VQ selection matrix T_{α,β} (N, K, R) of a MASO (A, B) at input z,
+    (8.2)–(8.3).
 
     α = 1 is the β-VQ of Theorem 3 (:func:`smaso.vq.beta_vq`); α = 2 the Gini-VQ,
     sparsemax(η s). ``beta`` a number or (K,) tensor in [0, 1].
@@ -291,7 +292,7 @@ def tsallis_vq(A, B, z, beta, alpha: float = 2.0):
 
 
 def tsallis_maso(A, B, z, beta, alpha: float = 2.0):
-    """MASO output under the α-entropy VQ: Eq. (2) with T = T_{α,β} of Eq. (T2)."""
+    """MASO output under the α-entropy VQ: Eq. (2) with T = T_{α,β} of (8.3)."""
     return apply_vq(A, B, z, tsallis_vq(A, B, z, beta, alpha))
 
 
@@ -299,7 +300,7 @@ def scalar_tsallis_maso(
     A, B, x: torch.Tensor, beta, alpha: float = 2.0
 ) -> torch.Tensor:
     """Apply a scalar MASO unit (A (1, R, 1), B (1, R)) elementwise to ``x`` under the
-    α-entropy VQ (Eq. T2, Eq. 2).
+    α-entropy VQ ((8.3), Eq. 2).
 
     The Tsallis counterpart of :func:`smaso.activations.scalar_beta_maso` (equal at α =
     1).
@@ -323,7 +324,7 @@ def scalar_tsallis_maso(
 
 def tsallis_sigmoid(x: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
     """α-entmax([x, 0])_1: the weight of region 1 of a two-region unit with score
-    difference ``x`` (Eq. T2).
+    difference ``x`` ((8.3) of the book).
 
     The α-entropy counterpart of Proposition 5 (the soft DN layer's output). Closed
     forms: α = 1: sigmoid(x); α = 2: clip((x + 1)/2, 0, 1), a "sparse sigmoid" (at x/3
@@ -345,8 +346,8 @@ def tsallis_sigmoid(x: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
 
 
 def tsallis_sigmoid_slope(u: torch.Tensor, w: torch.Tensor, alpha: float = 2.0):
-    """dw/du of the two-region weight w = :func:`tsallis_sigmoid`(u, α), given w (Eq.
-    T2).
+    """dw/du of the two-region weight w = :func:`tsallis_sigmoid`(u, α), given w
+    ((8.3)).
 
     α = 1: σ(u)(1 − σ(u)), from w alone; α = 2: ½ where 0 < (u + 1)/2 < 1 (0 at the
     kinks u = ±1, as autograd's clamp), else 0; α = 1.5: q (1 − d/√(2 − d²)) / 2 with
@@ -372,7 +373,7 @@ def tsallis_sigmoid_slope(u: torch.Tensor, w: torch.Tensor, alpha: float = 2.0):
 def tsallis_vq_relu(
     x: torch.Tensor, eta=HARD_SWISH_ETA, alpha: float = 2.0
 ) -> torch.Tensor:
-    """α-entropy VQ of the ReLU MASO (pieces x and 0): x · tsallis_sigmoid(η x) (Eq. T2,
+    """α-entropy VQ of the ReLU MASO (pieces x and 0): x · tsallis_sigmoid(η x) ((8.3),
     Eq. 2).
 
     α = 1: swish (Proposition 7). α = 2 (Gini-VQ): x · clip((η x + 1)/2, 0, 1), i.e. 0
@@ -418,8 +419,8 @@ def sparse_pool_closed_form(u: torch.Tensor, eta=1.0) -> torch.Tensor:
     |S| var_S(u).
 
     S is the support of sparsemax(η u) (the top-k entries, k the largest with 1 + k η
-    u_(k) > η Σ_{j≤k} u_(j)) and var_S the population variance over it. Follows from Eq.
-    (T2): on S, t_i = η u_i − τ with τ = (η Σ_S u − 1)/|S|, so Σ t_i u_i = η (Σ_S u² −
+    u_(k) > η Σ_{j≤k} u_(j)) and var_S the population variance over it. Follows from
+    (8.3): on S, t_i = η u_i − τ with τ = (η Σ_S u − 1)/|S|, so Σ t_i u_i = η (Σ_S u² −
     (Σ_S u)²/|S|) + mean_S u. |S| = 1 gives the max, η → 0 the mean (average pooling).
     Written without :func:`sparsemax`.
     """
@@ -442,7 +443,7 @@ def tsallis_pool2d(
     x: torch.Tensor, eta=1.0, alpha: float = 2.0, kernel_size=2, stride=None, padding=0
 ) -> torch.Tensor:
     """α-entropy VQ pooling of (N, C, H, W) ``x``: Σ_i α-entmax(η u)_i u_i over each
-    window (Eq. T2).
+    window ((8.3) of the book).
 
     The α-entropy VQ of the max-pooling MASO whose pieces are the window's entries. α =
     1 is β-softmax pooling (:func:`smaso.activations.beta_softmax_pool2d`), α = 2 sparse

@@ -51,7 +51,7 @@ COMPUTE = {DT: DT, torch.float32: torch.float32}
 COMPUTE |= {torch.bfloat16: torch.float32, torch.float16: torch.float32}
 
 # (slope, α) of the two-piece family: β-VQ ReLU, leaky-ReLU, absolute value (α = 1,
-# Eq. 9), the α-entropy VQ ReLU (Eq. T2) and a leaky one at α = 1.5
+# Eq. 9), the α-entropy VQ ReLU ((8.3) of the book) and a leaky one at α = 1.5
 TWO_PIECE = [(0.0, 1.0), (0.01, 1.0), (-1.0, 1.0), (0.0, 2.0), (0.0, 1.5), (0.3, 1.5)]
 # (M, L): one position, one row, odd lengths, and rows longer than a tile
 ROWS = [(1, 1), (6, 1), (5, 133), (3, 1500)]
@@ -141,8 +141,8 @@ def _on(device, *tensors):
 
 
 def _check_two_piece(slope, alpha, rows, dtype, device, rels):
-    """y, grad_x and the per-row dη of two_piece_vq (Theorem 3 with R = 2, Eq. 9 / T2)
-    and two_piece_vq_grads, the kernels run on ``device``."""
+    """y, grad_x and the per-row dη of two_piece_vq (Theorem 3 with R = 2, Eq. 9 /
+    (8.3)) and two_piece_vq_grads, the kernels run on ``device``."""
     M = rows[0]
     x, g = _data(rows, dtype), _data(rows, dtype, 1, 1.0)
     eta = (torch.rand(M, 1, generator=torch.Generator().manual_seed(2)) + 0.1).to(dtype)

@@ -1,5 +1,5 @@
-"""Tests of smaso.tsallis: the Tsallis α-entropy VQ (Eq. T1–T2), its closed forms and
-identities."""
+"""Tests of smaso.tsallis: the Tsallis α-entropy VQ ((8.2)–(8.3) of the book), its
+closed forms and identities."""
 
 import numpy as np
 import pytest
