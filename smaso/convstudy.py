@@ -131,6 +131,14 @@ def _square_conv(arm, c, n):
     return conv
 
 
+def _check_study(arm, image_size):
+    """Argument checks of :func:`orthogonal_cnn`."""
+    if arm not in CNN_ARMS:
+        raise ValueError(f"arm must be one of {CNN_ARMS}, got {arm!r}")
+    if image_size % 4:
+        raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
+
+
 def orthogonal_cnn(
     arm="none", width=16, image_size=32, num_classes=10, in_channels=3, bn_momentum=0.1
 ):
@@ -141,10 +149,7 @@ def orthogonal_cnn(
     layers: "none" (plain), "qr" (orthonormal flattened filters, Eq. 11 at one
     position), "cayley" or "bcop" (exactly orthogonal operators with orthonormal rows,
     Eq. 11 for all units, so Theorem 4 applies). Maps 32 -> 16 -> 8 pixels."""
-    if arm not in CNN_ARMS:
-        raise ValueError(f"arm must be one of {CNN_ARMS}, got {arm!r}")
-    if image_size % 4:
-        raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
+    _check_study(arm, image_size)
     c, n = width, image_size // 2
 
     def bn():

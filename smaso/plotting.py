@@ -78,6 +78,14 @@ NAMES = {
     "templates": "penalty on templates",
     "qr-kept-norms": "exact (QR), kept norms",
     # convolution:
+    "raw-filters": "Gaussian filters",
+    "qr-filters": "QR filters",
+    "hamming": "Hamming window, QR",
+    "hamming-centred": "Hamming window, centred, QR",
+    "dct": "DCT (fixed)",
+    "free": "unconstrained",
+    "soft-threshold": "soft thresholding",
+    "beta-shrink": "β-VQ shrinkage",
     # experiments:
     # beyond:
     # intro, appendix:
