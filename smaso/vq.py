@@ -83,6 +83,13 @@ def beta_softmax(s: torch.Tensor, beta, dim: int = -1) -> torch.Tensor:
     return beta_select(s, beta, dim, lambda logits: torch.softmax(logits, dim=dim))
 
 
+def _check_scores(s) -> None:
+    if not isinstance(s, torch.Tensor) or not s.is_floating_point():
+        raise TypeError("s must be a floating-point tensor of scores")
+    if not torch.isfinite(s).all():
+        raise ValueError("scores contain NaN or inf")
+
+
 def beta_select(s: torch.Tensor, beta, dim: int, weights) -> torch.Tensor:
     """Shared body of the β-VQ maps: ``weights(η (s − max s))`` for 0 ≤ β < 1, the exact
     hard VQ at β = 1.
@@ -92,10 +99,7 @@ def beta_select(s: torch.Tensor, beta, dim: int, weights) -> torch.Tensor:
     and clamped to be finite, so η·gap is never NaN; at β = 1 the mass is split evenly
     over the tied maxima.
     """
-    if not isinstance(s, torch.Tensor) or not s.is_floating_point():
-        raise TypeError("s must be a floating-point tensor of scores")
-    if not torch.isfinite(s).all():
-        raise ValueError("scores contain NaN or inf")
+    _check_scores(s)
     beta = as_beta(beta, s)
     if beta.ndim:
         beta = beta.unsqueeze(dim)
@@ -225,6 +229,22 @@ def vq_objective(t: torch.Tensor, s: torch.Tensor, beta=0.5) -> torch.Tensor:
     return beta * (t * s).sum(-1) + (1 - beta) * entropy(t)
 
 
+def _simplex_beta(s, beta, step_size) -> torch.Tensor:
+    """β as a tensor for :func:`maximise_on_simplex`, after checking its arguments."""
+    beta = as_beta(beta, s)
+    if (beta >= 1).any():
+        raise ValueError(
+            "maximise_on_simplex needs beta < 1 (at beta = 1 the maximiser is the "
+            "hard VQ)"
+        )
+    if not 0 < step_size < 2:
+        raise ValueError(
+            "step_size must lie in (0, 2) for the iteration to converge, got "
+            f"{step_size}"
+        )
+    return beta
+
+
 def maximise_on_simplex(
     s: torch.Tensor, beta=0.5, steps: int = 200, step_size: float = 0.5
 ) -> torch.Tensor:
@@ -237,17 +257,7 @@ def maximise_on_simplex(
     shrinks by a factor ``1 − step_size`` per step). Used to check Proposition 2 and
     Theorem 3 (the closed forms are the optima). For 0 ≤ β < 1 and 0 < step_size < 2.
     """
-    beta = as_beta(beta, s)
-    if (beta >= 1).any():
-        raise ValueError(
-            "maximise_on_simplex needs beta < 1 (at beta = 1 the maximiser is the "
-            "hard VQ)"
-        )
-    if not 0 < step_size < 2:
-        raise ValueError(
-            "step_size must lie in (0, 2) for the iteration to converge, got "
-            f"{step_size}"
-        )
+    beta = _simplex_beta(s, beta, step_size)
     lr = step_size / (1 - beta)
     log_t = torch.full_like(s, -torch.log(torch.tensor(float(s.shape[-1]))).item())
     for _ in range(steps):
