@@ -147,3 +147,18 @@ def test_chapter_shows_no_machinery(md: Path):
         f"imports, glue or seeds ({s.bookkeeping_share:.0%} > {MAX_BOOKKEEPING:.0%}): "
         "move them into a hidden set-up cell"
     )
+
+
+@pytest.mark.parametrize("md", NOTEBOOK_CHAPTERS, ids=lambda p: p.name)
+def test_shown_code_fits_the_column(md: Path):
+    """Every code line a reader can see (visible or collapsed cells) is at most 88
+    columns, the width the book's column holds (ruff's line length)."""
+    for i, cell in enumerate(jupytext.read(md).cells):
+        tags = set(cell.metadata.get("tags", ()))
+        if cell.cell_type != "code" or tags & {"remove-input", "remove-cell"}:
+            continue
+        for line in cell.source.splitlines():
+            assert len(line) <= 88, (
+                f"{md.name} cell {i}: a code line of {len(line)} columns (> 88): "
+                f"{line[:60]!r}..."
+            )
