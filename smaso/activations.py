@@ -472,8 +472,25 @@ def _two_piece_module(module, x, slope, alpha):
     return unfold(fused.run(kernels, rows, eta.unsqueeze(-1), fused=module.fused))
 
 
-class _LearnableBeta:
-    """Shared read-outs of the learnable β (mixin of the modules below)."""
+class _LearnableBeta(nn.Module):
+    """What the learnable-β modules below share: β's parameter ρ = logit β (one per
+    channel, ``num_channels``, or one for the layer, ``None``), starting at
+    ``beta_init``, learned unless ``learnable=False``; their ``fused`` choice; and the
+    read-outs β and η."""
+
+    def __init__(
+        self,
+        num_channels: int | None = None,
+        beta_init: float = 0.5,
+        learnable: bool = True,
+        fused: bool | None = None,
+    ):
+        super().__init__()
+        self._init_beta(num_channels, beta_init, learnable, fused)
+
+    def _init_beta(self, num_channels, beta_init, learnable, fused) -> None:
+        self.rho = _init_rho(num_channels, beta_init, learnable)
+        self.fused = _check_fused(fused)
 
     @property
     def beta(self) -> torch.Tensor:
@@ -491,7 +508,7 @@ class _LearnableBeta:
         return f"{channels}, learnable={self.rho.requires_grad}, fused={self.fused}"
 
 
-class BetaVQReLU(_LearnableBeta, nn.Module):
+class BetaVQReLU(_LearnableBeta):
     """β-VQ ReLU = swish x · sigmoid(η x) with learnable β (Proposition 7); a drop-in
     like ``nn.SiLU``.
 
@@ -503,22 +520,11 @@ class BetaVQReLU(_LearnableBeta, nn.Module):
     (:mod:`smaso.fused`). The first call per dtype compiles (seconds).
     """
 
-    def __init__(
-        self,
-        num_channels: int | None = None,
-        beta_init: float = 0.5,
-        learnable: bool = True,
-        fused: bool | None = None,
-    ):
-        super().__init__()
-        self.rho = _init_rho(num_channels, beta_init, learnable)
-        self.fused = _check_fused(fused)
-
     def forward(self, x):
         return _two_piece_module(self, x, 0.0, 1.0)
 
 
-class BetaVQLeakyReLU(_LearnableBeta, nn.Module):
+class BetaVQLeakyReLU(_LearnableBeta):
     """β-VQ leaky-ReLU s x + (1 − s) x · sigmoid(η (1 − s) x) with learnable β; slope
     s ≤ 1 (:func:`two_piece_vq`). ``fused`` as in :class:`BetaVQReLU`."""
 
@@ -530,40 +536,27 @@ class BetaVQLeakyReLU(_LearnableBeta, nn.Module):
         learnable: bool = True,
         fused: bool | None = None,
     ):
-        super().__init__()
         if not negative_slope <= 1:
             raise ValueError(
                 f"leaky-ReLU with negative_slope = {negative_slope} > 1 is concave, "
                 "not a MASO"
             )
+        super().__init__(num_channels, beta_init, learnable, fused)
         self.negative_slope = negative_slope
-        self.rho = _init_rho(num_channels, beta_init, learnable)
-        self.fused = _check_fused(fused)
 
     def forward(self, x):
         return _two_piece_module(self, x, self.negative_slope, 1.0)
 
 
-class BetaVQAbs(_LearnableBeta, nn.Module):
+class BetaVQAbs(_LearnableBeta):
     """β-VQ absolute value x · tanh(η x) with learnable β: :func:`two_piece_vq` with
     pieces x and −x. ``fused`` as in :class:`BetaVQReLU`."""
-
-    def __init__(
-        self,
-        num_channels: int | None = None,
-        beta_init: float = 0.5,
-        learnable: bool = True,
-        fused: bool | None = None,
-    ):
-        super().__init__()
-        self.rho = _init_rho(num_channels, beta_init, learnable)
-        self.fused = _check_fused(fused)
 
     def forward(self, x):
         return _two_piece_module(self, x, -1.0, 1.0)
 
 
-class BetaVQMaxPool2d(_LearnableBeta, nn.Module):
+class BetaVQMaxPool2d(_LearnableBeta):
     """β-softmax pooling with learnable β (Proposition 4, Table 1); ``beta_init = ½``
     is softmax pooling.
 
@@ -584,10 +577,8 @@ class BetaVQMaxPool2d(_LearnableBeta, nn.Module):
         learnable: bool = True,
         fused: bool | None = None,
     ):
-        super().__init__()
+        super().__init__(num_channels, beta_init, learnable, fused)
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        self.rho = _init_rho(num_channels, beta_init, learnable)
-        self.fused = _check_fused(fused)
 
     def forward(self, x):
         eta = self.rho.exp().to(x.dtype)
@@ -617,7 +608,7 @@ class BetaVQMaxPool2d(_LearnableBeta, nn.Module):
 #    (:mod:`smaso.tsallis`)
 
 
-class BetaVQMaxout(_LearnableBeta, nn.Module):
+class BetaVQMaxout(_LearnableBeta):
     """A learned convex max-affine activation max_r (a_cr x + b_cr) with R pieces per
     channel, under β-VQ.
 
@@ -640,7 +631,9 @@ class BetaVQMaxout(_LearnableBeta, nn.Module):
         learnable: bool = True,
         fused: bool | None = None,
     ):
-        super().__init__()
+        # nn.Module's own set-up, and ρ after the pieces: the parameters keep the
+        # order (slopes, offsets, rho) that stored optimiser states were saved in
+        nn.Module.__init__(self)
         if (
             isinstance(num_channels, bool)
             or not isinstance(num_channels, int)
@@ -660,8 +653,7 @@ class BetaVQMaxout(_LearnableBeta, nn.Module):
             torch.linspace(0.0, 1.0, pieces).repeat(num_channels, 1)
         )
         self.offsets = nn.Parameter(torch.zeros(num_channels, pieces))
-        self.rho = _init_rho(num_channels, beta_init, learnable)
-        self.fused = _check_fused(fused)
+        self._init_beta(num_channels, beta_init, learnable, fused)
 
     def scores(self, x):
         """Region scores s_r = a_cr x + b_cr of ``x`` (N, C, ...), shape (N, C, R, ...):
@@ -715,7 +707,7 @@ class BetaVQMaxout(_LearnableBeta, nn.Module):
         )
 
 
-class TsallisVQReLU(_LearnableBeta, nn.Module):
+class TsallisVQReLU(_LearnableBeta):
     """α-entropy VQ of the ReLU, x · tsallis_sigmoid(η x, α), with learnable β ((8.3)
     of the book, :mod:`smaso.tsallis`).
 
@@ -735,10 +727,8 @@ class TsallisVQReLU(_LearnableBeta, nn.Module):
         learnable: bool = True,
         fused: bool | None = None,
     ):
-        super().__init__()
+        super().__init__(num_channels, beta_init, learnable, fused)
         self.alpha = check_alpha(alpha)
-        self.rho = _init_rho(num_channels, beta_init, learnable)
-        self.fused = _check_fused(fused)
 
     def forward(self, x):
         return _two_piece_module(self, x, 0.0, self.alpha)

@@ -204,6 +204,7 @@ class Dataset:
     batch_size: int
     files: tuple | None = None
     torchvision_class: str | None = None
+    display: str = ""  # its name in the book's tables and figures
 
 
 #: Dataset name -> :class:`Dataset`. A new torchvision-layout dataset is one entry here
@@ -219,6 +220,7 @@ DATASETS = {
             ("test_batch",),
         ),
         "CIFAR10",
+        "CIFAR-10",
     ),
     "cifar100": Dataset(
         "CIFAR-100, fine labels (torchvision's files)",
@@ -226,6 +228,7 @@ DATASETS = {
         100,
         ("cifar-100-python", ("train",), ("test",)),
         "CIFAR100",
+        "CIFAR-100",
     ),
     "svhn": Dataset(
         "SVHN train and test, digit 0 labelled 0 (torchvision's files)",
@@ -233,14 +236,20 @@ DATASETS = {
         50,
         ("", ("train_32x32.mat",), ("test_32x32.mat",)),
         "SVHN",
+        "SVHN",
     ),
     "cifar10-subset": Dataset(
         "the first 4000 CIFAR-10 training and 1000 test images (cifar10-subset.npz)",
         10,
         50,
+        display="CIFAR-10 subset",
     ),
-    "digits": Dataset("scikit-learn's 8x8 handwritten digits", 10, 50),
+    "digits": Dataset(
+        "scikit-learn's 8x8 handwritten digits", 10, 50, display="digits"
+    ),
 }
+#: The datasets of the paper's Table 2, in its order.
+TABLE2_DATASETS = ("svhn", "cifar10", "cifar100")
 #: Number of classes per dataset (a view of :data:`DATASETS`).
 NUM_CLASSES = {name: d.num_classes for name, d in DATASETS.items()}
 

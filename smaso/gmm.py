@@ -182,6 +182,21 @@ def monte_carlo_prior(
     the inactive region (slope 0) gets ``~ 0.378``, and as ``v -> 0`` the prior
     tends to (0.5, 0.5); it never favours the inactive state.
     """
+    _check_monte_carlo(init, activation, (fan_in, fan_out, n_layers), generator)
+    dtype = dtype or torch.get_default_dtype()
+    device = generator.device if generator is not None else torch.device("cpu")
+    priors = []
+    for _ in range(n_layers):  # one layer at a time (bounded memory), units at once
+        W = _initial_weights(init, (fan_out, fan_in), generator, dtype, device)
+        other = torch.zeros_like(W) if activation == "relu" else -W
+        A = torch.stack([W, other], dim=1)  # (fan_out, 2, fan_in)
+        B = torch.zeros(fan_out, 2, dtype=dtype, device=device)
+        priors.append(region_prior(A, B))
+    return torch.cat(priors, dim=0)
+
+
+def _check_monte_carlo(init, activation, sizes, generator):
+    fan_in, fan_out, n_layers = sizes
     for name, v in (("fan_in", fan_in), ("fan_out", fan_out), ("n_layers", n_layers)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -204,38 +219,22 @@ def monte_carlo_prior(
         raise TypeError(
             f"generator must be a torch.Generator, got {type(generator).__name__}"
         )
-    dtype = dtype or torch.get_default_dtype()
-    device = generator.device if generator is not None else torch.device("cpu")
-    shape = (fan_out, fan_in)
-    priors = []
-    for _ in range(
-        n_layers
-    ):  # loop over layers (bounded memory), vectorised over units
-        if init == "xavier_normal":
-            W = torch.randn(
-                shape, generator=generator, dtype=dtype, device=device
-            ) * math.sqrt(2.0 / (fan_in + fan_out))
-        elif init == "xavier_uniform":
-            a = math.sqrt(6.0 / (fan_in + fan_out))
-            W = (
-                2 * torch.rand(shape, generator=generator, dtype=dtype, device=device)
-                - 1
-            ) * a
-        elif init == "kaiming_uniform_torch_default":
-            a = 1.0 / math.sqrt(fan_in)
-            W = (
-                2 * torch.rand(shape, generator=generator, dtype=dtype, device=device)
-                - 1
-            ) * a
-        else:
-            W = torch.randn(
-                shape, generator=generator, dtype=dtype, device=device
-            ) * float(init)
-        other = torch.zeros_like(W) if activation == "relu" else -W
-        A = torch.stack([W, other], dim=1)  # (fan_out, 2, fan_in)
-        B = torch.zeros(fan_out, 2, dtype=dtype, device=device)
-        priors.append(region_prior(A, B))
-    return torch.cat(priors, dim=0)
+
+
+def _initial_weights(init, shape, generator, dtype, device):
+    """A weight matrix of ``shape`` (fan_out, fan_in) drawn as ``init`` says
+    (:func:`monte_carlo_prior`)."""
+    fan_out, fan_in = shape
+    draw = dict(generator=generator, dtype=dtype, device=device)
+    if init == "xavier_normal":
+        return torch.randn(shape, **draw) * math.sqrt(2.0 / (fan_in + fan_out))
+    if init == "xavier_uniform":
+        a = math.sqrt(6.0 / (fan_in + fan_out))
+        return (2 * torch.rand(shape, **draw) - 1) * a
+    if init == "kaiming_uniform_torch_default":
+        a = 1.0 / math.sqrt(fan_in)
+        return (2 * torch.rand(shape, **draw) - 1) * a
+    return torch.randn(shape, **draw) * float(init)
 
 
 def sigma2_from_beta(beta):

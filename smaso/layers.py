@@ -25,6 +25,7 @@ __all__ = [
     "Residual",
     "affine_params",
     "layer_maso",
+    "nonlinearity_pieces",
     "region_affine_map",
     "split_layers",
 ]
@@ -369,21 +370,40 @@ def _layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None)
     dtype, device = _dtype_device(modules, dtype, device)
     if modules and isinstance(modules[0], Residual):
         return residual_maso(modules, input_shape, max_regions, dtype, device)
+    affine, act, post, pool, tail = _parse_layer(modules)
+    W, b, S0 = _affine_part(affine, input_shape, dtype, device)
+    A, B, S1 = nonlinearity_pieces(act, W, b, S0)
+    for m in post:
+        S1 = _out_shape([m], S1, dtype, device)
+    if isinstance(pool, nn.MaxPool2d):
+        A, B, S1 = _maxpool_pieces(pool, A, B, S1, max_regions)
+    elif isinstance(pool, nn.AvgPool2d):
+        A, B = _avgpool_pieces(pool, A, B, S1, max_regions)
+        S1 = _out_shape([pool], S1, dtype, device)
+    for m in tail:
+        S1 = _out_shape([m], S1, dtype, device)
+    if A.shape[1] > max_regions:
+        raise ValueError(
+            f"layer has R = {A.shape[1]} regions per unit > max_regions = {max_regions}"
+        )
+    return A.contiguous(), B.contiguous(), S1
 
-    # parse [affine...] [activation] [pooling], nn.Flatten allowed anywhere
+
+def _parse_layer(modules):
+    """``[affine...] [activation] [Flatten...] [pooling] [Flatten...]``: the parts of
+    one MASO layer, or a ValueError naming what does not fit."""
     i, n = 0, len(modules)
     affine = []
     while i < n and isinstance(modules[i], _AFFINE):
         affine.append(modules[i])
         i += 1
-    act, pool, post = None, None, []
+    act, pool, post, tail = None, None, [], []
     if i < n and isinstance(modules[i], _ACTIVATION):
         act = modules[i]
         i += 1
     while i < n and isinstance(modules[i], nn.Flatten):
         post.append(modules[i])
         i += 1
-    tail = []
     if i < n and isinstance(modules[i], _POOL) and not post:
         pool = modules[i]
         i += 1
@@ -398,107 +418,100 @@ def _layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None)
             f"{modules[i]!r} at position {i} "
             "(use split_layers to cut a network into MASO layers)"
         )
+    return affine, act, post, pool, tail
 
-    # affine part: u = W z + b with feature shape S0
+
+def _affine_part(affine, input_shape, dtype, device):
+    """``u = W z + b`` of the layer's affine modules (the identity if there are none),
+    and the feature shape of ``u``."""
     if affine:
         W, b = affine_params(affine, input_shape, dtype=dtype, device=device)
-        S0 = _out_shape(affine, input_shape, dtype, device)
-    else:
-        D = 1
-        for s in input_shape:
-            D *= s
-        W = torch.eye(D, dtype=dtype, device=device)
-        b = torch.zeros(D, dtype=dtype, device=device)
-        S0 = input_shape
+        return W, b, _out_shape(affine, input_shape, dtype, device)
+    D = 1
+    for s in input_shape:
+        D *= s
+    eye = torch.eye(D, dtype=dtype, device=device)
+    return eye, torch.zeros(D, dtype=dtype, device=device), input_shape
 
-    # elementwise nonlinearity / maxout: per-unit max-affine pieces
+
+def nonlinearity_pieces(act, W, b, S0):
+    """Theorem 1 [paper Theorem 1], one nonlinearity: the slopes ``A`` (K, R, D) and
+    offsets ``B`` (K, R) of the max-affine pieces of ``act`` applied to ``u = W z + b``
+    (feature shape ``S0``), and the output feature shape. ReLU: ``max(u, 0)``,
+    leaky-ReLU: ``max(u, s u)``, absolute value: ``max(u, -u)``, maxout: the max over
+    each group of ``num_pieces`` features."""
     if act is None or isinstance(act, nn.Identity):
-        A, B = W[:, None, :], b[:, None]
-    elif isinstance(act, nn.ReLU):
+        return W[:, None, :], b[:, None], S0
+    if isinstance(act, nn.ReLU):
         A = torch.stack([W, torch.zeros_like(W)], dim=1)
         B = torch.stack([b, torch.zeros_like(b)], dim=1)
-    elif isinstance(act, nn.LeakyReLU):
+        return A, B, S0
+    if isinstance(act, nn.LeakyReLU):
         s = act.negative_slope  # <= 1 checked: leaky_relu(x) = max(x, s x)
-        A = torch.stack([W, s * W], dim=1)
-        B = torch.stack([b, s * b], dim=1)
-    elif isinstance(act, Abs):
-        A = torch.stack([W, -W], dim=1)
-        B = torch.stack([b, -b], dim=1)
-    else:  # Maxout
-        p = act.num_pieces
-        C = S0[0]
-        if C % p != 0:
-            raise ValueError(
-                f"Maxout: {C} features (feature shape {S0}) not divisible by "
-                f"num_pieces = {p}"
-            )
-        rest = W.shape[0] // C
-        A = W.reshape(C // p, p, rest, -1).transpose(1, 2).reshape(-1, p, W.shape[1])
-        B = b.reshape(C // p, p, rest).transpose(1, 2).reshape(-1, p)
-        S0 = (C // p,) + S0[1:]
-    S1 = S0
-    for m in post:
-        S1 = _out_shape([m], S1, dtype, device)
-    R1 = A.shape[1]
-
-    if isinstance(pool, nn.MaxPool2d):
-        if len(S1) != 3:
-            raise ValueError(
-                f"{pool!r} needs a (C, H, W) feature map, got feature shape {S1}"
-            )
-        idx, S1 = _maxpool_windows(pool, S1, device)
-        K, kk = idx.shape
-        R = kk * R1
-        if max_regions < R:
-            raise ValueError(
-                f"{pool!r} gives R = {kk} * {R1} = {R} regions per unit > max_regions "
-                f"= {max_regions}"
-            )
-        A = A[idx].reshape(K, R, A.shape[-1])  # union of the window's pieces
-        B = B[idx].reshape(K, R)
-    elif isinstance(pool, nn.AvgPool2d):
-        # mean_j max_r (a_jr z + b_jr) = max over (r_1..r_n) of sum_j w_j (a_{j r_j} z +
-        # b_{j r_j}), w_j >= 0
-        P, _ = affine_params(
-            pool, S1, dtype=dtype, device=device
-        )  # (K, K1), nonnegative weights
-        mask = P != 0
-        nwin = int(mask.sum(dim=1).max())
-        cols = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[
-            :, :nwin
-        ]  # nonzero columns first
-        w = P.gather(
-            1, cols
-        )  # padded slots get weight 0: their choice of piece is a duplicate
-        R = R1**nwin
-        if max_regions < R:
-            raise ValueError(
-                f"{pool!r} after a {R1}-piece nonlinearity gives R = {R1}**{nwin} = "
-                f"{R} regions per unit "
-                f"> max_regions = {max_regions}; raise max_regions or use a smaller "
-                "window"
-            )
-        r = torch.arange(R, device=device)
-        combos = torch.stack(
-            [(r // R1 ** (nwin - 1 - j)) % R1 for j in range(nwin)], dim=1
-        )  # (R, nwin)
-        K = P.shape[0]
-        A_new = torch.zeros(K, R, A.shape[-1], dtype=dtype, device=device)
-        B_new = torch.zeros(K, R, dtype=dtype, device=device)
-        for j in range(
-            nwin
-        ):  # loop over window positions, vectorised over units and regions
-            A_new += w[:, j, None, None] * A[cols[:, j, None], combos[None, :, j]]
-            B_new += w[:, j, None] * B[cols[:, j, None], combos[None, :, j]]
-        A, B = A_new, B_new
-        S1 = _out_shape([pool], S1, dtype, device)
-    for m in tail:
-        S1 = _out_shape([m], S1, dtype, device)
-    if A.shape[1] > max_regions:
+        return torch.stack([W, s * W], dim=1), torch.stack([b, s * b], dim=1), S0
+    if isinstance(act, Abs):
+        return torch.stack([W, -W], dim=1), torch.stack([b, -b], dim=1), S0
+    p, C = act.num_pieces, S0[0]  # Maxout
+    if C % p != 0:
         raise ValueError(
-            f"layer has R = {A.shape[1]} regions per unit > max_regions = {max_regions}"
+            f"Maxout: {C} features (feature shape {S0}) not divisible by "
+            f"num_pieces = {p}"
         )
-    return A.contiguous(), B.contiguous(), S1
+    rest = W.shape[0] // C
+    A = W.reshape(C // p, p, rest, -1).transpose(1, 2).reshape(-1, p, W.shape[1])
+    B = b.reshape(C // p, p, rest).transpose(1, 2).reshape(-1, p)
+    return A, B, (C // p,) + S0[1:]
+
+
+def _maxpool_pieces(pool, A, B, S1, max_regions):
+    """Max-pooling over the pieces: each output unit's regions are the union of its
+    window's pieces."""
+    if len(S1) != 3:
+        raise ValueError(
+            f"{pool!r} needs a (C, H, W) feature map, got feature shape {S1}"
+        )
+    idx, S1 = _maxpool_windows(pool, S1, A.device)
+    K, kk = idx.shape
+    R1 = A.shape[1]
+    R = kk * R1
+    if max_regions < R:
+        raise ValueError(
+            f"{pool!r} gives R = {kk} * {R1} = {R} regions per unit > max_regions "
+            f"= {max_regions}"
+        )
+    A = A[idx].reshape(K, R, A.shape[-1])  # union of the window's pieces
+    return A, B[idx].reshape(K, R), S1
+
+
+def _avgpool_pieces(pool, A, B, S1, max_regions):
+    """Average pooling over the pieces: mean_j max_r (a_jr z + b_jr) = max over
+    (r_1..r_n) of sum_j w_j (a_{j r_j} z + b_{j r_j}), with w_j >= 0."""
+    dtype, device, R1 = A.dtype, A.device, A.shape[1]
+    P, _ = affine_params(pool, S1, dtype=dtype, device=device)  # (K, K1), weights >= 0
+    mask = P != 0
+    nwin = int(mask.sum(dim=1).max())
+    # nonzero columns first; padded slots get weight 0: their choice is a duplicate
+    cols = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :nwin]
+    w = P.gather(1, cols)
+    R = R1**nwin
+    if max_regions < R:
+        raise ValueError(
+            f"{pool!r} after a {R1}-piece nonlinearity gives R = {R1}**{nwin} = "
+            f"{R} regions per unit "
+            f"> max_regions = {max_regions}; raise max_regions or use a smaller "
+            "window"
+        )
+    r = torch.arange(R, device=device)
+    combos = torch.stack(
+        [(r // R1 ** (nwin - 1 - j)) % R1 for j in range(nwin)], dim=1
+    )  # (R, nwin)
+    K = P.shape[0]
+    A_new = torch.zeros(K, R, A.shape[-1], dtype=dtype, device=device)
+    B_new = torch.zeros(K, R, dtype=dtype, device=device)
+    for j in range(nwin):  # window positions, vectorised over units and regions
+        A_new += w[:, j, None, None] * A[cols[:, j, None], combos[None, :, j]]
+        B_new += w[:, j, None] * B[cols[:, j, None], combos[None, :, j]]
+    return A_new, B_new
 
 
 def _check_residual_tail(modules):

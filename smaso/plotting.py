@@ -65,11 +65,6 @@ NAMES = {
     "Ortho (penalty filters, λ=1) [small-cnn]": "v1 orthogonality penalty",
     "baseline [small-cnn-v2]": "v2 baseline",
     "exact orthogonal (qr) + swish [small-cnn-v2]": "v2 exact (QR) + swish",
-    # datasets
-    "digits": "digits",
-    "cifar10": "CIFAR-10",
-    "cifar100": "CIFAR-100",
-    "svhn": "SVHN",
     # ---- added by chapter (keep each chapter's additions under its own line) ----
     # maso, gmm:
     # soft, beta:
@@ -98,7 +93,12 @@ def is_code_name(text: str) -> bool:
 
 
 def name(key: str) -> str:
-    """The display name of an arm, setting, method or dataset (:data:`NAMES`)."""
+    """The display name of an arm, setting or method (:data:`NAMES`), or of a dataset
+    (its ``display`` in :data:`smaso.data.DATASETS`)."""
+    from .data import DATASETS
+
+    if key in DATASETS:
+        return DATASETS[key].display
     try:
         return NAMES[key]
     except KeyError:

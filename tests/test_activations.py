@@ -454,3 +454,31 @@ def test_bad_inputs_are_refused():
         convex_maso([1.0, 2.0], [0.0])
     with pytest.raises(ValueError, match="beta must lie"):
         scalar_beta_maso(*relu_maso(), x, 1.5)
+
+
+def test_learnable_beta_modules_share_one_constructor():
+    """The β-VQ modules set up β through _LearnableBeta; their parameters keep the
+    order stored optimiser states were saved in (the maxout's pieces before ρ)."""
+    from smaso.activations import (
+        BetaVQAbs,
+        BetaVQLeakyReLU,
+        BetaVQMaxout,
+        BetaVQMaxPool2d,
+        BetaVQReLU,
+        TsallisVQReLU,
+    )
+
+    for m in (
+        BetaVQReLU(3, beta_init=0.25),
+        BetaVQAbs(3, beta_init=0.25),
+        BetaVQLeakyReLU(0.1, 3, beta_init=0.25),
+        BetaVQMaxPool2d(2, num_channels=3, beta_init=0.25),
+        TsallisVQReLU(3, alpha=1.5, beta_init=0.25),
+    ):
+        assert [n for n, _ in m.named_parameters()] == ["rho"], type(m).__name__
+        assert torch.allclose(m.beta, torch.full((3,), 0.25))
+    m = BetaVQMaxout(3, pieces=2, learnable=False, fused=False)
+    assert [n for n, _ in m.named_parameters()] == ["slopes", "offsets", "rho"]
+    assert not m.rho.requires_grad and m.fused is False
+    with pytest.raises(ValueError, match="concave"):
+        BetaVQLeakyReLU(2.0)

@@ -298,7 +298,10 @@ def chapter_cells():
     nb = jupytext.read(ROOT / "book" / "experiments.md")
     code = [c.source for c in nb.cells if c.cell_type == "code"]
     (full,) = [s for s in code if "table2_results_folders()" in s]
-    return code[0], full
+    # hidden cells: the check of a report, and the glue of its count
+    (check,) = [s for s in code if "def check_full_scale" in s]
+    (glued,) = [s for s in code if 'glue("exp_fs_runs"' in s]
+    return code[0] + "\n" + check, full + "\n" + glued
 
 
 def test_the_chapter_cell_runs_with_and_without_results(folders, monkeypatch):

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data import DATASETS, TABLE2_DATASETS
 from ..filters import EXACT
 from ..orthogonal import PENALTIES
 from ..stats import welch_family
@@ -56,13 +57,11 @@ __all__ = [
 
 #: The environment variable naming the folders of the full-scale runs.
 TABLE2_RESULTS_ENV = "SMASO_TABLE2_RESULTS"
-#: The datasets of Table 2, in its order.
-TABLE2_DATASETS = ("svhn", "cifar10", "cifar100")
 #: What the chapter prints when no full-scale results are given.
 NO_FULL_SCALE = (
     f"no full-scale results given ({TABLE2_RESULTS_ENV} is not set); see the README"
 )
-_NAMES = {"svhn": "SVHN", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+_NAMES = {name: d.display for name, d in DATASETS.items()}
 # fields that do not tell a Table 2 row from the exact rows of the same study: the
 # per-row ones, the dataset's batch size, and what the protocol fills in per run
 _ROW_FIELDS = {"dataset", "batch_size", "activation", "orthogonality", "lam"} | set(

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..data import DATASETS, download_dataset
+from ..data import DATASETS, TABLE2_DATASETS, download_dataset
 from ..filters import EXACT
 from ..models import ACTIVATIONS, MODELS, can_pack
 from ..orthogonal import PENALTIES
@@ -80,7 +80,7 @@ class Table2Grid:
     Fields left at None take the protocol's value (:data:`PROTOCOLS`, ``grid``)."""
 
     datasets: tuple = _grid(
-        ("cifar10", "cifar100", "svhn"), "comma-separated datasets", "names", DATASETS
+        tuple(sorted(TABLE2_DATASETS)), "comma-separated datasets", "names", DATASETS
     )
     lrs: tuple = _grid(TABLE2_LRS, "comma-separated learning rates", "floats")
     seeds: tuple = _grid(
