@@ -182,7 +182,7 @@ def _tiny_data():
 
 def test_run_one_records_beta_trajectory(monkeypatch):
     monkeypatch.setitem(
-        beyond.DATASETS, "digits", dict(beyond.DATASETS["digits"], epochs=2)
+        beyond.BUDGETS, "digits", dict(beyond.BUDGETS["digits"], epochs=2)
     )
     out = beyond.run_one("digits", "bvq-maxout3", 0, data=_tiny_data())
     assert out["config"] == beyond.config_of("digits", "bvq-maxout3", 0)

@@ -41,7 +41,7 @@ from ..train import fit, train_epoch
 
 __all__ = [
     "ARMS",
-    "DATASETS",
+    "BUDGETS",
     "RESULTS",
     "bench",
     "beta_layers",
@@ -58,8 +58,9 @@ __all__ = [
 RESULTS = book_results("beyond")
 SCHEMA = 1
 
-#: Per dataset: the network widths and the training budget (identical for every arm).
-DATASETS = {
+#: Per dataset of the study: the network widths and the training budget (identical for
+#: every arm). What each dataset is, is :data:`smaso.data.DATASETS`.
+BUDGETS = {
     "digits": dict(
         widths=[16, 32, 64], epochs=20, lr=3e-3, batch_size=64, dtype="float64"
     ),
@@ -92,19 +93,19 @@ def beta_layers(model: nn.Module) -> list[nn.Module]:
 
 def load_data(dataset: str):
     """The dataset as TensorData in the study's dtype."""
-    dtype = getattr(torch, DATASETS[dataset]["dtype"])
+    dtype = getattr(torch, BUDGETS[dataset]["dtype"])
     if dataset == "digits":
         return digits(dtype=dtype)
     if dataset == "cifar10":
         return cifar10_subset(dtype=dtype)
-    raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
+    raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(BUDGETS)}")
 
 
 def config_of(dataset: str, arm: str, seed: int) -> dict:
     """Everything that determines a run (a stored run with an equal config is the
     same run)."""
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
+    if dataset not in BUDGETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(BUDGETS)}")
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose from {sorted(ARMS)}")
     return {
@@ -114,7 +115,7 @@ def config_of(dataset: str, arm: str, seed: int) -> dict:
         "arm_description": ARMS[arm][0],
         "seed": seed,
         "model": "small_cnn",
-        **DATASETS[dataset],
+        **BUDGETS[dataset],
     }
 
 
@@ -244,7 +245,7 @@ def bench(dataset: str, arms, rounds: int = 7, steps: int = 5) -> dict:
     Each round times ``steps`` steps of every arm on the same batch; the result is the
     median over rounds, in ms, and the ratio to ReLU measured in the same process.
     """
-    cfg = DATASETS[dataset]
+    cfg = BUDGETS[dataset]
     data = load_data(dataset)
     x, y = data.x_train[: cfg["batch_size"]], data.y_train[: cfg["batch_size"]]
     dtype = getattr(torch, cfg["dtype"])
@@ -285,7 +286,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("command", choices=["run", "bench", "summary"])
     parser.add_argument(
-        "--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS)
+        "--datasets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS)
     )
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
