@@ -147,8 +147,36 @@ def joint_posterior(A, B, z, sigma2=1.0, log_prior=None, max_configs=MAX_CONFIGS
 def joint_map(A, B, z, sigma2=1.0, log_prior=None, max_configs=MAX_CONFIGS):
     """Joint MAP configuration of Eq. (12) by brute force: long (N, K) (or (K,)).
 
-    Inputs are processed in chunks so that memory stays O(2**22 + R**K D). Ties go to
-    the first configuration in :func:`configurations` order.
+    Enumerates the ``R**K`` configurations of :func:`configurations` and takes the
+    arg max of :func:`joint_log_posterior`. Inputs are processed in chunks so that
+    memory stays O(2**22 + R**K D). Ties go to the first configuration in
+    :func:`configurations` order.
+
+    Args:
+        A: slopes, shape ``(K, R, D)``.
+        B: offsets, shape ``(K, R)``.
+        z: the input, shape ``(N, D)`` or ``(D,)``.
+        sigma2: the noise variance, a positive number (default ``1.0``).
+        log_prior: optional joint log-prior, shape ``(R**K,)`` (need not be
+            normalised); default ``None``, the product of the Theorem-2 priors.
+        max_configs: the largest ``R**K`` allowed (default ``MAX_CONFIGS = 2**20``);
+            more raises ``ValueError``.
+
+    Returns:
+        The region of every unit, a long tensor of shape ``(N, K)`` (or ``(K,)`` for
+        unbatched ``z``).
+
+    Example::
+
+        >>> import torch
+        >>> from smaso.factorial import factorised_map, joint_map
+        >>> A = torch.eye(4).reshape(2, 2, 4)  # orthogonal units, Eq. (11)
+        >>> B = torch.zeros(2, 2)
+        >>> z = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+        >>> torch.equal(joint_map(A, B, z), factorised_map(A, B, z))  # Corollary 1
+        True
+        >>> joint_map(A, B, z).shape
+        torch.Size([6, 2])
     """
     K, R, _ = check_params(A, B, z)
     t = configurations(K, R, max_configs, device=A.device)
@@ -171,6 +199,27 @@ def factorised_map(A, B, z, sigma2=1.0):
     (N, K): the right side of Eq. (12), linear in ``K``.
 
     At ``sigma2 = 1`` these are the MASO VQ codes (Theorem 2).
+
+    Args:
+        A: slopes, shape ``(K, R, D)``.
+        B: offsets, shape ``(K, R)``.
+        z: the input, shape ``(N, D)`` or ``(D,)``.
+        sigma2: the noise variance, a positive number (default ``1.0``).
+
+    Returns:
+        The region of every unit, a long tensor of shape ``(N, K)`` (or ``(K,)`` for
+        unbatched ``z``).
+
+    Example::
+
+        >>> import torch
+        >>> from smaso.factorial import factorised_map
+        >>> from smaso.maso import vq_codes
+        >>> g = torch.Generator().manual_seed(0)
+        >>> A, B = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, generator=g)
+        >>> z = torch.randn(8, 5, generator=g)
+        >>> torch.equal(factorised_map(A, B, z), vq_codes(A, B, z))  # Theorem 2
+        True
     """
     return posterior(A, B, z, sigma2).argmax(-1)
 

@@ -47,6 +47,23 @@ def region_prior(A, B, sigma2=1.0):
     ``sigma2`` other than 1 gives the scaled prior
     ``softmax_r((B[k, r] + 1/2 ||A[k, r]||^2) / sigma2)``, under which Theorem 2 holds
     at that noise variance (see :func:`log_joint`).
+
+    Args:
+        A: slopes, shape ``(K, R, D)``.
+        B: offsets, shape ``(K, R)``.
+        sigma2: the noise variance, a positive number (default ``1.0``).
+
+    Returns:
+        The prior, shape ``(K, R)``; each row sums to 1.
+
+    Example::
+
+        >>> import torch
+        >>> from smaso.gmm import region_prior
+        >>> from smaso.maso import kmeans_offsets
+        >>> A = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]]])
+        >>> region_prior(A, kmeans_offsets(A))
+        tensor([[0.3333, 0.3333, 0.3333]])
     """
     check_params(A, B)
     return _log_prior(A, B, check_sigma2(sigma2)).exp()
@@ -104,6 +121,28 @@ def posterior(A, B, z, sigma2=1.0, scaled_prior=False):
     :func:`log_joint`) it equals ``softmax_r((<A[k, r], z> + B[k, r]) / sigma2)`` for
     every ``sigma2``: the beta-VQ of Eq. (9) at ``beta = 1 / (1 + sigma2)``, which
     tends to the hard VQ as ``sigma2 -> 0``.
+
+    Args:
+        A: slopes (the Gaussian means), shape ``(K, R, D)``.
+        B: offsets, shape ``(K, R)``.
+        z: the input, shape ``(N, D)`` or ``(D,)``.
+        sigma2: the noise variance, a positive number (default ``1.0``).
+        scaled_prior: if ``True``, the prior is ``region_prior(A, B, sigma2)``; if
+            ``False`` (default), it is held at its ``sigma2 = 1`` value.
+
+    Returns:
+        The posterior, shape ``(N, K, R)`` (or ``(K, R)`` for unbatched ``z``).
+
+    Example::
+
+        >>> import torch
+        >>> from smaso.gmm import posterior
+        >>> from smaso.vq import soft_vq
+        >>> g = torch.Generator().manual_seed(0)
+        >>> A, B = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, generator=g)
+        >>> z = torch.randn(5, 4, generator=g)
+        >>> torch.allclose(posterior(A, B, z), soft_vq(A, B, z), atol=1e-6)
+        True
     """
     return torch.softmax(log_joint(A, B, z, sigma2, scaled_prior), dim=-1)
 
@@ -125,10 +164,23 @@ def relu_prior(norm2):
     """Closed-form region prior of a zero-bias ReLU unit (Theorem 2, Appendix C).
 
     Regions ordered (active, inactive) with slopes ``(w, 0)``: ``pi =
-    (e^{||w||^2 / 2}, 1) / (e^{||w||^2 / 2} + 1)``. ``norm2 = ||w||^2`` (a
-    tensor of any shape, or a number); returns shape ``(..., 2)``.
-    E.g. ``relu_prior(1.0) = (0.6225, 0.3775)``. The active region always gets
+    (e^{||w||^2 / 2}, 1) / (e^{||w||^2 / 2} + 1)``. The active region always gets
     at least half of the mass.
+
+    Args:
+        norm2: ``||w||^2``, a nonnegative number or floating-point tensor of any
+            shape.
+
+    Returns:
+        The prior (active, inactive), shape ``(..., 2)`` (``(2,)`` for a number).
+
+    Example::
+
+        >>> from smaso.gmm import relu_prior
+        >>> relu_prior(1.0)
+        tensor([0.6225, 0.3775])
+        >>> relu_prior(0.0).tolist()
+        [0.5, 0.5]
     """
     if not isinstance(norm2, torch.Tensor):
         if isinstance(norm2, bool) or not isinstance(norm2, (int, float)):

@@ -587,6 +587,34 @@ def layer_maso(modules, input_shape, max_regions=4096, dtype=None, device=None):
     layers (e.g. a lone ``nn.MaxPool2d``; default: default dtype, CPU) and
     must otherwise agree with the parameters. Dense construction: for small
     layers.
+
+    Args:
+        modules: the layer, a list of modules or an ``nn.Sequential``.
+        input_shape: the feature shape of one input, without the batch dimension
+            (e.g. ``(D,)`` or ``(C, H, W)``); ``D`` is its product.
+        max_regions: the largest number of regions ``R`` per unit allowed (default
+            4096); more raises ``ValueError``.
+        dtype: dtype of ``A`` and ``B`` for parameter-free layers (default ``None``:
+            the parameters' dtype, else the default dtype).
+        device: device of ``A`` and ``B`` for parameter-free layers (default
+            ``None``: the parameters' device, else CPU).
+
+    Returns:
+        ``(A, B)``: the slopes, shape ``(K, R, D)``, and offsets, shape ``(K, R)``,
+        with ``K`` the flattened output size.
+
+    Example::
+
+        >>> import torch
+        >>> from smaso.layers import layer_maso
+        >>> from smaso.maso import maso
+        >>> layer = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+        >>> A, B = layer_maso(layer, (3,))
+        >>> A.shape, B.shape
+        (torch.Size([4, 2, 3]), torch.Size([4, 2]))
+        >>> x = torch.randn(3, generator=torch.Generator().manual_seed(0))
+        >>> torch.allclose(maso(A, B, x), layer(x), atol=1e-6)
+        True
     """
     A, B, _ = _layer_maso(modules, input_shape, max_regions, dtype, device)
     return A, B

@@ -123,7 +123,26 @@ def _scores(A, B, z2):
 def maso(A, B, z):
     """The MASO output, Eq. (1) / Eq. (14): ``max_r <A[k, r], z> + B[k, r]``.
 
-    Returns (N, K), or (K,) for unbatched ``z``.
+    Each unit ``k`` takes the maximum of its ``R`` affine scores
+    (:func:`scores`).
+
+    Args:
+        A: slopes, shape ``(K, R, D)``.
+        B: offsets, shape ``(K, R)``.
+        z: the input, shape ``(N, D)`` or ``(D,)``.
+
+    Returns:
+        The output, shape ``(N, K)``, or ``(K,)`` for unbatched ``z``.
+
+    Example::
+
+        >>> import torch
+        >>> from smaso.maso import maso
+        >>> A = torch.tensor([[[1.0], [0.0]]])  # ReLU: pieces u and 0
+        >>> B = torch.zeros(1, 2)
+        >>> z = torch.linspace(-2, 2, 5)[:, None]
+        >>> torch.allclose(maso(A, B, z), torch.relu(z))
+        True
     """
     return scores(A, B, z).amax(dim=-1)
 
@@ -142,9 +161,27 @@ def hard_vq(A, B, z):
     """The hard-VQ selection matrix T_H of Eq. (2) and Proposition 8.
 
     ``T_H[n, k, r] = 1`` if ``r`` is the arg max of Eq. (1) for unit ``k`` and
-    input ``z[n]``, else 0. Returns (N, K, R) (or (K, R)) in the dtype of ``z``.
-    Ties are resolved to the lowest region index, so every row is exactly
-    one-hot.
+    input ``z[n]``, else 0. Ties are resolved to the lowest region index, so every
+    row is exactly one-hot.
+
+    Args:
+        A: slopes, shape ``(K, R, D)``.
+        B: offsets, shape ``(K, R)``.
+        z: the input, shape ``(N, D)`` or ``(D,)``.
+
+    Returns:
+        The one-hot matrix, shape ``(N, K, R)`` (or ``(K, R)`` for unbatched ``z``),
+        in the dtype of ``z``.
+
+    Example::
+
+        >>> import torch
+        >>> from smaso.maso import hard_vq
+        >>> A, B = torch.tensor([[[1.0], [0.0]]]), torch.zeros(1, 2)  # ReLU
+        >>> hard_vq(A, B, torch.tensor([[-1.0], [2.0]]))
+        tensor([[[0., 1.]],
+        <BLANKLINE>
+                [[1., 0.]]])
     """
     s = scores(A, B, z)
     codes = s.argmax(dim=-1, keepdim=True)
@@ -184,6 +221,26 @@ def apply_vq(A, B, z, T):
     back Eq. (1)), a soft VQ such as the posterior of Eq. (6), or anything else --
     or a single (K, R) matrix broadcast over the batch. Boolean/integer ``T``
     are converted to the dtype of ``A``.
+
+    Args:
+        A: slopes, shape ``(K, R, D)``.
+        B: offsets, shape ``(K, R)``.
+        z: the input, shape ``(N, D)`` or ``(D,)``.
+        T: the VQ matrix, shape ``(N, K, R)`` or ``(K, R)`` (a batched ``T`` needs a
+            batched ``z`` with the same ``N``).
+
+    Returns:
+        The output, shape ``(N, K)``, or ``(K,)`` for unbatched ``z``.
+
+    Example::
+
+        >>> import torch
+        >>> from smaso.maso import apply_vq, hard_vq, maso
+        >>> g = torch.Generator().manual_seed(0)
+        >>> A, B = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, generator=g)
+        >>> z = torch.randn(6, 5, generator=g)
+        >>> torch.allclose(apply_vq(A, B, z, hard_vq(A, B, z)), maso(A, B, z))
+        True
     """
     T, z2, single = _check_apply_vq(A, B, z, T)
     out = (T * _scores(A, B, z2)).sum(dim=-1)

@@ -179,6 +179,25 @@ def soft_vq(A, B, z):
 
     This is the posterior of the GMM of Theorem 2 at σ² = 1
     (:func:`smaso.gmm.posterior`), and the maximiser of Eq. (7) (Proposition 2).
+
+    Args:
+        A: slopes, shape ``(K, R, D)``.
+        B: offsets, shape ``(K, R)``.
+        z: the input, shape ``(N, D)`` or ``(D,)``.
+
+    Returns:
+        The soft VQ matrix, shape ``(N, K, R)`` (or ``(K, R)`` for unbatched ``z``);
+        each row lies on the probability simplex.
+
+    Example::
+
+        >>> import torch
+        >>> from smaso.maso import apply_vq
+        >>> from smaso.vq import soft_vq
+        >>> A, B = torch.tensor([[[1.0], [0.0]]]), torch.zeros(1, 2)  # ReLU
+        >>> z = torch.linspace(-3, 3, 7)[:, None]
+        >>> torch.allclose(apply_vq(A, B, z, soft_vq(A, B, z)), z * torch.sigmoid(z))
+        True
     """
     return torch.softmax(scores(A, B, z), dim=-1)
 
@@ -187,7 +206,32 @@ def beta_vq(A, B, z, beta):
     """β-VQ selection matrix T_β (N, K, R), Eq. (9), Theorem 3; ``beta`` a number or
     (K,) tensor in [0, 1].
 
-    β = 1: hard VQ (ties split evenly); β = ½: soft VQ (Eq. 6); β = 0: uniform 1/R.
+    ``softmax_r(η s)`` of the region scores ``s`` with η = β / (1 − β)
+    (:func:`beta_softmax`). β = 1: hard VQ (ties split evenly); β = ½: soft VQ
+    (Eq. 6); β = 0: uniform 1/R.
+
+    Args:
+        A: slopes, shape ``(K, R, D)``.
+        B: offsets, shape ``(K, R)``.
+        z: the input, shape ``(N, D)`` or ``(D,)``.
+        beta: a number or a tensor of shape ``()`` or ``(K,)`` (one β per unit), in
+            [0, 1].
+
+    Returns:
+        The β-VQ matrix, shape ``(N, K, R)`` (or ``(K, R)`` for unbatched ``z``).
+
+    Example::
+
+        >>> import torch
+        >>> from smaso.maso import hard_vq
+        >>> from smaso.vq import beta_vq, soft_vq
+        >>> g = torch.Generator().manual_seed(0)
+        >>> A, B = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, generator=g)
+        >>> z = torch.randn(5, 4, generator=g)
+        >>> torch.allclose(beta_vq(A, B, z, 0.5), soft_vq(A, B, z))
+        True
+        >>> torch.equal(beta_vq(A, B, z, 1.0), hard_vq(A, B, z))
+        True
     """
     K, _, _ = check_params(A, B, z)
     beta = as_beta(beta, A)
