@@ -201,6 +201,25 @@ def two_piece_vq(x: torch.Tensor, eta, slope: float = 0.0, alpha: float = 1.0):
     x tanh(η x) at s = −1. ``alpha`` > 1 takes the α-entropy VQ weight
     :func:`smaso.tsallis.tsallis_sigmoid` instead ((8.3); :class:`TsallisVQReLU`).
     ``eta`` broadcasts against ``x``.
+
+    Args:
+        x: the input, any shape.
+        eta: η = β / (1 − β) > 0, a number or a tensor broadcastable against ``x``.
+        slope: the second piece's slope s ≤ 1 (default 0: the ReLU).
+        alpha: the entropy's α (default 1: Shannon, the sigmoid of Eq. 9).
+
+    Returns:
+        x (s + (1 − s) w(η (1 − s) x)), of the broadcast shape of ``x`` and ``eta``.
+
+    Example::
+
+        >>> import torch
+        >>> from smaso.activations import two_piece_vq
+        >>> x = torch.linspace(-3, 3, 7)
+        >>> torch.allclose(two_piece_vq(x, 1.0), torch.nn.functional.silu(x))
+        True
+        >>> torch.allclose(two_piece_vq(x, 2.0, slope=-1.0), x * torch.tanh(2 * x))
+        True
     """
     c = 1 - slope
     return x * (slope + c * tsallis_sigmoid(eta * (c * x), alpha))
@@ -518,6 +537,24 @@ class BetaVQReLU(_LearnableBeta):
     :func:`two_piece_vq_grads` where they can run, else eager autograd (same numbers
     up to rounding); ``True`` requires them, ``False`` never uses them
     (:mod:`smaso.fused`). The first call per dtype compiles (seconds).
+
+    Args:
+        num_channels: one β per channel (dim 1) of this many channels, or ``None``
+            (default) for one β for the layer.
+        beta_init: the starting β ∈ (0, 1) (default ½, the SiLU).
+        learnable: whether β is trained (default True).
+        fused: ``None`` (default), ``True`` or ``False``, as above.
+
+    Example::
+
+        >>> import torch
+        >>> from smaso.activations import BetaVQReLU
+        >>> act = BetaVQReLU(num_channels=3, fused=False)
+        >>> act.beta.detach().tolist(), act.rho.requires_grad
+        ([0.5, 0.5, 0.5], True)
+        >>> x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+        >>> torch.allclose(act(x), torch.nn.functional.silu(x))
+        True
     """
 
     def forward(self, x):

@@ -628,6 +628,29 @@ def orthogonalize(
     training step that checks once per epoch instead (:func:`check_orthogonalizable`).
     ``groups``: the filters of a grouped layer (packed runs, :mod:`smaso.pack`) are
     orthogonalised group by group, in one batched computation.
+
+    Args:
+        W: the raw weight, ``(out, ...)`` (e.g. ``(out, in)`` or ``(out, in, kh, kw)``);
+            its filters are its flattened rows.
+        method: ``"gs"``, ``"mgs"`` or ``"qr"`` (default ``"qr"``).
+        tall: what to do if ``out > fan_in``: ``"columns"`` (default) or ``"error"``.
+        keep_norms: rescale each orthonormal filter to its raw norm (default False).
+        groups: the number of groups of a grouped layer (default 1).
+        check: raise on dependent or non-finite filters (default True).
+
+    Returns:
+        the orthogonalised weight, of ``W``'s shape.
+
+    Example::
+
+        >>> import torch
+        >>> from smaso.orthogonal import orthogonalize
+        >>> W = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+        >>> Q = orthogonalize(W)
+        >>> Q.shape, torch.allclose(Q @ Q.T, torch.eye(3), atol=1e-5)
+        (torch.Size([3, 5]), True)
+        >>> torch.allclose(Q, orthogonalize(W, "gs"), atol=1e-5)
+        True
     """
     _check_weight(W)
     if method not in METHODS:

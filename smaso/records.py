@@ -150,10 +150,21 @@ def provenance(threads: bool = True) -> dict:
     count now (left out with ``threads=False``, for a result that records it per run)
     and the git commit of the checkout (and whether tracked files differ from it).
 
+    Args:
+        threads: record torch's thread count (``threads``; default True).
+
+    Returns:
+        a dict with the keys ``date``, ``torch``, ``python``, ``smaso``, ``machine``,
+        ``cpu``, ``cpu_count``, ``cpu_capability``, ``threads`` (unless
+        ``threads=False``), ``git_commit`` and ``git_dirty``.
+
     Example::
 
+        >>> from smaso.records import provenance
         >>> sorted(provenance())[:3]
         ['cpu', 'cpu_capability', 'cpu_count']
+        >>> "threads" in provenance(threads=False)
+        False
     """
     commit, dirty = git_commit()
     record = {

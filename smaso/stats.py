@@ -32,6 +32,18 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     keeps the adjusted values in the order of the raw ones. Ties get the same value.
 
     Raises ``ValueError`` for an empty list or a value that is not a probability.
+
+    Args:
+        pvalues: the m raw p-values, each in [0, 1] (m ≥ 1).
+
+    Returns:
+        the m adjusted p-values, a list of floats in the order of ``pvalues``.
+
+    Example::
+
+        >>> from smaso.stats import holm
+        >>> [round(q, 4) for q in holm([0.01, 0.04, 0.03])]
+        [0.03, 0.06, 0.06]
     """
     p = [float(v) for v in pvalues]
     if not p:
@@ -82,7 +94,25 @@ def welch(x: Sequence[float], y: Sequence[float]) -> dict:
 
 def welch_family(pairs: dict) -> dict:
     """:func:`welch` of each ``key: (x, y)`` of ``pairs``, each result with its
-    Holm-adjusted p-value ``holm`` over the family (:func:`holm`)."""
+    Holm-adjusted p-value ``holm`` over the family (:func:`holm`).
+
+    Args:
+        pairs: ``key: (x, y)``, two sequences of at least two values each per
+            comparison.
+
+    Returns:
+        ``key:`` the dict of :func:`welch` (``diff``, ``se``, ``p``, ``df``) with
+        ``holm`` added, per key of ``pairs`` (an empty dict for no pairs).
+
+    Example::
+
+        >>> from smaso.stats import welch_family
+        >>> tests = welch_family({"a": ([1, 2, 3], [4, 5, 6]), "b": ([1, 2], [1, 2])})
+        >>> sorted(tests["a"])
+        ['df', 'diff', 'holm', 'p', 'se']
+        >>> [round(float(tests["a"][k]), 4) for k in ("diff", "p", "holm")]
+        [-3.0, 0.0213, 0.0426]
+    """
     out = {key: welch(x, y) for key, (x, y) in pairs.items()}
     if out:
         adjusted = holm([t["p"] for t in out.values()])

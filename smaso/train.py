@@ -62,6 +62,35 @@ def fit(
     returned history holds ``epoch``, ``loss`` (mean training objective, the extra loss
     included), ``train_acc``, ``test_acc``, and whatever ``on_epoch(epoch, model)``
     returns.
+
+    Args:
+        model: the network, ``data``'s images ``(N, C, H, W)`` to logits
+            ``(N, num_classes)``.
+        data: the train/test split (:class:`smaso.data.TensorData`).
+        epochs: the number of epochs (≥ 1).
+        lr: Adam's learning rate (default ``1e-3``).
+        batch_size: the batch size (default 64).
+        seed: the seed of the epochs' shuffles (default 0).
+        extra_loss: ``extra_loss(model, x, y)``, a scalar added to each batch's
+            cross-entropy (e.g. an orthogonality penalty; default None: none).
+        on_epoch: ``on_epoch(epoch, model)``, a dict merged into the epoch's record
+            (default None).
+        progress: show a tqdm progress bar (default True).
+
+    Returns:
+        the history, a list of ``epochs`` dicts, one per epoch.
+
+    Example::
+
+        >>> import torch
+        >>> from smaso.data import TensorData
+        >>> from smaso.train import fit
+        >>> x = torch.randn(16, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+        >>> data = TensorData(x, torch.arange(16) % 2, x, torch.arange(16) % 2, 2)
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+        >>> history = fit(net, data, epochs=2, batch_size=8, progress=False)
+        >>> len(history), sorted(history[-1])
+        (2, ['epoch', 'loss', 'test_acc', 'train_acc'])
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(

@@ -331,6 +331,23 @@ def tsallis_sigmoid(x: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
     it is MobileNetV3's hard-sigmoid relu6(x + 3)/6); α = 1.5: ((d + √(2 − d²))/2)² with
     d = clip(x/2, −1, 1), which is 0 for x ≤ −2 and 1 for x ≥ 2. Other α use
     :func:`entmax` on the pair.
+
+    Args:
+        x: the score difference of region 1 over region 2, a float tensor of any shape.
+        alpha: the entropy's α ≥ 1 (default 2, the sparse sigmoid).
+
+    Returns:
+        the weight of region 1, in [0, 1], of ``x``'s shape.
+
+    Example::
+
+        >>> import torch
+        >>> from smaso.tsallis import tsallis_sigmoid
+        >>> x = torch.tensor([-3.0, -1.0, 0.0, 0.5, 3.0])
+        >>> tsallis_sigmoid(x).tolist()
+        [0.0, 0.0, 0.5, 0.75, 1.0]
+        >>> torch.allclose(tsallis_sigmoid(x, alpha=1.0), torch.sigmoid(x))
+        True
     """
     check_float_tensor(x, "x")
     alpha = check_alpha(alpha)

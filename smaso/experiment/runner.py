@@ -539,6 +539,15 @@ class Training:
         data: a loaded dataset to reuse, or None (loaded from ``rt``).
         rt: the runtime options (:class:`Runtime`).
         say: where the progress lines go.
+
+    Example::
+
+        >>> import inspect
+        >>> from smaso.experiment.runner import Runtime, Training
+        >>> list(inspect.signature(Training).parameters)
+        ['configs', 'out_dir', 'data', 'rt', 'say']
+        >>> Runtime().checkpoint_every, Runtime().device
+        (60.0, 'auto')
     """
 
     def __init__(self, configs, out_dir, data, rt: Runtime, say) -> None:
@@ -812,6 +821,28 @@ def run(
     subset_path, save_model, stale_after, checkpoint_every). ``log`` receives one line
     per epoch (None: silent). ``on_epoch(epoch, model, record)`` is called after each
     epoch (and its checkpoint, when one is due), ``on_batch(i)`` after each step.
+
+    Args:
+        config: the run (:class:`~smaso.experiment.config.RunConfig`).
+        out_dir: the results folder.
+        data: a loaded dataset to reuse, or None (default: loaded from the runtime
+            options).
+        log: where the progress lines go (default ``print``; None: silent).
+        on_epoch: ``on_epoch(epoch, model, record)`` (default None).
+        on_batch: ``on_batch(i)`` (default None).
+        **runtime: the fields of :class:`Runtime`.
+
+    Returns:
+        the run's results dict, as written to ``out_dir/RUN_ID.json`` (``run_id``,
+        ``config``, ``history``, ``final_test_acc``, ``wall_s``, ...).
+
+    Example::
+
+        >>> from smaso.experiment.runner import run
+        >>> run({"dataset": "digits"}, "out")
+        Traceback (most recent call last):
+            ...
+        TypeError: config must be a RunConfig, got dict
     """
     if not isinstance(config, RunConfig):
         raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
