@@ -14,6 +14,8 @@ import matplotlib
 import matplotlib.image
 import matplotlib.text
 
+from .data import DATASETS
+
 #: Inches: 700 pixels at :data:`DPI`, inside the 787-pixel column.
 WIDTH = 7.0
 DPI = 100
@@ -95,8 +97,6 @@ def is_code_name(text: str) -> bool:
 def name(key: str) -> str:
     """The display name of an arm, setting or method (:data:`NAMES`), or of a dataset
     (its ``display`` in :data:`smaso.data.DATASETS`)."""
-    from .data import DATASETS
-
     if key in DATASETS:
         return DATASETS[key].display
     try:

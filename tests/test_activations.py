@@ -459,15 +459,6 @@ def test_bad_inputs_are_refused():
 def test_learnable_beta_modules_share_one_constructor():
     """The β-VQ modules set up β through _LearnableBeta; their parameters keep the
     order stored optimiser states were saved in (the maxout's pieces before ρ)."""
-    from smaso.activations import (
-        BetaVQAbs,
-        BetaVQLeakyReLU,
-        BetaVQMaxout,
-        BetaVQMaxPool2d,
-        BetaVQReLU,
-        TsallisVQReLU,
-    )
-
     for m in (
         BetaVQReLU(3, beta_init=0.25),
         BetaVQAbs(3, beta_init=0.25),

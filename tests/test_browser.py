@@ -399,16 +399,22 @@ def check_numbers(page) -> list[str]:
     return problems
 
 
+# The page's article (the chapter's text), for the scripts below.
+ARTICLE = """  const article = document.querySelector('article.bd-article')
+    || document.querySelector('article') || document.body;
+"""
+
 # Every element inside the article: one whose content is wider than its box, where
 # the box scrolls (overflow-x auto/scroll) or clips (hidden/clip); and one that sticks
 # out of the column without a scrolling or clipping box around it. Display math included
 # (MathJax's containers), as are tables' scrolling wrappers. Hidden elements and
 # screen-reader-only text (clipped to 1 px) are skipped; so are inline elements' boxes
 # (an inline box has no width of its own to scroll).
-LAYOUT_JS = """() => {
-  const article = document.querySelector('article.bd-article')
-    || document.querySelector('article') || document.body;
-  const box = article.getBoundingClientRect();
+LAYOUT_JS = (
+    """() => {
+"""
+    + ARTICLE
+    + """  const box = article.getBoundingClientRect();
   const out = [];
   const text = e => (e.textContent || '').trim().replace(/\\s+/g, ' ').slice(0, 70);
   const clips = e => ['auto', 'scroll', 'hidden', 'clip']
@@ -438,8 +444,7 @@ LAYOUT_JS = """() => {
     const r = e.getBoundingClientRect();
     if (r.width <= 1 || r.height <= 1) continue;
     const style = getComputedStyle(e);
-    if (style.display !== 'inline'
-        && ['auto', 'scroll', 'hidden', 'clip'].includes(style.overflowX)
+    if (style.display !== 'inline' && clips(e)
         && e.scrollWidth > e.clientWidth + 1 && e.clientWidth > 1) {
       const over = spill(e);
       if (over > 2) out.push({tag: e.tagName.toLowerCase(),
@@ -460,6 +465,7 @@ LAYOUT_JS = """() => {
   }
   return out;
 }"""
+)
 
 
 def check_layout(page) -> list[str]:
@@ -485,36 +491,37 @@ def check_layout(page) -> list[str]:
 
 # Figures, in the page as a reader first sees it (collapsed cells closed): how much each
 # image is shrunk (natural width / shown width), and where each figure is.
-FIGURES_JS = """() => {
-  const article = document.querySelector('article.bd-article')
-    || document.querySelector('article') || document.body;
-  const top = article.getBoundingClientRect().top + window.scrollY;
+FIGURES_JS = (
+    """() => {
+"""
+    + ARTICLE
+    + """  const top = article.getBoundingClientRect().top + window.scrollY;
   const imgs = [...article.querySelectorAll('img')].filter(i => i.clientWidth > 0);
   return {height: article.scrollHeight,
     images: imgs.map(i => ({src: i.getAttribute('src'), natural: i.naturalWidth,
       shown: i.clientWidth,
       y: i.getBoundingClientRect().top + window.scrollY - top}))};
 }"""
+)
 SHRINK = 1.25  # a figure may be shown at most this much smaller than it was drawn
 SCREENS_WITHOUT_FIGURE = 6  # in a chapter, at most this many screens between figures
 
 
-def check_figures_read(page) -> list[str]:
-    """Every figure is shown at no less than 1/SHRINK of its drawn width (so its fonts
-    stay as drawn: smaso.plotting)."""
+def check_figures_read(figures: dict) -> list[str]:
+    """Every figure (``figures``: FIGURES_JS's result) is shown at no less than
+    1/SHRINK of its drawn width (so its fonts stay as drawn: smaso.plotting)."""
     return [
         f"figure {i['src']} is drawn {i['natural']} px wide and shown at "
         f"{i['shown']} px (shrunk {i['natural'] / i['shown']:.2f}x > {SHRINK}x)"
-        for i in page.evaluate(FIGURES_JS)["images"]
+        for i in figures["images"]
         if i["natural"] > SHRINK * i["shown"]
     ]
 
 
-def screens_without_figure(page) -> tuple[float, list[float]]:
+def screens_without_figure(f: dict) -> tuple[float, list[float]]:
     """The longest stretch of the article without a figure (from its top, between
-    figures, to its end), in screens of the test's window; and where the figures
-    are (in screens)."""
-    f = page.evaluate(FIGURES_JS)
+    figures, to its end; ``f``: FIGURES_JS's result), in screens of the test's window;
+    and where the figures are (in screens)."""
     screen = VIEWPORT["height"]
     ys = sorted(i["y"] for i in f["images"])
     edges = [0.0, *ys, float(f["height"])]
@@ -561,9 +568,10 @@ def test_page(visit, server, page_path: str):
         + check_links(v.page, server)
         + check_numbers(v.page)
     )
-    problems += check_figures_read(v.page)
+    figures = v.page.evaluate(FIGURES_JS)
+    problems += check_figures_read(figures)
     if page_path.removesuffix(".html") in chapters_with_figures():
-        longest, _ = screens_without_figure(v.page)
+        longest, _ = screens_without_figure(figures)
         if longest > SCREENS_WITHOUT_FIGURE:
             problems.append(
                 f"{longest:.1f} screens without a figure (at most "

@@ -129,19 +129,24 @@ def test_run_learns_writes_results_and_skips_when_finished(tmp_path):
     )  # finished: nothing trained, nothing overwritten
 
 
+def killed_after_epoch(cfg, out_dir, n):
+    """Run ``cfg`` into ``out_dir`` with a checkpoint after every epoch, killed once
+    epoch ``n`` has finished (and been checkpointed)."""
+
+    def kill(epoch, model, rec):
+        if epoch == n:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(cfg, out_dir, log=None, on_epoch=kill, checkpoint_every=0)
+
+
 def test_a_single_run_checkpoint_of_the_old_format_resumes(tmp_path):
     """Checkpoints have one format (``configs``/``histories``, a list of one for a
     single run); one written before, with ``config``/``history``, still resumes."""
     cfg = tiny(epochs=3)
     whole = run(cfg, tmp_path / "whole", log=None)
-
-    def kill_after_epoch_1(epoch, model, rec):
-        if epoch == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        run(cfg, tmp_path / "k", log=None, on_epoch=kill_after_epoch_1,
-            checkpoint_every=0)  # fmt: skip
+    killed_after_epoch(cfg, tmp_path / "k", 1)
     ckpt = checkpoint_path(tmp_path / "k", cfg)
     state = torch.load(ckpt, weights_only=True)
     assert len(state["configs"]) == 1 and len(state["histories"]) == 1
@@ -158,19 +163,7 @@ def test_a_single_run_checkpoint_of_the_old_format_resumes(tmp_path):
 def test_resume_after_a_kill_loses_at_most_one_epoch(tmp_path):
     cfg = tiny(epochs=4)
     whole = run(cfg, tmp_path / "whole", log=None)
-
-    def kill_after_epoch_2(epoch, model, rec):
-        if epoch == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        run(
-            cfg,
-            tmp_path / "k",
-            log=None,
-            on_epoch=kill_after_epoch_2,
-            checkpoint_every=0,
-        )
+    killed_after_epoch(cfg, tmp_path / "k", 2)
     assert not result_path(tmp_path / "k", cfg).exists()
     assert load_checkpoint(checkpoint_path(tmp_path / "k", cfg))["epoch"] == 2
 
@@ -535,12 +528,7 @@ def test_authors_protocol_run_trains_what_it_says(tmp_path):
 
 def test_resume_under_another_precision_is_refused(tmp_path):
     cfg = tiny(epochs=3)
-
-    def stop(epoch, model, rec):
-        raise Killed
-
-    with pytest.raises(Killed):
-        run(cfg, tmp_path, log=None, on_epoch=stop, checkpoint_every=0)
+    killed_after_epoch(cfg, tmp_path, 1)
     ckpt = checkpoint_path(tmp_path, cfg)
     state = load_checkpoint(ckpt)
     assert (state["precision"], state["device_type"]) == ("float64", "cpu")
