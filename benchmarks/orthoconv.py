@@ -2,12 +2,12 @@
 future work 4): one run, on CPU.
 
 One full training step (forward, cross-entropy, backward, Adam) of the circular smallCNN
-of :func:`smaso.convstudy.circular_small_cnn` on a random CPU batch of 3x32x32 images,
-in each arm: plain circular convolutions (the baseline), QR-orthonormal filters, the
-Cayley operator applied by FFT (:class:`smaso.orthoconv.CircularConv2d`), BCOP, and the
-Cayley operator applied as the plain ``nn.Conv2d`` its dense kernel is (fewer rounds:
-it is slow). Also the parametrisation alone (weight -> kernel, forward and backward) for
-each of the three convolutions.
+of :func:`smaso.experiment.convstudy.circular_small_cnn` on a random CPU batch of
+3x32x32 images, in each arm: plain circular convolutions (the baseline), QR-orthonormal
+filters, the Cayley operator applied by FFT (:class:`smaso.orthoconv.CircularConv2d`),
+BCOP, and the Cayley operator applied as the plain ``nn.Conv2d`` its dense kernel is
+(fewer rounds: it is slow). Also the parametrisation alone (weight -> kernel, forward
+and backward) for each of the three convolutions.
 
 Timings are interleaved (one step of every arm per round) and summarised by the median
 of process CPU time, so that a change in the machine's load affects all arms alike.
@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 from benchmarks.common import loadavg, metadata, timed, write_results
-from smaso.convstudy import circular_small_cnn
+from smaso.experiment.convstudy import circular_small_cnn
 from smaso.orthoconv import full_kernel_size, register_cayley
 
 OUT = Path(__file__).resolve().parent / "results" / "orthoconv.json"

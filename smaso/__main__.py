@@ -44,78 +44,9 @@ from .experiment import (
     table2_configs,
     write_json_atomic,
 )
-from .experiment.config import config_fields, help_of
+from .experiment.config import config_fields
+from .experiment.frame import add_options, picked
 from .experiment.study import METRICS
-
-
-def _floats(text):
-    try:
-        return tuple(float(v) for v in text.split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-
-
-def _seeds(text):
-    """ "5" -> seeds 0..4; "0,3,7" -> those seeds."""
-    try:
-        if "," in text:
-            return tuple(int(v) for v in text.split(",") if v)
-        return tuple(range(int(text)))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a seed count (5) or a list (0,3,7), got {text!r}"
-        ) from None
-
-
-def _names(allowed):
-    def parse(text):
-        names = tuple(v for v in text.split(",") if v)
-        bad = [v for v in names if v not in allowed]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(
-                f"unknown {bad or text!r}; choose from {', '.join(allowed)}"
-            )
-        return names
-
-    return parse
-
-
-_TYPES = {"str": str, "int": int, "float": float}
-
-
-def _add_fields(group, fields):
-    """One option per dataclass field: its type, choices and help from the field.
-    Options not given are not set, so the dataclass's defaults apply."""
-    for f in fields:
-        base = str(f.type).split("|")[0].strip()
-        choices = f.metadata.get("choices")
-        kw = dict(dest=f.name, default=argparse.SUPPRESS)
-        if f.metadata.get("kind") == "names":
-            kw["type"] = _names(list(choices))
-        elif f.metadata.get("kind") == "floats":
-            kw["type"] = _floats
-        elif f.metadata.get("kind") == "seeds":
-            kw["type"] = _seeds
-        elif base == "bool":
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = _TYPES[base]
-            if choices is not None:
-                kw["choices"] = list(choices)
-        kw["help"] = help_of(f)
-        group.add_argument("--" + f.name.replace("_", "-"), **kw)
-
-
-def _field(cls, name) -> dataclasses.Field:
-    return next(f for f in dataclasses.fields(cls) if f.name == name)
-
-
-def _picked(a, cls):
-    """The options of ``a`` that are fields of the dataclass ``cls``."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(a).items() if k in names}
 
 
 def _where(p):
@@ -125,7 +56,7 @@ def _where(p):
         required=True,
         help="results folder (one RUN_ID.json per run, checkpoints/, models/)",
     )
-    _add_fields(g, dataclasses.fields(Runtime))
+    add_options(g, dataclasses.fields(Runtime))
     g.add_argument("--quiet", action="store_true", help="no per-epoch lines")
 
 
@@ -136,8 +67,8 @@ def _grid_args(p):
         help="table2: Table 2 and the exactly orthogonal + swish row; subset: the "
         "chapter's subset-scale study of --protocol (grid options do not apply)",
     )
-    _add_fields(p.add_argument_group("the grid"), dataclasses.fields(Table2Grid))
-    _add_fields(p.add_argument_group("options of every run"), config_fields(rows=False))
+    add_options(p.add_argument_group("the grid"), dataclasses.fields(Table2Grid))
+    add_options(p.add_argument_group("options of every run"), config_fields(rows=False))
 
 
 def _sweep_parser(sub) -> None:
@@ -218,7 +149,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="train one configuration")
-    _add_fields(r.add_argument_group("the run"), config_fields())
+    add_options(r.add_argument_group("the run"), config_fields())
     _where(r)
 
     _sweep_parser(sub)
@@ -228,7 +159,8 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "download", help="fetch the torchvision datasets once, before a sweep"
     )
-    _add_fields(d, [_field(Table2Grid, "datasets"), _field(Runtime, "data_root")])
+    fields = [*dataclasses.fields(Table2Grid), *dataclasses.fields(Runtime)]
+    add_options(d, [f for f in fields if f.name in ("datasets", "data_root")])
 
     sub.add_parser(
         "activations",
@@ -241,8 +173,8 @@ def parser() -> argparse.ArgumentParser:
 def _configs(a):
     if a.study == "subset":
         return subset_study(getattr(a, "protocol", "paper"))
-    grid = _picked(a, Table2Grid)
-    common = _picked(a, RunConfig)
+    grid = picked(a, Table2Grid)
+    common = picked(a, RunConfig)
     return table2_configs(
         grid.pop("datasets", Table2Grid.datasets),
         grid.pop("lrs", Table2Grid.lrs),
@@ -268,7 +200,7 @@ def _submit(a, configs):
         params["slurm_array_parallelism"] = a.array_parallelism
     folder = a.folder or Path(a.out) / "submitit"
     jobs = submit(
-        configs, a.out, executor(folder, a.cluster, **params), **_picked(a, Runtime)
+        configs, a.out, executor(folder, a.cluster, **params), **picked(a, Runtime)
     )
     print(f"{a.study}: {len(configs)} runs, {len(jobs)} submitted (logs in {folder})")
     for j in jobs:
@@ -286,10 +218,10 @@ def main(argv=None) -> int:
     try:
         if a.command == "run":
             r = run(
-                RunConfig(**_picked(a, RunConfig)),
+                RunConfig(**picked(a, RunConfig)),
                 a.out,
                 log=log,
-                **_picked(a, Runtime),
+                **picked(a, Runtime),
             )
             print(
                 f"{r['run_id']}: final test accuracy {100 * r['final_test_acc']:.2f}% "
@@ -315,7 +247,7 @@ def main(argv=None) -> int:
                 log=print,
                 epoch_lines=not a.quiet,
                 retry_failed=a.retry_failed,
-                **_picked(a, Runtime),
+                **picked(a, Runtime),
             )
         elif a.command == "download":
             download(

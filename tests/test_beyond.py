@@ -18,8 +18,9 @@ from smaso.activations import (
 )
 from smaso.data import TensorData
 from smaso.experiment import activation_study as beyond
-from smaso.experiment import write_json_atomic
+from smaso.experiment.frame import ResultsError, config_to_dict
 from smaso.models import study_cnn
+from smaso.records import write_json_atomic
 from smaso.tsallis import scalar_tsallis_maso
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,8 +170,10 @@ def test_every_arm_builds_and_runs():
         assert n_beta == (0 if arm in ("relu", "silu", "hardswish") else 3), arm
     with pytest.raises(ValueError, match="activation must be one of"):
         study_cnn(10, 1, "tanh")
-    with pytest.raises(ValueError, match="unknown dataset"):
-        beyond.config_of("mnist", "relu", 0)
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        beyond.ActivationRun("mnist", "relu", 0)
+    with pytest.raises(ValueError, match="arm must be one of"):
+        beyond.ActivationRun("digits", "tanh", 0)
 
 
 def _tiny_data():
@@ -180,28 +183,29 @@ def _tiny_data():
     return TensorData(x[:32], y[:32], x[32:], y[32:], 3)
 
 
-def test_run_one_records_beta_trajectory(monkeypatch):
-    monkeypatch.setitem(
-        beyond.BUDGETS, "digits", dict(beyond.BUDGETS["digits"], epochs=2)
-    )
-    out = beyond.run_one("digits", "bvq-maxout3", 0, data=_tiny_data())
-    assert out["config"] == beyond.config_of("digits", "bvq-maxout3", 0)
+def test_run_one_records_beta_trajectory():
+    config = beyond.ActivationRun("digits", "bvq-maxout3", 0, epochs=2)
+    out = beyond.run_one(config, data=_tiny_data())
+    assert out["config"] == config_to_dict(config)
+    assert out["config"]["widths"] == [16, 32, 64] and out["config"]["lr"] == 3e-3
     res = out["result"]
     assert len(res["history"]) == 2 and 0 <= res["test_acc"] <= 1
     assert len(res["beta_per_epoch"]) == 3 and [
         len(b) for b in res["beta_per_epoch"][0]
     ] == [16, 32, 64]
     assert res["beta_per_epoch"][0][0][0] == 0.5 and len(res["maxout_pieces"]) == 3
-    again = beyond.run_one("digits", "bvq-maxout3", 0, data=_tiny_data())
+    again = beyond.run_one(config, data=_tiny_data())
     assert again["result"]["history"] == res["history"]  # seeded: reproducible
 
 
 def test_results_are_written_atomically_and_never_overwritten(tmp_path, capsys):
-    config = beyond.config_of("digits", "relu", 0)
-    path = beyond.result_path(tmp_path, "digits", "relu", 0)
-    assert beyond.existing_status(path, config) == "missing"
+    run = beyond.ActivationRun("digits", "relu", 0)
+    config, study = config_to_dict(run), beyond.STUDY
+    path = study.path(run, tmp_path)
+    assert path.name == "digits-relu-seed0.json"
+    assert study.status(run, tmp_path) == "missing"
     write_json_atomic(path, {"config": config, "result": {"test_acc": 0.5}})
-    assert beyond.existing_status(path, config) == "same"
+    assert study.status(run, tmp_path) == "same"
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
     # a stored run with the same config is skipped (no training happens: the file is
     # unchanged)
@@ -228,7 +232,11 @@ def test_results_are_written_atomically_and_never_overwritten(tmp_path, capsys):
     write_json_atomic(
         path, {"config": other, "result": {"test_acc": 0.1}}, overwrite=True
     )
-    assert beyond.existing_status(path, config) == "different"
+    assert study.status(run, tmp_path) == "different"
+    with pytest.raises(FileExistsError, match="holds another run"):
+        study.save(run, {"config": config}, tmp_path)
+    with pytest.raises(ResultsError, match="another configuration"):
+        study.finished(run, tmp_path)
     before = path.read_text()
     assert (
         beyond.main(
@@ -248,13 +256,15 @@ def test_results_are_written_atomically_and_never_overwritten(tmp_path, capsys):
     )
     assert path.read_text() == before and "refusing" in capsys.readouterr().err
     path.write_text("{not json")
-    assert beyond.existing_status(path, config) == "different"
+    assert study.status(run, tmp_path) == "different"
+    with pytest.raises(ResultsError, match="corrupt"):
+        study.load(tmp_path)
 
 
 def test_summarize():
     runs = [
         {
-            "config": beyond.config_of("digits", "swish", s),
+            "config": config_to_dict(beyond.ActivationRun("digits", "swish", s)),
             "result": {
                 "test_acc": a,
                 "beta_per_epoch": [[[0.5, 0.5]], [[b, b]]],
@@ -270,15 +280,14 @@ def test_summarize():
 
 
 def test_committed_results_are_consistent():
-    results = beyond.load_results(beyond.RESULTS)
+    results = beyond.STUDY.load()
     if not results:
         pytest.skip("no committed results in book/results/beyond")
     seen = {}
     for r in results:
         c = r["config"]
-        assert c == beyond.config_of(c["dataset"], c["arm"], c["seed"]), (
-            f"stale result {c}"
-        )
+        run = beyond.ActivationRun(c["dataset"], c["arm"], c["seed"])
+        assert beyond.STUDY.status(run) == "same", f"stale result {c}"
         assert len(r["result"]["history"]) == c["epochs"]
         seen.setdefault((c["dataset"], c["arm"]), set()).add(c["seed"])
     for key, seeds in seen.items():

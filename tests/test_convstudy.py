@@ -1,5 +1,5 @@
-"""Tests for smaso.convstudy: the circular smallCNN arms, the denoisers, the stored-run
-machinery, and the stored results of the convolution chapter."""
+"""Tests for smaso.experiment.convstudy: the circular smallCNN arms, the denoisers,
+the stored-run machinery, and the stored results of the convolution chapter."""
 
 import json
 
@@ -8,8 +8,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from smaso import convstudy
 from smaso.data import TensorData, find_cifar10_subset
+from smaso.experiment import convstudy
+from smaso.experiment.frame import ResultsError
 from smaso.factorial import joint_log_posterior, mutual_coherence
 from smaso.layers import layer_maso
 from smaso.models import small_cnn
@@ -157,33 +158,42 @@ def tiny_subset(standardize=True, dtype=torch.float32):
 
 def test_run_cnn_writes_once(tmp_path, monkeypatch):
     monkeypatch.setattr(convstudy, "cifar10_subset", tiny_subset)
-    monkeypatch.setitem(convstudy.CNN_CONFIG, "epochs", 1)
-    r = convstudy.run_cnn("bcop", 0, out_dir=tmp_path)
+    config = convstudy.CnnRun("bcop", 0, epochs=1)
+    r = convstudy.run_cnn(config, out_dir=tmp_path)
     path = tmp_path / "cnn-bcop-seed0.json"
     stored = json.loads(path.read_text())
     assert stored["config"]["arm"] == "bcop" and len(stored["history"]) == 1
     assert max(stored["operator_errors"][1:]) < 1e-5  # [0]: the unconstrained stem
     data = tiny_subset()
     with torch.no_grad():  # the stored weights give the stored accuracy
-        pred = convstudy.load_cnn("bcop", 0, tmp_path)(data.x_test).argmax(1)
+        pred = convstudy.load_cnn(config, tmp_path)(data.x_test).argmax(1)
     assert (pred == data.y_test).double().mean().item() == stored["test_acc"]
     assert r["test_acc"] == stored["test_acc"]
     path.write_text(json.dumps({**stored, "test_acc": -1.0}))
-    assert convstudy.run_cnn("bcop", 0, out_dir=tmp_path)["test_acc"] == -1.0
-    assert convstudy.run_cnn("bcop", 0, out_dir=tmp_path, force=True)["test_acc"] >= 0
+    assert convstudy.run_cnn(config, out_dir=tmp_path)["test_acc"] == -1.0
+    assert convstudy.run_cnn(config, out_dir=tmp_path, force=True)["test_acc"] >= 0
     assert set(convstudy.load_results(tmp_path)["cnn"]) == {("bcop", 0)}
+    # a stored file of another configuration under the run's name is never returned
+    # as the run's, nor replaced without force
+    other = convstudy.CnnRun("bcop", 0, epochs=2)
+    before = path.read_text()
+    with pytest.raises(ResultsError, match="another configuration"):
+        convstudy.run_cnn(other, out_dir=tmp_path)
+    assert path.read_text() == before
 
 
 @needs_subset
 def test_run_denoise_writes_once(tmp_path, monkeypatch):
-    monkeypatch.setitem(convstudy.DENOISE_CONFIG, "steps", 2)
-    r = convstudy.run_denoise("cayley", "beta", out_dir=tmp_path, sigmas=(0.2,))
+    config = convstudy.DenoiseRun("cayley", "beta", steps=2, sigmas=(0.2,))
+    r = convstudy.run_denoise(config, out_dir=tmp_path)
     (row,) = r["runs"]
     assert row["sigma"] == 0.2 and row["psnr_reconstruction"] > 100
     assert row["operator_error"] < 1e-5 and len(row["tau"]) == 16
-    again = convstudy.run_denoise("cayley", "beta", out_dir=tmp_path)
+    again = convstudy.run_denoise(config, out_dir=tmp_path)
     assert again == json.loads((tmp_path / "denoise-cayley-beta.json").read_text())
-    assert len(again["runs"]) == 1  # the stored file, not a new run
+    assert again["runs"] == r["runs"]  # the stored file, not a new run
+    with pytest.raises(ResultsError, match="another configuration"):
+        convstudy.run_denoise(convstudy.DenoiseRun("cayley", "beta"), tmp_path)
     assert set(convstudy.load_results(tmp_path)["denoise"]) == {("cayley", "beta")}
 
 
@@ -197,16 +207,12 @@ def test_grayscale_subset():
 def test_stored_results_match_the_current_configuration():
     results = convstudy.load_results()
     for (arm, seed), r in results["cnn"].items():
-        assert r["config"] == {"arm": arm, "seed": seed, **convstudy.CNN_CONFIG}
-        assert len(r["history"]) == convstudy.CNN_CONFIG["epochs"]
-        assert (convstudy.RESULTS / f"cnn-{arm}-seed{seed}.pt").is_file()
+        config = convstudy.CnnRun(arm, seed)
+        assert convstudy.CNN.status(config) == "same"
+        assert len(r["history"]) == config.epochs
+        assert convstudy.CNN.path(config).with_suffix(".pt").is_file()
     for (arm, shrink), r in results["denoise"].items():
-        assert r["config"] == {
-            "arm": arm,
-            "shrink": shrink,
-            "seed": 0,
-            **convstudy.DENOISE_CONFIG,
-        }
+        assert convstudy.DENOISE.status(convstudy.DenoiseRun(arm, shrink)) == "same"
         assert [x["sigma"] for x in r["runs"]] == list(convstudy.SIGMAS)
     assert set(results["denoise"]) == {
         (a, s) for a in convstudy.DENOISE_ARMS for s in ("soft", "beta")

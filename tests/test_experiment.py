@@ -79,7 +79,7 @@ def test_run_config_validation_and_ids():
     for kw, field in bad:
         with pytest.raises(ValueError, match=field):
             RunConfig(**kw)
-    with pytest.raises(ValueError, match="unknown run config fields"):
+    with pytest.raises(ValueError, match="unknown RunConfig fields"):
         RunConfig.from_dict({"dataset": "cifar10", "colour": "red"})
 
 
@@ -790,7 +790,7 @@ def test_records_is_the_ground_floor():
     import sys
 
     code = (
-        "import sys, smaso.records as r, smaso.convstudy; "
+        "import sys, smaso.records as r, smaso.experiment.convstudy; "
         "print('smaso.experiment.runner' in sys.modules, sorted(r.provenance()))"
     )
     out = subprocess.run(

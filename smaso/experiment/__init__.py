@@ -1,144 +1,48 @@
-"""The classification experiment of Section 5 (Table 2 and the Gram-Schmidt + swish
-run) as a resumable pipeline, in four parts:
+"""The experiments of Section 5 and of the book's studies, on one frame.
 
+* :mod:`~smaso.experiment.frame`: what every study shares: a config dataclass, one
+  results file per run, the same-run check, the loader, the command line;
 * :mod:`~smaso.experiment.config`: :class:`RunConfig`, every default and choice of a
-  run, and the two protocols (the paper's reading, the authors' code);
-* :mod:`~smaso.experiment.store`: where a run's files live, the atomic writers, claims;
+  Table 2 run, and the two protocols (the paper's reading, the authors' code);
+* :mod:`~smaso.experiment.store`: where a Table 2 run's files live, checkpoints,
+  claims;
 * :mod:`~smaso.experiment.runner`: :func:`run`, one run from config to results file;
 * :mod:`~smaso.experiment.study`: the Table 2 grid, sweeps and shards, the table;
 * :mod:`~smaso.experiment.fullscale`: the full-scale Table 2 read back from the
-  folders a GPU sweep wrote (``SMASO_TABLE2_RESULTS``), beside the paper's numbers.
+  folders a GPU sweep wrote (``SMASO_TABLE2_RESULTS``), beside the paper's numbers;
+* :mod:`~smaso.experiment.cluster`: a sweep as a SLURM job array (submitit);
+* :mod:`~smaso.experiment.activation_study` (chapter 7) and
+  :mod:`~smaso.experiment.convstudy` (chapter 6): the book's two CPU studies.
 
-Beside them: :mod:`~smaso.experiment.cluster` (a sweep as a SLURM job array through
-submitit) and :mod:`~smaso.experiment.activation_study` (chapter 7's study). The names
-below are the public interface; the command line is :mod:`smaso.__main__`.
+The public names of the Table 2 modules are importable from here
+(``from smaso.experiment import RunConfig, run``); each module's ``__all__`` lists
+its own, and a module is loaded when one of its names is first asked for, so that
+importing one study does not load the others. The command line is
+:mod:`smaso.__main__`.
 """
 
-from ..data import DATASETS as _DATASETS
-from ..models import MODELS
-from .config import (
-    DTYPES,
-    OPTIMIZERS,
-    ORTHOGONALITY,
-    PAPER_GS_SWISH_CIFAR100,
-    PAPER_TABLE2,
-    PRECISIONS,
-    PROTOCOLS,
-    TABLE2_LRS,
-    Protocol,
-    RunConfig,
-)
-from .fullscale import (
-    NO_FULL_SCALE,
-    TABLE2_RESULTS_ENV,
-    full_scale_report,
-    load_full_scale,
-    render_full_scale,
-    table2_results_folders,
-)
-from .runner import (
-    RunClaimedError,
-    Runtime,
-    build_loss,
-    build_model,
-    build_optimizer,
-    build_packed,
-    build_training_model,
-    effective_precision,
-    filters_cos2,
-    load_trained_model,
-    orthogonality_error,
-    run,
-    run_packed,
-)
-from .store import (
-    CheckpointError,
-    ResultsError,
-    checkpoint_path,
-    claim,
-    claim_path,
-    failed_path,
-    load_checkpoint,
-    load_result,
-    load_results,
-    model_path,
-    result_path,
-    run_status,
-    write_json_atomic,
-)
-from .study import (
-    MixedRunsError,
-    Table2Grid,
-    download,
-    format_table,
-    parse_shard,
-    record_failure,
-    setting_of,
-    shard,
-    subset_study,
-    sweep,
-    table2,
-    table2_configs,
-)
+import importlib
+import importlib.util
 
-#: The authors' batch size per dataset (a view of :data:`smaso.data.DATASETS`).
-BATCH_SIZE = {name: d.batch_size for name, d in _DATASETS.items()}
+#: The modules whose public names this package offers, in the order they are searched.
+_PUBLIC = ("config", "frame", "store", "runner", "study", "fullscale")
 
-__all__ = [
-    "BATCH_SIZE",
-    "DTYPES",
-    "MODELS",
-    "NO_FULL_SCALE",
-    "OPTIMIZERS",
-    "ORTHOGONALITY",
-    "PAPER_GS_SWISH_CIFAR100",
-    "PAPER_TABLE2",
-    "PRECISIONS",
-    "PROTOCOLS",
-    "TABLE2_LRS",
-    "TABLE2_RESULTS_ENV",
-    "CheckpointError",
-    "MixedRunsError",
-    "Protocol",
-    "ResultsError",
-    "RunClaimedError",
-    "RunConfig",
-    "Runtime",
-    "Table2Grid",
-    "build_loss",
-    "build_model",
-    "build_optimizer",
-    "build_packed",
-    "build_training_model",
-    "checkpoint_path",
-    "claim",
-    "claim_path",
-    "download",
-    "effective_precision",
-    "failed_path",
-    "filters_cos2",
-    "format_table",
-    "full_scale_report",
-    "load_checkpoint",
-    "load_full_scale",
-    "load_result",
-    "load_results",
-    "load_trained_model",
-    "model_path",
-    "orthogonality_error",
-    "parse_shard",
-    "record_failure",
-    "render_full_scale",
-    "result_path",
-    "run",
-    "run_packed",
-    "run_status",
-    "setting_of",
-    "shard",
-    "subset_study",
-    "sweep",
-    "table2",
-    "table2_configs",
-    "table2_results_folders",
-    "write_json_atomic",
-]
+
+def _module(name):
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return _module(name)  # a module of the package (``from . import study``)
+    for m in _PUBLIC:
+        module = _module(m)
+        if name in module.__all__:
+            return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({n for m in _PUBLIC for n in _module(m).__all__} | set(globals()))

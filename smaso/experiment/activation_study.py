@@ -7,14 +7,14 @@ other entropy penalties. This study trains one small CNN
 (:func:`smaso.models.study_cnn`, the same for every arm) with each activation of
 :data:`ARMS` (entries of :data:`smaso.models.ACTIVATIONS`), on scikit-learn's digits and
 on the CIFAR-10 subset, for several seeds with the same budget per arm, with
-:func:`smaso.train.fit`. It writes
-one JSON file per run into ``book/results/beyond/`` with the experiments' one atomic
-writer (:func:`smaso.experiment.write_json_atomic`). A run whose file exists with the
-same configuration is skipped; a file with a different configuration is never
-overwritten unless ``--force``.
+:func:`smaso.train.fit`. A run is an :class:`ActivationRun`; the study is a
+:class:`smaso.experiment.frame.Study` over it (:data:`STUDY`), one JSON file per run
+in ``book/results/beyond/``. A run whose file exists with the same configuration is
+skipped; a file with a different configuration is never overwritten unless
+``--force``. The command line is derived from :class:`ActivationRun`:
 
-    python -m smaso activations run [--datasets digits cifar10] [--arms ...]
-    python -m smaso activations bench [--datasets digits cifar10]  # cost per step
+    python -m smaso activations run [--datasets digits,cifar10] [--arms ...] [--seeds 3]
+    python -m smaso activations bench [--datasets digits,cifar10]  # cost per step
     python -m smaso activations summary                       # table of stored runs
 
 Budget used for the committed results: see book/beyond.md (about half an hour on 2 CPU
@@ -24,33 +24,37 @@ cores).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..activations import BetaVQMaxout
-from ..data import cifar10_subset, digits
+from ..checks import choice, nonneg_int, positive_int
+from ..data import cifar10_subset, load
 from ..models import ACTIVATIONS, study_cnn
 from ..records import book_results, provenance, write_json_atomic
 from ..train import fit, train_epoch
+from .frame import Study, add_options, config_to_dict, grid, option
 
 __all__ = [
     "ARMS",
     "BUDGETS",
     "RESULTS",
+    "SOURCES",
+    "STUDY",
+    "ActivationRun",
     "bench",
     "beta_layers",
-    "config_of",
-    "existing_status",
     "load_data",
-    "load_results",
     "main",
-    "result_path",
+    "parser",
     "run_one",
     "summarize",
 ]
@@ -91,54 +95,91 @@ def beta_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "rho") and m.rho.requires_grad]
 
 
+#: The study's dataset names -> their entries of :data:`smaso.data.DATASETS` (the
+#: study's "cifar10" is the CIFAR-10 subset).
+SOURCES = {"digits": "digits", "cifar10": "cifar10-subset"}
+
+
 def load_data(dataset: str):
-    """The dataset as TensorData in the study's dtype."""
+    """The dataset (:data:`SOURCES`) as TensorData in the study's dtype: the digits in
+    [0, 1]; the subset standardised per channel in that dtype (as the stored runs were
+    trained; :func:`smaso.data.load` standardises in float64)."""
+    choice("dataset", dataset, SOURCES)
     dtype = getattr(torch, BUDGETS[dataset]["dtype"])
-    if dataset == "digits":
-        return digits(dtype=dtype)
-    if dataset == "cifar10":
+    if SOURCES[dataset] == "cifar10-subset":
         return cifar10_subset(dtype=dtype)
-    raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(BUDGETS)}")
+    return load(SOURCES[dataset], preprocess="none", dtype=dtype)
 
 
-def config_of(dataset: str, arm: str, seed: int) -> dict:
-    """Everything that determines a run (a stored run with an equal config is the
-    same run)."""
-    if dataset not in BUDGETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(BUDGETS)}")
-    if arm not in ARMS:
-        raise ValueError(f"unknown arm {arm!r}; choose from {sorted(ARMS)}")
-    return {
-        "schema": SCHEMA,
-        "dataset": dataset,
-        "arm": arm,
-        "arm_description": ARMS[arm][0],
-        "seed": seed,
-        "model": "small_cnn",
-        **BUDGETS[dataset],
-    }
+def _budget(field_name):
+    return option(None, f"{field_name} (same for every arm)", filled="the dataset's")
+
+
+@dataclass(frozen=True)
+class ActivationRun:
+    """Everything that determines one run of the study (Section 6's conjecture): a
+    stored run with an equal config is the same run. The budget fields left at None
+    are the dataset's (:data:`BUDGETS`).
+
+    Example:
+        >>> ActivationRun("digits", "bvq-abs", seed=2).epochs
+        20
+    """
+
+    dataset: str = option("digits", "dataset", tuple(BUDGETS), row=True)
+    arm: str = option("relu", "activation of every layer", tuple(ARMS), row=True)
+    seed: int = option(0, "seed of the weights and of the batch order", row=True)
+    widths: tuple | None = option(
+        None, "channels of the three convolutions", kind="ints", filled="the dataset's"
+    )
+    epochs: int | None = _budget("epochs")
+    lr: float | None = _budget("Adam learning rate")
+    batch_size: int | None = _budget("batch size")
+    dtype: str | None = option(
+        None, "weights and images", ("float32", "float64"), filled="the dataset's"
+    )
+    model: str = "small_cnn"
+    arm_description: str | None = None
+    schema: int = SCHEMA
+
+    def __post_init__(self):
+        choice("dataset", self.dataset, BUDGETS)
+        choice("arm", self.arm, ARMS)
+        nonneg_int("seed", self.seed)
+        for name, value in BUDGETS[self.dataset].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        object.__setattr__(self, "widths", tuple(self.widths))
+        object.__setattr__(self, "arm_description", ARMS[self.arm][0])
+        for name in ("epochs", "batch_size"):
+            positive_int(name, getattr(self, name))
+
+    def run_id(self) -> str:
+        return f"{self.dataset}-{self.arm}-seed{self.seed}"
+
+
+#: The study's stored runs: ``RESULTS/DATASET-ARM-seedN.json``.
+STUDY = Study(ActivationRun, RESULTS, pattern="*-seed*.json")
 
 
 def _round(values, nd=6):
     return [round(float(v), nd) for v in values]
 
 
-def run_one(dataset: str, arm: str, seed: int, data=None, progress=False) -> dict:
-    """Train one arm on one dataset with one seed; return {config, result, env} (what
-    the JSON file holds).
+def run_one(config: ActivationRun, data=None, progress=False) -> dict:
+    """Train one arm on one dataset with one seed (``config``); return {config,
+    result, env} (what the JSON file holds).
 
     The seed sets the weight initialisation (torch.manual_seed) and the data order
     (fit's seed). The result holds the per-epoch history, the final test accuracy, the
     learned β per layer and channel after every epoch (epoch 0 = initial),
     BetaVQMaxout's learned pieces, and the wall time.
     """
-    config = config_of(dataset, arm, seed)
-    data = load_data(dataset) if data is None else data
-    dtype = getattr(torch, config["dtype"])
-    torch.manual_seed(seed)
-    model = study_cnn(
-        data.num_classes, data.x_train.shape[1], arm, config["widths"]
-    ).to(dtype)
+    c = config
+    data = load_data(c.dataset) if data is None else data
+    torch.manual_seed(c.seed)
+    model = study_cnn(data.num_classes, data.x_train.shape[1], c.arm, list(c.widths))
+    model = model.to(getattr(torch, c.dtype))
     layers = beta_layers(model)
     betas = [[_round(m.beta.detach()) for m in layers]]
 
@@ -152,15 +193,14 @@ def run_one(dataset: str, arm: str, seed: int, data=None, progress=False) -> dic
     history = fit(
         model,
         data,
-        epochs=config["epochs"],
-        lr=config["lr"],
-        batch_size=config["batch_size"],
-        seed=seed,
+        epochs=c.epochs,
+        lr=c.lr,
+        batch_size=c.batch_size,
+        seed=c.seed,
         on_epoch=on_epoch,
         progress=False,
     )
     wall = time.perf_counter() - t0
-    steps = config["epochs"] * -(-len(data.x_train) // config["batch_size"])
     pieces = [
         {
             "slopes": [_round(r) for r in m.slopes.detach()],
@@ -175,35 +215,9 @@ def run_one(dataset: str, arm: str, seed: int, data=None, progress=False) -> dic
         "beta_per_epoch": betas,
         "maxout_pieces": pieces,
         "wall_s": round(wall, 2),
-        "steps": steps,
+        "steps": c.epochs * -(-len(data.x_train) // c.batch_size),
     }
-    return {"config": config, "result": result, "env": provenance()}
-
-
-def result_path(outdir: Path, dataset: str, arm: str, seed: int) -> Path:
-    return Path(outdir) / f"{dataset}-{arm}-seed{seed}.json"
-
-
-def existing_status(path: Path, config: dict) -> str:
-    """'missing', 'same' (a stored run with this config) or 'different' (a stored
-    file that is another run)."""
-    if not path.exists():
-        return "missing"
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return "different"
-    return (
-        "same" if stored.get("config") == config and "result" in stored else "different"
-    )
-
-
-def load_results(outdir: Path = RESULTS) -> list[dict]:
-    """Every stored run in ``outdir`` (files named DATASET-ARM-seedN.json), sorted by
-    name."""
-    return [
-        json.loads(p.read_text()) for p in sorted(Path(outdir).glob("*-seed*.json"))
-    ]
+    return {"config": config_to_dict(c), "result": result, "env": provenance()}
 
 
 def summarize(results: list[dict]) -> dict:
@@ -280,54 +294,56 @@ def bench(dataset: str, arms, rounds: int = 7, steps: int = 5) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m smaso activations", description=__doc__.split("\n")[0]
+def parser() -> argparse.ArgumentParser:
+    """The study's command line, derived from :class:`ActivationRun`."""
+    p = argparse.ArgumentParser(
+        prog="python -m smaso activations", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("command", choices=["run", "bench", "summary"])
-    parser.add_argument(
-        "--datasets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS)
-    )
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument(
+    p.add_argument("command", choices=["run", "bench", "summary"])
+    add_options(p, dataclasses.fields(ActivationRun), rows=True)
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
         "--force",
         action="store_true",
         help="overwrite stored results whose configuration differs",
     )
-    args = parser.parse_args(argv)
+    return p
+
+
+def _summary(out) -> int:
+    for (dataset, arm), row in summarize(STUDY.load(out)).items():
+        betas = " ".join(f"{b:.2f}" for b in row["beta_final"])
+        print(
+            f"{dataset:8s} {arm:14s} n={row['n']} acc {row['mean']:.4f} ± "
+            f"{row['std']:.4f}  beta {betas}"
+        )
+    return 0
+
+
+def _bench(args) -> int:
+    for dataset in getattr(args, "datasets", BUDGETS):
+        out = bench(dataset, getattr(args, "arms", ARMS))
+        path = args.out / f"cost-{dataset}.json"
+        if path.exists() and not args.force:
+            print(f"{path} exists; pass --force to replace it", file=sys.stderr)
+            return 1
+        write_json_atomic(path, out, overwrite=True)
+        print(json.dumps(out["ms_per_step"]), flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
     if args.command == "summary":
-        for (dataset, arm), row in summarize(load_results(args.out)).items():
-            betas = " ".join(f"{b:.2f}" for b in row["beta_final"])
-            print(
-                f"{dataset:8s} {arm:14s} n={row['n']} acc {row['mean']:.4f} ± "
-                f"{row['std']:.4f}  beta {betas}"
-            )
-        return 0
-
+        return _summary(args.out)
     if args.command == "bench":
-        for dataset in args.datasets:
-            out = bench(dataset, args.arms)
-            path = args.out / f"cost-{dataset}.json"
-            if path.exists() and not args.force:
-                print(f"{path} exists; pass --force to replace it", file=sys.stderr)
-                return 1
-            write_json_atomic(path, out, overwrite=True)
-            print(json.dumps(out["ms_per_step"]), flush=True)
-        return 0
-
-    # run: refuse up front if any planned run would overwrite a different stored result
-    plan = [(d, a, s) for d in args.datasets for s in args.seeds for a in args.arms]
-    clashes = [
-        result_path(args.out, *p)
-        for p in plan
-        if existing_status(result_path(args.out, *p), config_of(*p)) == "different"
-    ]
+        return _bench(args)
+    rows = dict(dataset=list(BUDGETS), arm=list(ARMS), seed=[0, 1, 2])
+    plan = grid(ActivationRun, args, rows)
+    clashes = STUDY.clashes(plan, args.out)
     if clashes and not args.force:
         print(
             "refusing to overwrite stored results with a different configuration "
@@ -338,18 +354,16 @@ def main(argv=None) -> int:
             print(f"  {c}", file=sys.stderr)
         return 1
     data_cache = {}
-    for i, (dataset, arm, seed) in enumerate(plan, 1):
-        path = result_path(args.out, dataset, arm, seed)
-        if existing_status(path, config_of(dataset, arm, seed)) == "same":
+    for i, config in enumerate(plan, 1):
+        path = STUDY.path(config, args.out)
+        if STUDY.status(config, args.out) == "same":
             print(f"[{i}/{len(plan)}] {path.name}: done already, skipped", flush=True)
             continue
-        if dataset not in data_cache:
-            data_cache[dataset] = load_data(dataset)
-        print(f"[{i}/{len(plan)}] {dataset} {arm} seed {seed} ...", flush=True)
-        out = run_one(
-            dataset, arm, seed, data_cache[dataset], progress=dataset != "digits"
-        )
-        write_json_atomic(path, out, overwrite=True)
+        if config.dataset not in data_cache:
+            data_cache[config.dataset] = load_data(config.dataset)
+        print(f"[{i}/{len(plan)}] {config.run_id()} ...", flush=True)
+        out = run_one(config, data_cache[config.dataset], config.dataset != "digits")
+        STUDY.save(config, out, args.out, force=True)
         print(
             f"[{i}/{len(plan)}] {path.name}: test acc {out['result']['test_acc']:.4f} "
             f"in {out['result']['wall_s']:.1f} s",

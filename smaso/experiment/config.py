@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +22,7 @@ from ..data import DATASETS, PREPROCESS
 from ..filters import EXACT
 from ..models import ACTIVATIONS, BN_MOMENTUM, MODELS
 from ..orthogonal import PENALTIES
+from .frame import config_from_dict, option
 
 __all__ = [
     "DTYPES",
@@ -35,7 +36,6 @@ __all__ = [
     "Protocol",
     "RunConfig",
     "config_fields",
-    "help_of",
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -137,11 +137,8 @@ PROTOCOLS = {
 }
 
 
-def _field(default, help, choices=None, *, row=False):
-    """A config field with its help text and choices (the CLI is built from them);
-    ``row``: set per row by a sweep (not a sweep-wide option)."""
-    meta = {"help": help, "choices": choices, "row": row}
-    return field(default=default, metadata=meta)
+#: What fills a protocol-dependent field left at None (shown in the --help).
+BY_PROTOCOL = "the protocol's"
 
 
 @dataclass(frozen=True)
@@ -156,74 +153,83 @@ class RunConfig:
     ``orthogonality`` is not a penalty, so that it cannot tell equal runs apart.
     """
 
-    dataset: str = _field("cifar10", "dataset", DATASETS, row=True)
-    model: str = _field(
+    dataset: str = option("cifar10", "dataset", DATASETS, row=True)
+    model: str = option(
         "large-cnn-code",
         "network: small-cnn(-v2), large-cnn-code(-v2) are the authors' code's, "
         "large-cnn Appendix D's listing",
         MODELS,
     )
-    activation: str = _field(
+    activation: str = option(
         "relu",
         "swish: learnable beta-VQ ReLU per channel (Proposition 7)",
         ACTIVATIONS,
         row=True,
     )
-    orthogonality: str = _field(
+    orthogonality: str = option(
         "none",
         "none; a penalty (filters: the paper's, templates: the authors' code's); "
         "exact: qr, gs, mgs, gs-unnormalised (the authors' code's)",
         ORTHOGONALITY,
         row=True,
     )
-    lam: float = _field(1.0, "penalty weight lambda (paper: 1)")
-    lr: float = _field(1e-3, "Adam learning rate", row=True)
-    batch_size: int | None = _field(
+    lam: float = option(1.0, "penalty weight lambda (paper: 1)")
+    lr: float = option(1e-3, "Adam learning rate", row=True)
+    batch_size: int | None = option(
         None, "default: the authors' (50; 100 for CIFAR-100)"
     )
-    epochs: int = _field(120, "epochs per run (authors' penalty code: 120)")
-    seed: int = _field(0, "seed of the initialisation and of the batches", row=True)
-    preprocess: str = _field(
+    epochs: int = option(120, "epochs per run (authors' penalty code: 120)")
+    seed: int = option(0, "seed of the initialisation and of the batches", row=True)
+    preprocess: str = option(
         "authors",
         "authors: per image, minus mean, over max |x|; standardize: per channel",
         PREPROCESS,
     )
-    balanced: bool = _field(
+    balanced: bool = option(
         True, "class-balanced batches (the authors'); else a shuffle"
     )
-    dtype: str = _field("float32", "parameter and image dtype", tuple(DTYPES))
-    precision: str = _field(
+    dtype: str = option("float32", "parameter and image dtype", tuple(DTYPES))
+    precision: str = option(
         "auto", "auto: bf16 autocast on CUDA, full precision elsewhere", PRECISIONS
     )
-    bn_momentum: float = _field(
+    bn_momentum: float = option(
         BN_MOMENTUM, "batch-norm running-average momentum (TensorFlow's decay 0.99)"
     )
-    upsample: int = _field(1, "repeat pixels (e.g. 2 for 16x16 digits)")
-    limit_train: int | None = _field(None, "keep the first N training images")
-    limit_test: int | None = _field(None, "keep the first N test images")
-    protocol: str = _field(
+    upsample: int = option(1, "repeat pixels (e.g. 2 for 16x16 digits)")
+    limit_train: int | None = option(None, "keep the first N training images")
+    limit_test: int | None = option(None, "keep the first N test images")
+    protocol: str = option(
         "paper",
         "fills the fields below: paper (Section 5) or authors (their code)",
         PROTOCOLS,
     )
-    optimizer: str | None = _field(
+    optimizer: str | None = option(
         None,
         "adam (PyTorch's) or adam-no-bias-correction (the authors')",
         OPTIMIZERS,
+        filled=BY_PROTOCOL,
     )
-    conv_bias: bool | None = _field(
-        None, "a (redundant) bias on convolutions that batch norm follows"
+    conv_bias: bool | None = option(
+        None,
+        "a (redundant) bias on convolutions that batch norm follows",
+        filled=BY_PROTOCOL,
     )
-    bn_last: bool | None = _field(
-        None, "batch norm after the last convolution (authors' v1 largeCNN: none)"
+    bn_last: bool | None = option(
+        None,
+        "batch norm after the last convolution (authors' v1 largeCNN: none)",
+        filled=BY_PROTOCOL,
     )
-    orthogonal_dense: bool | None = _field(
-        None, "exact orthogonality on the dense layer too (authors' code: no)"
+    orthogonal_dense: bool | None = option(
+        None,
+        "exact orthogonality on the dense layer too (authors' code: no)",
+        filled=BY_PROTOCOL,
     )
-    apodize: bool | None = _field(
-        None, "Hamming-window and centre conv filters (authors' smallCNN exact runs)"
+    apodize: bool | None = option(
+        None,
+        "Hamming-window and centre conv filters (authors' smallCNN exact runs)",
+        filled=BY_PROTOCOL,
     )
-    reanchor_every: int = _field(
+    reanchor_every: int = option(
         0,
         "every N steps (and before the first) re-anchor the raw weights of the exact "
         "QR/Gram-Schmidt layers to their orthogonal factor, so that a square layer "
@@ -264,12 +270,7 @@ class RunConfig:
     def from_dict(cls, d: dict) -> RunConfig:
         """The config of ``d`` (:meth:`to_dict`; a stored config that predates a field
         gets its default)."""
-        if not isinstance(d, dict):
-            raise ValueError(f"a run config must be a dict, got {type(d).__name__}")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown run config fields: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     def identity(self) -> dict:
         """The fields that name the run: all of them, except a field added after the
@@ -306,15 +307,3 @@ def config_fields(*, rows: bool = True) -> list[dataclasses.Field]:
     """The fields of :class:`RunConfig` (without the per-row ones if ``rows=False``), in
     order, for building a command line."""
     return [f for f in dataclasses.fields(RunConfig) if rows or not f.metadata["row"]]
-
-
-def help_of(f: dataclasses.Field) -> str:
-    """A field's help text with its default (of a config field the protocol fills: the
-    protocol's; a tuple comma-separated)."""
-    if f.name in PROTOCOLS["paper"].run or f.name in PROTOCOLS["paper"].grid:
-        return f"{f.metadata['help']} (default: the protocol's)"
-    if f.default is None:
-        return f.metadata["help"]
-    d = f.default
-    shown = ",".join(map(str, d)) if isinstance(d, tuple) else d
-    return f"{f.metadata['help']} (default: {shown})"

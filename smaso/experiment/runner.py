@@ -44,16 +44,17 @@ from ..pack import PackedRuns, pack_state, unpack_state
 from ..records import cpu_name, now, provenance, save_torch_atomic, write_json_atomic
 from ..train import CUDA_GRAPH, AdamWithoutBiasCorrection, TrainStep, evaluate
 from .config import DTYPES, RunConfig
+from .frame import option
 from .store import (
     CHECKPOINT_FORMAT,
     RESULT_FORMAT,
+    TABLE2,
     CheckpointError,
     ResultsError,
     checkpoint_path,
     claim,
     failed_path,
     load_checkpoint,
-    load_result,
     model_path,
     pack_checkpoint_path,
     result_path,
@@ -85,41 +86,37 @@ class RunClaimedError(RuntimeError):
     """Another process is training this run now (its claim file is fresh)."""
 
 
-def _opt(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
 @dataclass(frozen=True)
 class Runtime:
     """Where and how a run executes; none of it changes the run's numbers (the
     precision it resolves to is recorded with the results). The CLI's runtime options
     are these fields."""
 
-    data_root: str | None = _opt(
+    data_root: str | None = option(
         None, "folder holding the torchvision datasets (default: $SMASO_DATA, ./data)"
     )
-    download: bool = _opt(False, "let torchvision download missing datasets")
-    subset_path: str | None = _opt(
+    download: bool = option(False, "let torchvision download missing datasets")
+    subset_path: str | None = option(
         None, "cifar10-subset.npz (default: $SMASO_CIFAR10_SUBSET or ../shared/data)"
     )
-    device: str = _opt("auto", "auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    threads: int | None = _opt(None, "torch CPU threads")
-    save_model: bool = _opt(True, "keep the trained weights (OUT/models/RUN_ID.pt)")
-    stale_after: float = _opt(
+    device: str = option("auto", "auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    threads: int | None = option(None, "torch CPU threads")
+    save_model: bool = option(True, "keep the trained weights (OUT/models/RUN_ID.pt)")
+    stale_after: float = option(
         7200.0, "seconds after which a silent claim on a run is taken over"
     )
-    checkpoint_every: float = _opt(
+    checkpoint_every: float = option(
         60.0,
         "seconds of training between checkpoints (written after the epoch that "
         "crosses it; 0: after every epoch)",
     )
-    cuda_graph: str = _opt(
+    cuda_graph: str = option(
         "auto",
         "capture the training step in one CUDA graph after a few eager steps (auto: "
         "on CUDA; smaso.train.TrainStep); where capture fails, the step runs eagerly",
         CUDA_GRAPH,
     )
-    pack: int | None = _opt(
+    pack: int | None = option(
         None,
         "runs of a sweep trained together as one packed network (smaso.pack): the "
         "seeds of one setting, up to this many (default: all of them on CUDA, 1 on "
@@ -352,17 +349,10 @@ def load_data(config: RunConfig, device, rt: Runtime) -> TensorData:
 def _finished(config: RunConfig, out_dir, log) -> dict | None:
     """The stored results of ``config`` if it has finished (else None); a results file
     of another configuration under its name is an error."""
-    res_file = result_path(out_dir, config)
-    if not res_file.exists():
-        return None
-    r = load_result(res_file)
-    if r["config"] != config.to_dict():
-        raise ResultsError(
-            f"{res_file} holds another configuration than {config.run_id()}; it was "
-            "left in place"
-        )
-    if log:
-        log(f"{config.run_id()}: finished already ({res_file}), skipped")
+    r = TABLE2.finished(config, out_dir)
+    if r is not None and log:
+        where = result_path(out_dir, config)
+        log(f"{config.run_id()}: finished already ({where}), skipped")
     return r
 
 

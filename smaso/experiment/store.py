@@ -35,11 +35,13 @@ from ..records import (
     write_json_atomic,
 )
 from .config import RunConfig
+from .frame import ResultsError, Study, read_json
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "FAILED_FORMAT",
     "RESULT_FORMAT",
+    "TABLE2",
     "CheckpointError",
     "Claim",
     "ResultsError",
@@ -68,18 +70,13 @@ FAILED_FORMAT = "smaso-failed/1"
 CLAIM_FORMAT = "smaso-claim/1"
 
 
-class ResultsError(ValueError):
-    """A results file that cannot be read, or that holds another configuration than the
-    one asked for."""
-
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that belongs to another configuration or
     precision."""
 
 
 def result_path(out_dir, config: RunConfig) -> Path:
-    return Path(out_dir) / f"{config.run_id()}.json"
+    return TABLE2.path(config, out_dir)
 
 
 def failed_path(out_dir, config: RunConfig) -> Path:
@@ -126,13 +123,7 @@ def load_result(path) -> dict:
     completed with the fields added since it was written; ``ResultsError`` (naming the
     file, which is left in place) if it is not one."""
     path = Path(path)
-    try:
-        r = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ResultsError(
-            f"results file {path} is corrupt (not valid JSON: {e}); it was left in "
-            "place. Move it away (and rerun that configuration) or restore it."
-        ) from None
+    r = read_json(path)
     if not isinstance(r, dict) or r.get("format") != RESULT_FORMAT:
         raise ResultsError(
             f'{path} is not a smaso results file (no "format": "{RESULT_FORMAT}")'
@@ -149,17 +140,15 @@ def load_result(path) -> dict:
     return r
 
 
+#: Table 2 on the study frame: ``OUT/RUN_ID.json`` per run (the folder is the
+#: sweep's, always passed in).
+TABLE2 = Study(RunConfig, read=load_result)
+
+
 def load_results(out_dir) -> list[dict]:
     """Every results file (``RUN_ID.json``) directly in ``out_dir``, sorted by run id;
     a corrupt one raises ``ResultsError`` naming it."""
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise FileNotFoundError(f"no results folder {out_dir}")
-    return [
-        load_result(p)
-        for p in sorted(out_dir.glob("*.json"))
-        if not p.name.startswith(".") and not p.name.endswith(".failed.json")
-    ]
+    return TABLE2.load(out_dir)
 
 
 def load_checkpoint(path) -> dict:

@@ -21,7 +21,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,7 +30,8 @@ from ..filters import EXACT
 from ..models import ACTIVATIONS, MODELS, can_pack
 from ..orthogonal import PENALTIES
 from ..records import now, write_json_atomic
-from .config import ORTHOGONALITY, PROTOCOLS, TABLE2_LRS, RunConfig
+from .config import BY_PROTOCOL, ORTHOGONALITY, PROTOCOLS, TABLE2_LRS, RunConfig
+from .frame import option
 from .runner import (
     RunClaimedError,
     Runtime,
@@ -66,58 +67,61 @@ METRICS = ("final_test_acc", "best_test_acc", "last_test_acc")
 PROVENANCE = ("git_commit", "precision", "torch")
 
 
-def _grid(default, help, kind=None, choices=None):
-    """A grid field: its help, how the CLI parses it (``kind``: "names", "floats",
-    "seeds") and its choices."""
-    return field(
-        default=default, metadata={"help": help, "kind": kind, "choices": choices}
-    )
-
-
 @dataclass(frozen=True)
 class Table2Grid:
     """The runs of Table 2 (Section 5) beyond what each run's :class:`RunConfig` says.
     Fields left at None take the protocol's value (:data:`PROTOCOLS`, ``grid``)."""
 
-    datasets: tuple = _grid(
-        tuple(sorted(TABLE2_DATASETS)), "comma-separated datasets", "names", DATASETS
+    datasets: tuple = option(
+        tuple(sorted(TABLE2_DATASETS)),
+        "comma-separated datasets",
+        DATASETS,
+        kind="names",
     )
-    lrs: tuple = _grid(TABLE2_LRS, "comma-separated learning rates", "floats")
-    seeds: tuple = _grid(
-        tuple(range(5)), "a seed count (5: seeds 0-4) or a list (0,3,7)", "seeds"
+    lrs: tuple = option(TABLE2_LRS, "comma-separated learning rates", kind="floats")
+    seeds: tuple = option(
+        tuple(range(5)), "a seed count (5: seeds 0-4) or a list (0,3,7)", kind="seeds"
     )
-    penalty: str | None = _grid(
+    penalty: str | None = option(
         None,
         "penalty of the Ortho rows: filters (paper), templates (authors' code)",
-        choices=PENALTIES,
+        PENALTIES,
+        filled=BY_PROTOCOL,
     )
-    exact: bool = _grid(True, "the exactly orthogonal + swish row")
-    exact_model: str | None = _grid(
-        None, "network of the exact row (default: version 2 of --model)", None, MODELS
+    exact: bool = option(True, "the exactly orthogonal + swish row")
+    exact_model: str | None = option(
+        None, "network of the exact row (default: version 2 of --model)", MODELS
     )
-    exact_activation: str | None = _grid(
-        None, "activation of the exact row", None, ACTIVATIONS
+    exact_activation: str | None = option(
+        None, "activation of the exact row", ACTIVATIONS, filled=BY_PROTOCOL
     )
-    exact_method: str | None = _grid(
-        None, "qr: the same function as Gram-Schmidt (gs), faster", None, EXACT
+    exact_method: str | None = option(
+        None,
+        "qr: the same function as Gram-Schmidt (gs), faster",
+        EXACT,
+        filled=BY_PROTOCOL,
     )
-    exact_datasets: tuple | None = _grid(
-        None, "default: cifar100 if swept, else the first", "names", DATASETS
+    exact_datasets: tuple | None = option(
+        None, "default: cifar100 if swept, else the first", DATASETS, kind="names"
     )
-    exact_lrs: tuple | None = _grid(
+    exact_lrs: tuple | None = option(
         None,
         "learning rates of the exact row (if the protocol has none: --lrs)",
-        "floats",
+        kind="floats",
+        filled=BY_PROTOCOL,
     )
-    exact_epochs: int | None = _grid(
-        None, "epochs of the exact row (if the protocol has none: --epochs)"
+    exact_epochs: int | None = option(
+        None,
+        "epochs of the exact row (if the protocol has none: --epochs)",
+        filled=BY_PROTOCOL,
     )
-    exact_reference: bool = _grid(
+    exact_reference: bool = option(
         False, "also the exact row's network with ReLU and no orthogonality"
     )
-    exact_control: bool | None = _grid(
+    exact_control: bool | None = option(
         None,
         "the 2x2 control of the exact row: {its activation, ReLU} x {exact, none}",
+        filled=BY_PROTOCOL,
     )
 
     def resolved(self, protocol: str) -> Table2Grid:

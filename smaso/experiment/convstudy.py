@@ -15,28 +15,34 @@ Section 5; future work 3 and 4 of Section 6), on the CIFAR-10 subset, CPU scale.
   trained Cayley, BCOP, QR-filter or free convolution, soft or β-VQ shrinkage, at
   several noise levels.
 
-Each run writes one JSON file into ``book/results/convolution/`` (atomically, never
-over an existing file unless ``force``). Regenerate with::
+A run is a :class:`CnnRun` or a :class:`DenoiseRun`; each study is a
+:class:`smaso.experiment.frame.Study` over it (:data:`CNN`, :data:`DENOISE`), one
+JSON file per run in ``book/results/convolution/``, written atomically, never over
+another run's file unless ``force``. The command line is derived from the two
+dataclasses; regenerate with::
 
-    python -m smaso.convstudy cnn [--force]
-    python -m smaso.convstudy denoise [--force]
+    python -m smaso.experiment.convstudy cnn [--seeds 0,1,2] [--force]
+    python -m smaso.experiment.convstudy denoise [--arms dct,cayley] [--force]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .data import cifar10_subset
-from .denoise import TransformDenoiser, block_dct, psnr
-from .models import small_cnn
-from .orthoconv import (
+from ..checks import choice, nonneg_int, positive_int
+from ..data import cifar10_subset
+from ..denoise import TransformDenoiser, block_dct, psnr
+from ..models import small_cnn
+from ..orthoconv import (
     CircularConv2d,
     frequency_operator,
     offset_kernel,
@@ -44,22 +50,38 @@ from .orthoconv import (
     register_cayley,
     semi_unitary_error,
 )
-from .orthogonal import OrthogonalFilters
-from .records import book_results, provenance, save_torch_atomic, write_json_atomic
-from .train import fit
+from ..orthogonal import OrthogonalFilters
+from ..records import book_results, provenance, save_torch_atomic
+from ..train import fit
+from .frame import (
+    ResultsError,
+    Study,
+    add_options,
+    config_from_dict,
+    config_to_dict,
+    grid,
+    option,
+    read_record,
+)
 
 __all__ = [
+    "CNN",
     "CNN_ARMS",
+    "DENOISE",
     "DENOISE_ARMS",
     "RESULTS",
     "SIGMAS",
+    "CnnRun",
+    "DenoiseRun",
     "circular_small_cnn",
     "denoiser",
     "grayscale_subset",
     "load_cnn",
     "load_results",
+    "main",
     "operator_error",
     "orthogonal_cnn",
+    "parser",
     "restrict_to_span",
     "row_coherence",
     "run_cnn",
@@ -70,12 +92,87 @@ __all__ = [
 
 RESULTS = book_results("convolution")
 CNN_ARMS = ("none", "qr", "cayley", "bcop")
-CNN_CONFIG = dict(width=16, epochs=10, lr=1e-3, batch_size=64, bn_momentum=0.1)
 DENOISE_ARMS = ("dct", "cayley", "bcop", "qr", "free")
 SIGMAS = (0.05, 0.1, 0.2, 0.3)
-DENOISE_CONFIG = dict(
-    factor=4, kernel_size=3, steps=1000, lr=1e-3, lr_shrink=1e-2, batch_size=64
-)
+
+
+@dataclass(frozen=True)
+class CnnRun:
+    """One run of the accuracy study: :func:`orthogonal_cnn` with ``arm`` on the
+    CIFAR-10 subset, trained by :func:`smaso.train.fit` (Adam).
+
+    Example:
+        >>> CnnRun("cayley", seed=2).run_id()
+        'cnn-cayley-seed2'
+    """
+
+    arm: str = option("none", "constraint of the two square layers", CNN_ARMS, row=True)
+    seed: int = option(0, "seed of the weights and of the batch order", row=True)
+    width: int = option(16, "channels of every layer")
+    epochs: int = option(10, "epochs")
+    lr: float = option(1e-3, "Adam learning rate")
+    batch_size: int = option(64, "batch size")
+    bn_momentum: float = option(0.1, "batch-norm running-average momentum")
+
+    def __post_init__(self):
+        choice("arm", self.arm, CNN_ARMS)
+        nonneg_int("seed", self.seed)
+        for name in ("width", "epochs", "batch_size"):
+            positive_int(name, getattr(self, name))
+
+    def run_id(self) -> str:
+        return f"cnn-{self.arm}-seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class DenoiseRun:
+    """One run of the denoising study: :func:`denoiser` (``arm``, ``shrink``) trained
+    at each noise level of ``sigmas`` (Adam on the mean squared error, fresh noise
+    every batch; the shrinkage parameters at ``lr_shrink``).
+
+    Example:
+        >>> DenoiseRun("bcop", "beta").run_id()
+        'denoise-bcop-beta'
+    """
+
+    arm: str = option("dct", "the transform", DENOISE_ARMS, row=True)
+    shrink: str = option("soft", "the shrinkage", TransformDenoiser.SHRINKS, row=True)
+    seed: int = option(0, "seed of the initial transform and of the noise")
+    factor: int = option(4, "pixel-unshuffle factor (channels: its square)")
+    kernel_size: int = option(3, "size of the trained transform's filters")
+    steps: int = option(1000, "Adam steps per noise level")
+    lr: float = option(1e-3, "learning rate of the transform")
+    lr_shrink: float = option(1e-2, "learning rate of the shrinkage parameters")
+    batch_size: int = option(64, "images per step")
+    sigmas: tuple = option(SIGMAS, "noise levels", kind="floats")
+
+    def __post_init__(self):
+        choice("arm", self.arm, DENOISE_ARMS)
+        choice("shrink", self.shrink, TransformDenoiser.SHRINKS)
+        nonneg_int("seed", self.seed)
+        for name in ("factor", "kernel_size", "steps", "batch_size"):
+            positive_int(name, getattr(self, name))
+        object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
+
+    def run_id(self) -> str:
+        return f"denoise-{self.arm}-{self.shrink}"
+
+
+def _read(path: Path) -> dict:
+    """A stored run of either study (the config's type is known from the name)."""
+    record = read_record(path)
+    kind = CnnRun if path.name.startswith("cnn-") else DenoiseRun
+    try:
+        config_from_dict(kind, record["config"])
+    except (TypeError, ValueError) as e:
+        raise ResultsError(f"{path} holds an invalid {kind.__name__}: {e}") from None
+    return record
+
+
+#: The two studies' stored runs: ``RESULTS/cnn-ARM-seedN.json`` (beside it the
+#: trained weights, ``.pt``) and ``RESULTS/denoise-ARM-SHRINK.json``.
+CNN = Study(CnnRun, RESULTS, _read, "cnn-*.json")
+DENOISE = Study(DenoiseRun, RESULTS, _read, "denoise-*.json")
 
 
 def _circular(conv, arm, n):
@@ -242,64 +339,66 @@ def operator_error(conv, n):
     return semi_unitary_error(frequency_operator(offset_kernel(w, n)))
 
 
-def _path(out_dir, name):
-    return Path(out_dir) / f"{name}.json"
+def _study_model(config: CnnRun):
+    return orthogonal_cnn(config.arm, config.width, bn_momentum=config.bn_momentum)
 
 
-def _study_model(arm):
-    c = CNN_CONFIG
-    return orthogonal_cnn(arm, width=c["width"], bn_momentum=c["bn_momentum"])
-
-
-def load_cnn(arm, seed, out_dir=RESULTS):
-    """The trained network of run ``(arm, seed)`` (:func:`run_cnn`), in eval mode,
-    from its stored weights ``cnn-ARM-seedSEED.pt``."""
-    model = _study_model(arm)
-    state = torch.load(Path(out_dir) / f"cnn-{arm}-seed{seed}.pt", weights_only=True)
-    model.load_state_dict(state)
+def load_cnn(config: CnnRun, out_dir=None):
+    """The trained network of the run ``config`` (:func:`run_cnn`), in eval mode, from
+    its stored weights ``cnn-ARM-seedSEED.pt``."""
+    model = _study_model(config)
+    path = CNN.path(config, out_dir).with_suffix(".pt")
+    model.load_state_dict(torch.load(path, weights_only=True))
     return model.eval()
 
 
-def run_cnn(arm, seed, out_dir=RESULTS, force=False, progress=False):
-    """Train :func:`orthogonal_cnn` (``arm``, ``seed``) on the CIFAR-10 subset with
-    :func:`smaso.train.fit` (:data:`CNN_CONFIG`) and write ``cnn-ARM-seedSEED.json``
-    (the history, final test accuracy, the orthogonality error of each convolution
-    operator after training, and the wall time) and the trained weights
-    ``cnn-ARM-seedSEED.pt``. An existing run is returned as is unless ``force``."""
-    path = _path(out_dir, f"cnn-{arm}-seed{seed}")
-    if path.exists() and not force:
-        return json.loads(path.read_text())
-    data = cifar10_subset()
-    torch.manual_seed(seed)
-    model = _study_model(arm)
-    c = CNN_CONFIG
-    t0 = time.perf_counter()
-    history = fit(
-        model,
-        data,
-        c["epochs"],
-        lr=c["lr"],
-        batch_size=c["batch_size"],
-        seed=seed,
-        progress=progress,
-    )
-    wall = time.perf_counter() - t0
-    n, errors = 32, []
+def _operator_errors(model, n=32):
+    """:func:`operator_error` of every convolution of ``model`` on ``n x n`` inputs."""
+    errors = []
     for m in model:
         if isinstance(m, nn.Conv2d):
             errors.append(operator_error(m, n))
         elif isinstance(m, nn.MaxPool2d):
             n //= 2
+    return errors
+
+
+def run_cnn(config: CnnRun, out_dir=None, force=False, progress=False) -> dict:
+    """Train :func:`orthogonal_cnn` as ``config`` says on the CIFAR-10 subset with
+    :func:`smaso.train.fit` and write ``cnn-ARM-seedSEED.json`` (the history, final
+    test accuracy, the orthogonality error of each convolution operator after
+    training, and the wall time) and the trained weights ``cnn-ARM-seedSEED.pt``.
+
+    A stored run of ``config`` is returned as it is unless ``force``; a stored file of
+    another run is an error (:meth:`~smaso.experiment.frame.Study.finished`) unless
+    ``force``, which replaces it."""
+    if not force and (stored := CNN.finished(config, out_dir)) is not None:
+        return stored
+    data = cifar10_subset()
+    torch.manual_seed(config.seed)
+    model = _study_model(config)
+    t0 = time.perf_counter()
+    history = fit(
+        model,
+        data,
+        config.epochs,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        progress=progress,
+    )
+    wall = time.perf_counter() - t0
+    path = CNN.path(config, out_dir)
     save_torch_atomic(model.state_dict(), path.with_suffix(".pt"))
     result = {
-        "config": {"arm": arm, "seed": seed, **c},
+        "config": config_to_dict(config),
         "history": history,
         "test_acc": history[-1]["test_acc"],
-        "operator_errors": errors,
+        "operator_errors": _operator_errors(model),
         "wall_s": wall,
         **provenance(),
     }
-    write_json_atomic(path, result, overwrite=force)
+    CNN.save(config, result, out_dir, force=force)
     return result
 
 
@@ -362,39 +461,42 @@ def _evaluate(model, x, sigma, seed=123):
         )
 
 
-def run_denoise(arm, shrink, out_dir=RESULTS, force=False, seed=0, sigmas=SIGMAS):
-    """Train :func:`denoiser` (``arm``, ``shrink``) at each noise level in ``sigmas``
-    on the grayscale training subset (:data:`DENOISE_CONFIG`: Adam on the mean squared
-    error, fresh noise every batch; the shrinkage parameters at ``lr_shrink``) and
-    write ``denoise-ARM-SHRINK.json``: test PSNR (1000 images, fixed noise) before and
-    after, the PSNR of ``W^T W x`` (clean images), the learned thresholds, and the
-    trained operator's orthogonality error. An existing file is returned unless
-    ``force``."""
-    path = _path(out_dir, f"denoise-{arm}-{shrink}")
-    if path.exists() and not force:
-        return json.loads(path.read_text())
+def _train_denoiser(config: DenoiseRun, sigma, x_train):
+    """:func:`denoiser` of ``config`` trained at noise level ``sigma``."""
+    c = config
+    torch.manual_seed(c.seed)
+    model = denoiser(c.arm, c.shrink, c.factor, c.kernel_size)
+    transform = [p for p in model.conv.parameters() if p.requires_grad]
+    shrinkage = [model.tau_raw, model.eta_raw]
+    opt = torch.optim.Adam(
+        [{"params": transform}, {"params": shrinkage, "lr": c.lr_shrink}], lr=c.lr
+    )
+    g = torch.Generator().manual_seed(c.seed)
+    for _ in range(c.steps):
+        idx = torch.randint(0, len(x_train), (c.batch_size,), generator=g)
+        x = x_train[idx]
+        y = x + sigma * torch.randn(x.shape, generator=g)
+        loss = ((model(y, sigma) - x) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model
+
+
+def run_denoise(config: DenoiseRun, out_dir=None, force=False) -> dict:
+    """Train :func:`denoiser` as ``config`` says at each of its noise levels on the
+    grayscale training subset and write ``denoise-ARM-SHRINK.json``: test PSNR (1000
+    images, fixed noise) before and after, the PSNR of ``W^T W x`` (clean images), the
+    learned thresholds, and the trained operator's orthogonality error. A stored run
+    of ``config`` is returned unless ``force`` (as :func:`run_cnn`)."""
+    if not force and (stored := DENOISE.finished(config, out_dir)) is not None:
+        return stored
     x_train, x_test = grayscale_subset()
-    c = DENOISE_CONFIG
     rows = []
-    for sigma in sigmas:
-        torch.manual_seed(seed)
-        model = denoiser(arm, shrink, c["factor"], c["kernel_size"])
-        transform = [p for p in model.conv.parameters() if p.requires_grad]
-        shrinkage = [model.tau_raw, model.eta_raw]
-        opt = torch.optim.Adam(
-            [{"params": transform}, {"params": shrinkage, "lr": c["lr_shrink"]}],
-            lr=c["lr"],
-        )
-        g = torch.Generator().manual_seed(seed)
+    for sigma in config.sigmas:
         t0 = time.perf_counter()
-        for _ in range(c["steps"]):
-            idx = torch.randint(0, len(x_train), (c["batch_size"],), generator=g)
-            x = x_train[idx]
-            y = x + sigma * torch.randn(x.shape, generator=g)
-            loss = ((model(y, sigma) - x) ** 2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        model = _train_denoiser(config, sigma, x_train)
+        train_s = time.perf_counter() - t0
         p, p_noisy, p_recon = _evaluate(model, x_test, sigma)
         tau, eta = model.thresholds()
         rows.append(
@@ -405,60 +507,57 @@ def run_denoise(arm, shrink, out_dir=RESULTS, force=False, seed=0, sigmas=SIGMAS
                 "psnr_reconstruction": p_recon,
                 "tau": tau.tolist(),
                 "eta": eta.tolist(),
-                "operator_error": operator_error(model.conv, 32 // c["factor"]),
-                "train_s": time.perf_counter() - t0,
+                "operator_error": operator_error(model.conv, 32 // config.factor),
+                "train_s": train_s,
             }
         )
-    result = {
-        "config": {"arm": arm, "shrink": shrink, "seed": seed, **c},
-        "runs": rows,
-        **provenance(),
-    }
-    write_json_atomic(path, result, overwrite=force)
+    result = {"config": config_to_dict(config), "runs": rows, **provenance()}
+    DENOISE.save(config, result, out_dir, force=force)
     return result
 
 
-def load_results(out_dir=RESULTS):
+def load_results(out_dir=None) -> dict:
     """All stored results: ``{"cnn": {(arm, seed): result}, "denoise": {(arm,
     shrink): result}}`` (missing runs are absent)."""
-    out = {"cnn": {}, "denoise": {}}
-    for p in sorted(Path(out_dir).glob("*.json")):
-        r = json.loads(p.read_text())
-        c = r["config"]
-        if p.name.startswith("cnn-"):
-            out["cnn"][c["arm"], c["seed"]] = r
-        elif p.name.startswith("denoise-"):
-            out["denoise"][c["arm"], c["shrink"]] = r
-    return out
+    cnn, den = CNN.load(out_dir), DENOISE.load(out_dir)
+    return {
+        "cnn": {(r["config"]["arm"], r["config"]["seed"]): r for r in cnn},
+        "denoise": {(r["config"]["arm"], r["config"]["shrink"]): r for r in den},
+    }
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("cnn", "denoise"))
-    p.add_argument("--force", action="store_true", help="replace stored results")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--arms", nargs="+", default=None)
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
+def parser() -> argparse.ArgumentParser:
+    """The studies' command line, derived from :class:`CnnRun` and
+    :class:`DenoiseRun`."""
+    p = argparse.ArgumentParser(
+        prog="python -m smaso.experiment.convstudy",
+        description=__doc__.split("\n\n")[0],
+    )
+    sub = p.add_subparsers(dest="what", required=True)
+    for name, kind in (("cnn", CnnRun), ("denoise", DenoiseRun)):
+        s = sub.add_parser(name, help=kind.__doc__.split("\n")[0])
+        add_options(s, dataclasses.fields(kind), rows=True)
+        s.add_argument("--force", action="store_true", help="replace stored results")
+        s.add_argument("--threads", type=int, default=1)
+        s.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.what == "cnn":
-        for seed in args.seeds:
-            for arm in args.arms or CNN_ARMS:
-                r = run_cnn(arm, seed, args.out, args.force, progress=True)
-                print(
-                    f"cnn {arm} seed {seed}: test acc {r['test_acc']:.3f}", flush=True
-                )
-    else:
-        for arm in args.arms or DENOISE_ARMS:
-            for shrink in TransformDenoiser.SHRINKS:
-                r = run_denoise(arm, shrink, args.out, args.force)
-                print(
-                    f"denoise {arm} {shrink}: "
-                    + ", ".join(f"{x['sigma']}: {x['psnr']:.2f} dB" for x in r["runs"]),
-                    flush=True,
-                )
+        for config in grid(CnnRun, args, dict(arm=CNN_ARMS, seed=(0, 1, 2))):
+            r = run_cnn(config, args.out, args.force, progress=True)
+            print(f"{config.run_id()}: test acc {r['test_acc']:.3f}", flush=True)
+        return 0
+    rows = dict(arm=DENOISE_ARMS, shrink=TransformDenoiser.SHRINKS)
+    for config in grid(DenoiseRun, args, rows):
+        r = run_denoise(config, args.out, args.force)
+        dbs = ", ".join(f"{x['sigma']}: {x['psnr']:.2f} dB" for x in r["runs"])
+        print(f"{config.run_id()}: {dbs}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
