@@ -21,6 +21,9 @@ ENTRY_POINTS = {
     "smaso.train": ["fit"],
     "smaso.records": ["provenance"],
     "smaso.experiment.runner": ["run", "Training"],
+    "smaso.experiment.frame": ["Study"],
+    "smaso.experiment.activation_study": ["ActivationRun"],
+    "smaso.experiment.convstudy": ["CnnRun", "DenoiseRun"],
 }
 CASES = [(m, name) for m, names in ENTRY_POINTS.items() for name in names]
 

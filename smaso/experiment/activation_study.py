@@ -118,10 +118,19 @@ def _budget(field_name):
 @dataclass(frozen=True)
 class ActivationRun:
     """Everything that determines one run of the study (Section 6's conjecture): a
-    stored run with an equal config is the same run. The budget fields left at None
-    are the dataset's (:data:`BUDGETS`).
+    stored run with an equal config is the same run. Bad values raise ``ValueError``
+    naming the field.
+
+    Args:
+        dataset: "digits" or "cifar10" (the CIFAR-10 subset; :data:`SOURCES`).
+        arm: the activation of every layer, a key of :data:`ARMS`.
+        seed: the seed of the initial weights and of the batch order.
+        widths, epochs, lr, batch_size, dtype: the budget, the same for every arm;
+            None: the dataset's (:data:`BUDGETS`).
+        model, arm_description, schema: set by the study (recorded in the file).
 
     Example:
+        >>> from smaso.experiment.activation_study import ActivationRun
         >>> ActivationRun("digits", "bvq-abs", seed=2).epochs
         20
     """

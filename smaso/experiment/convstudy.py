@@ -101,7 +101,15 @@ class CnnRun:
     """One run of the accuracy study: :func:`orthogonal_cnn` with ``arm`` on the
     CIFAR-10 subset, trained by :func:`smaso.train.fit` (Adam).
 
+    Args:
+        arm: the constraint of the two square layers, one of :data:`CNN_ARMS`.
+        seed: the seed of the initial weights and of the batch order.
+        width: the channels of every layer.
+        epochs, lr, batch_size: the training budget (Adam).
+        bn_momentum: the batch norms' running-average momentum.
+
     Example:
+        >>> from smaso.experiment.convstudy import CnnRun
         >>> CnnRun("cayley", seed=2).run_id()
         'cnn-cayley-seed2'
     """
@@ -128,9 +136,21 @@ class CnnRun:
 class DenoiseRun:
     """One run of the denoising study: :func:`denoiser` (``arm``, ``shrink``) trained
     at each noise level of ``sigmas`` (Adam on the mean squared error, fresh noise
-    every batch; the shrinkage parameters at ``lr_shrink``).
+    every batch).
+
+    Args:
+        arm: the transform, one of :data:`DENOISE_ARMS`.
+        shrink: the shrinkage, "soft" or "beta"
+            (:attr:`smaso.denoise.TransformDenoiser.SHRINKS`).
+        seed: the seed of the initial transform and of the noise.
+        factor: the pixel-unshuffle factor (the transform has its square channels).
+        kernel_size: the size of the trained transform's filters.
+        steps, lr, batch_size: Adam's budget per noise level.
+        lr_shrink: the learning rate of the shrinkage parameters.
+        sigmas: the noise levels (a stored run without them had :data:`SIGMAS`).
 
     Example:
+        >>> from smaso.experiment.convstudy import DenoiseRun
         >>> DenoiseRun("bcop", "beta").run_id()
         'denoise-bcop-beta'
     """

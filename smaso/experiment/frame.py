@@ -108,10 +108,16 @@ def read_record(path: Path) -> dict:
 
 @dataclass(frozen=True)
 class Study:
-    """The results of one study: ``config`` its config dataclass (with ``run_id()``),
-    ``folder`` where its runs are stored unless a call names another, ``read`` the
-    reader of one file (which raises :class:`ResultsError` for a file that is not
-    one), ``pattern`` the glob of its files in the folder.
+    """The results of one study: one JSON file per run, ``FOLDER/RUN_ID.json``.
+
+    Args:
+        config: the study's config dataclass: frozen, with a ``run_id()`` that names
+            the run's file; its fields made with :func:`option`.
+        folder: where the runs are stored unless a call names another folder (None:
+            every call must name one).
+        read: the reader of one file, which raises :class:`ResultsError` for a file
+            that is not one of the study's (default: :func:`read_record`).
+        pattern: the glob of the study's files in the folder.
 
     Example:
         >>> from smaso.experiment.convstudy import CNN, CnnRun

@@ -78,7 +78,6 @@ __all__ = [
     "resolve_device",
     "run",
     "run_packed",
-    "runtime_fields",
 ]
 
 
@@ -88,9 +87,12 @@ class RunClaimedError(RuntimeError):
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how a run executes; none of it changes the run's numbers (the
-    precision it resolves to is recorded with the results). The CLI's runtime options
-    are these fields."""
+    """Where and how a run executes, and who follows it; none of it changes the run's
+    numbers (the precision it resolves to is recorded with the results). The CLI's
+    runtime options are these fields, but the three hooks at the end: ``log`` receives
+    one line per epoch (None: silent), ``on_epoch(epoch, model, record)`` is called
+    after each epoch (and its checkpoint, when one is due), ``on_batch(i)`` after each
+    step."""
 
     data_root: str | None = option(
         None, "folder holding the torchvision datasets (default: $SMASO_DATA, ./data)"
@@ -122,6 +124,10 @@ class Runtime:
         "seeds of one setting, up to this many (default: all of them on CUDA, 1 on "
         "the CPU)",
     )
+
+    log: Callable[[str], None] | None = print
+    on_epoch: Callable[[int, nn.Module, dict], None] | None = None
+    on_batch: Callable[[int], None] | None = None
 
     def __post_init__(self):
         if self.threads is not None:
@@ -747,14 +753,14 @@ class _Separate:
         return self.nets
 
 
-def _train(training: Training, claims, on_epoch, on_batch) -> list[dict]:
+def _train(training: Training, claims) -> list[dict]:
     """Train ``training`` while its runs' ``claims`` are held: epochs, checkpoints by
     wall-clock time, results files."""
     configs, st, rt = training.configs, training.state, training.rt
     epochs = configs[0].epochs
     t_run = last_ckpt = time.perf_counter()
     for epoch in range(st.start, epochs):
-        recs = training.epoch(epoch, on_batch)
+        recs = training.epoch(epoch, rt.on_batch)
         for c, held in zip(configs, claims, strict=True):
             if not held.held():
                 raise RunClaimedError(
@@ -775,20 +781,13 @@ def _train(training: Training, claims, on_epoch, on_batch) -> list[dict]:
                 f"{rec['train_loss']:.3f} acc {rec['train_acc']:.3f}, "
                 f"test acc {rec['test_acc']:.3f} ({rec['epoch_s']:.1f} s)"
             )
-        if on_epoch is not None:
-            on_epoch(epoch + 1, training.model, recs[0] if len(recs) == 1 else recs)
+        if rt.on_epoch is not None:
+            rt.on_epoch(epoch + 1, training.model, recs[0] if len(recs) == 1 else recs)
     return training.finish(st.wall_before + time.perf_counter() - t_run)
 
 
 def run(
-    config: RunConfig,
-    out_dir,
-    *,
-    data: TensorData | None = None,
-    log: Callable[[str], None] | None = print,
-    on_epoch: Callable[[int, nn.Module, dict], None] | None = None,
-    on_batch: Callable[[int], None] | None = None,
-    **runtime,
+    config: RunConfig, out_dir, *, data: TensorData | None = None, **runtime
 ) -> dict:
     """Train one configuration of the Table 2 experiment (Section 5) into ``out_dir``;
     its results dict.
@@ -808,19 +807,17 @@ def run(
 
     ``data`` reuses a loaded dataset (it must match the config's dataset options).
     ``runtime``: the fields of :class:`Runtime` (device, threads, data_root, download,
-    subset_path, save_model, stale_after, checkpoint_every). ``log`` receives one line
-    per epoch (None: silent). ``on_epoch(epoch, model, record)`` is called after each
-    epoch (and its checkpoint, when one is due), ``on_batch(i)`` after each step.
+    subset_path, save_model, stale_after, checkpoint_every, ...; and the hooks ``log``,
+    ``on_epoch``, ``on_batch``).
 
     Args:
         config: the run (:class:`~smaso.experiment.config.RunConfig`).
         out_dir: the results folder.
         data: a loaded dataset to reuse, or None (default: loaded from the runtime
             options).
-        log: where the progress lines go (default ``print``; None: silent).
-        on_epoch: ``on_epoch(epoch, model, record)`` (default None).
-        on_batch: ``on_batch(i)`` (default None).
-        **runtime: the fields of :class:`Runtime`.
+        **runtime: the fields of :class:`Runtime`, among them ``log``, where the
+            progress lines go (default ``print``; None: silent), and the hooks
+            ``on_epoch(epoch, model, record)`` and ``on_batch(i)``.
 
     Returns:
         the run's results dict, as written to ``out_dir/RUN_ID.json`` (``run_id``,
@@ -836,26 +833,11 @@ def run(
     """
     if not isinstance(config, RunConfig):
         raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
-    return run_packed(
-        [config],
-        out_dir,
-        data=data,
-        log=log,
-        on_epoch=on_epoch,
-        on_batch=on_batch,
-        **runtime,
-    )[0]
+    return run_packed([config], out_dir, data=data, **runtime)[0]
 
 
 def run_packed(
-    configs,
-    out_dir,
-    *,
-    data: TensorData | None = None,
-    log: Callable[[str], None] | None = print,
-    on_epoch: Callable | None = None,
-    on_batch: Callable[[int], None] | None = None,
-    **runtime,
+    configs, out_dir, *, data: TensorData | None = None, **runtime
 ) -> list[dict]:
     """Train ``configs``, one configuration with several seeds, as one packed network
     (:mod:`smaso.pack`): the same numbers as :func:`run` on each (to rounding), in one
@@ -872,7 +854,7 @@ def run_packed(
     configs = list(configs)
     packable(configs)
     rt = Runtime(**runtime)
-    done = [_finished(c, out_dir, log) for c in configs]
+    done = [_finished(c, out_dir, rt.log) for c in configs]
     if all(r is not None for r in done):
         return done
     if any(r is not None for r in done):
@@ -880,14 +862,14 @@ def run_packed(
             "a pack must not mix finished and unfinished runs: "
             f"{[c.run_id() for c, r in zip(configs, done, strict=True) if r]} finished"
         )
-    say = log or (lambda s: None)
+    say = rt.log or (lambda s: None)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_threads(rt.threads))
         claims = [stack.enter_context(_claimed(c, out_dir, rt)) for c in configs]
         if resolve_device(rt.device).type == "cuda":
             stack.enter_context(_cudnn_benchmark())
         training = Training(configs, out_dir, data, rt, say)
-        results = _train(training, claims, on_epoch, on_batch)
+        results = _train(training, claims)
     for r in results:
         say(
             f"{r['run_id']}: done, final test acc (mean of last 3 epochs) "
@@ -911,8 +893,3 @@ def load_trained_model(out_dir, config: RunConfig, in_channels: int = 3) -> nn.M
             f"weights file {file} cannot be used ({type(e).__name__}: {str(e)[:200]})"
         ) from None
     return model.to(DTYPES[config.dtype]).eval()
-
-
-def runtime_fields() -> list[dataclasses.Field]:
-    """The fields of :class:`Runtime`, for building a command line."""
-    return list(dataclasses.fields(Runtime))
