@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["holm", "holm_reject", "welch", "welch_family"]
+__all__ = ["bonferroni_halfwidth", "holm", "holm_reject", "welch", "welch_family"]
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
@@ -90,6 +90,39 @@ def welch(x: Sequence[float], y: Sequence[float]) -> dict:
     se = np.hypot(np.std(x, ddof=1) / len(x) ** 0.5, np.std(y, ddof=1) / len(y) ** 0.5)
     test = stats.ttest_ind(x, y, equal_var=False)
     return dict(diff=np.mean(x) - np.mean(y), se=se, p=test.pvalue, df=test.df)
+
+
+def bonferroni_halfwidth(se: float, df: float, m: int, alpha: float = 0.05) -> float:
+    """Half-width of the two-sided interval around a Welch difference (:func:`welch`:
+    standard error ``se``, ``df`` degrees of freedom) at level ``1 - alpha / m``: one
+    of ``m`` simultaneous intervals (Bonferroni). A difference is significant after
+    Bonferroni's correction (``m * p <= alpha``) exactly when it is at least this
+    large, so it is also the smallest difference the family can detect; Holm's
+    correction rejects whatever Bonferroni's does.
+
+    Args:
+        se: the standard error of the difference (> 0).
+        df: Welch's degrees of freedom (> 0).
+        m: the number of tests in the family (>= 1).
+        alpha: the family-wise error rate.
+
+    Returns:
+        ``t_{1 - alpha / (2 m)}(df) * se``, in the units of the difference.
+
+    Example::
+
+        >>> from smaso.stats import bonferroni_halfwidth
+        >>> round(bonferroni_halfwidth(1.0, 1e9, 1), 3)  # the normal's 1.96
+        1.96
+    """
+    from scipy import stats
+
+    if not (se > 0 and df > 0 and m >= 1 and 0 < alpha < 1):
+        raise ValueError(
+            f"need se > 0, df > 0, m >= 1 and 0 < alpha < 1, got {se}, {df}, {m}, "
+            f"{alpha}"
+        )
+    return float(stats.t.ppf(1 - alpha / (2 * m), df) * se)
 
 
 def welch_family(pairs: dict) -> dict:

@@ -17,7 +17,7 @@ ENTRY_POINTS = {
     "smaso.orthogonal": ["orthogonalize"],
     "smaso.activations": ["BetaVQReLU", "two_piece_vq"],
     "smaso.tsallis": ["tsallis_sigmoid"],
-    "smaso.stats": ["welch_family", "holm"],
+    "smaso.stats": ["welch_family", "holm", "bonferroni_halfwidth"],
     "smaso.train": ["fit"],
     "smaso.records": ["provenance"],
     "smaso.experiment.runner": ["run", "Training"],

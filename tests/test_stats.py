@@ -118,3 +118,36 @@ def test_welch_family_adjusts_with_holm():
     ref = multipletests([t["p"] for t in out.values()], method="holm")[1]
     assert [t["holm"] for t in out.values()] == pytest.approx(list(ref), abs=1e-15)
     assert welch_family({}) == {}
+
+
+def test_bonferroni_halfwidth_solves_the_test_at_its_level():
+    """The half-width h is where Welch's two-sided p-value, times m, reaches alpha:
+    found by a root finder on SciPy's t survival function, and checked against
+    statsmodels' Welch test on data shifted to sit just inside and just outside it."""
+    import numpy as np
+    from scipy import optimize, stats
+    from statsmodels.stats.weightstats import ttest_ind
+
+    from smaso.stats import bonferroni_halfwidth
+
+    rng = random.Random(0)
+    for _ in range(20):
+        x = [rng.gauss(0, 1) for _ in range(rng.randint(2, 6))]
+        y = [rng.gauss(0, 2) for _ in range(rng.randint(2, 6))]
+        t = welch(x, y)
+        m = rng.randint(1, 12)
+        h = bonferroni_halfwidth(t["se"], t["df"], m)
+        root = optimize.brentq(
+            lambda d, t=t, m=m: m * 2 * stats.t.sf(d / t["se"], t["df"]) - 0.05,
+            1e-12,
+            1e6,
+            xtol=1e-14,
+        )
+        assert h == pytest.approx(root, rel=1e-9)
+        # shift x so that the difference is just inside and just outside h
+        for factor, significant in ((0.999, False), (1.001, True)):
+            shift = factor * h - (np.mean(x) - np.mean(y))
+            p = ttest_ind([v + shift for v in x], y, usevar="unequal")[1]
+            assert (min(1.0, m * p) <= 0.05) == significant
+    with pytest.raises(ValueError, match="se > 0"):
+        bonferroni_halfwidth(0.0, 3.0, 2)
