@@ -355,6 +355,24 @@ def _templates_chain(layers, model, x, lead):
     runs each layer as the model does (same values, same batch-norm updates) and keeps
     what the backward needs, then the cotangents go down the layers. Differentiable
     (double backprop) in the parameters."""
+    z, out, backs = _chain_forward(layers, model, x, lead, graph=True)
+    return _chain_backward(backs, _class_cotangents(z, out), model, x, lead)
+
+
+def _class_cotangents(z, out):
+    """The cotangents of the network's output ``z`` (N, [runs *] C), one per class:
+    (C, *z.shape)."""
+    g = _one_hots(z.view(len(z), -1, out.shape[-1]))
+    return g.reshape(g.shape[0], *z.shape)
+
+
+def _chain_forward(layers, model, x, lead, graph, stats=True):
+    """The forward pass of :func:`_templates_chain`: (the network's output, as its last
+    layer gives it and as (N, C) or (runs, N, C); per layer, its backward as a
+    function of a batch of cotangents). ``graph``: the backward can be differentiated
+    in the parameters. ``stats=False``: batch norm in training mode normalises with
+    the batch's statistics but leaves its running statistics as they are (a
+    recomputation of a forward pass that updated them)."""
     from .models import GroupedLinear
 
     x = x.detach()
@@ -368,7 +386,12 @@ def _templates_chain(layers, model, x, lead):
             continue
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             backs.append(_batch_norm_backward(m, z))
-            z = m(z)
+            if stats or not m.training:
+                z = m(z)
+            else:
+                z = nn.functional.batch_norm(
+                    z, None, None, m.weight, m.bias, True, 0.0, m.eps
+                )
             continue
         if isinstance(m, nn.MaxPool2d):
             y, idx = nn.functional.max_pool2d(
@@ -401,19 +424,22 @@ def _templates_chain(layers, model, x, lead):
         if not z.requires_grad:  # (nothing before needs a gradient)
             z = z.detach().requires_grad_(True)
         y = m(z)  # elementwise: the derivative at z, for every class
-        (slope,) = torch.autograd.grad(y, z, torch.ones_like(y), create_graph=True)
-        if isinstance(m, _PIECEWISE_LINEAR):  # a slope of zero derivative: the
-            slope = slope.detach()  # product then keeps no class-wide tensor
+        (slope,) = torch.autograd.grad(y, z, torch.ones_like(y), create_graph=graph)
+        if not graph or isinstance(m, _PIECEWISE_LINEAR):  # a slope of zero
+            slope = slope.detach()  # derivative: the product keeps no class-wide tensor
         backs.append(lambda g, s=slope: g * s)
-        z = y
+        z = y if graph else y.detach()
     out = z.view(len(z), model.runs, -1).transpose(0, 1) if lead == 2 else z
     _check_output(out, x, lead)
-    # the cotangents of the network's output (N, [runs *] C), one per class
-    g = _one_hots(z.view(len(z), -1, out.shape[-1]))
-    g = g.reshape(g.shape[0], *z.shape)
+    return z, out, backs
+
+
+def _chain_backward(backs, g, model, x, lead):
+    """The templates of the classes whose cotangents ``g`` (B, *output shape) are
+    given: ``backs`` (:func:`_chain_forward`) applied in reverse, then (B, N, [runs *]
+    ch, H, W) -> (N, B, ...) or (runs, N, B, ch, H, W)."""
     for back in reversed(backs):
         g = back(g)
-    # (C, N, [runs *] ch, H, W) -> (N, C, ...) or (runs, N, C, ch, H, W)
     if lead == 2:
         g = g.view(g.shape[0], g.shape[1], model.runs, *x.shape[2:])
         return g.permute(2, 1, 0, *range(3, g.ndim))
@@ -475,7 +501,57 @@ def _gram_penalty(T, lead):
     return (G * G * off).sum((-3, -2, -1)) / (N * C * C)
 
 
-def template_penalty(model, x):
+class _ChunkedTemplatePenalty(torch.autograd.Function):
+    """:func:`template_penalty` of a network :func:`_chain` knows, in class chunks.
+
+    With ``G_n = T_n T_n^T`` the Gram matrix of input ``n``'s templates and ``P`` the
+    penalty, ``dP = (4 / (N C^2)) sum_n sum_c <dT_{n,c}, U_{n,c}>`` where ``U_n =
+    (G_n with a zero diagonal) T_n``: the penalty's gradient in the parameters is the
+    gradient of ``<T(theta), U>`` at a fixed ``U``, a sum over classes. The forward
+    pass computes the templates ``chunk`` classes at a time without a graph, then ``P``
+    and ``U``; the backward pass recomputes the layers' forward once (batch-norm
+    running statistics untouched) and differentiates ``<T_chunk, U_chunk>`` chunk by
+    chunk. A pass holds one chunk's cotangents of every layer, instead of all ``C``
+    classes': memory grows with the chunk, operations with the number of chunks."""
+
+    @staticmethod
+    def forward(ctx, model, layers, x, lead, chunk, *params):
+        with torch.enable_grad():  # the elementwise layers' derivatives
+            z, out, backs = _chain_forward(layers, model, x, lead, graph=False)
+        parts = _class_cotangents(z, out).split(chunk)
+        T = torch.cat([_chain_backward(backs, g, model, x, lead) for g in parts], lead)
+        T = T.flatten(lead + 1)  # (..., N, C, D)
+        G = T @ T.mT
+        off = 1.0 - torch.diag_embed(torch.ones_like(G[..., 0, 0, :]))[..., None, :, :]
+        N, C = G.shape[-3], G.shape[-1]
+        ctx.save_for_backward(x, (G * off) @ T, *params)
+        ctx.model, ctx.layers, ctx.lead, ctx.chunk = model, layers, lead, chunk
+        ctx.scale = 4 / (N * C * C)
+        return (G * G * off).sum((-3, -2, -1)) / (N * C * C)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, U, *params = ctx.saved_tensors
+        model, layers, lead, chunk = ctx.model, ctx.layers, ctx.lead, ctx.chunk
+        w = (grad * ctx.scale).reshape(*grad.shape, 1, 1, 1)  # per run when packed
+        grads = [None] * len(params)
+        with torch.enable_grad():
+            z, out, backs = _chain_forward(layers, model, x, lead, True, stats=False)
+            parts = _class_cotangents(z, out).split(chunk)
+            for g, u in zip(parts, U.split(chunk, lead), strict=True):
+                T = _chain_backward(backs, g, model, x, lead).flatten(lead + 1)
+                part = torch.autograd.grad(
+                    (T * u * w).sum(), params, retain_graph=True, allow_unused=True
+                )
+                grads = [_add(a, b) for a, b in zip(grads, part, strict=True)]
+        return (None, None, None, None, None, *grads)
+
+
+def _add(a, b):
+    return b if a is None else a if b is None else a + b
+
+
+def template_penalty(model, x, chunk=None):
     """The penalty the authors' released code trains with for the Table 2 experiment
     (Section 5), applied to the templates instead of the slopes of Eq. (11): squared
     off-diagonal entries of each input's template Gram matrix ``G_n[c, c'] = <d f_c / d
@@ -484,12 +560,26 @@ def template_penalty(model, x):
         (1 / (N C^2)) sum_n sum_{c != c'} G_n[c, c']^2
 
     (a mean over all ``C x C x N`` entries, with the diagonal set to zero).
-    Differentiable in the model's parameters (double backprop). For a linear model
+    Differentiable (double backprop) in the model's parameters. For a linear model
     ``f(x) = W x + b`` it is ``orthogonality_penalty(W) / C^2``. Packed runs: one
     penalty per run. All classes' templates come from one batched backward pass
-    (:func:`_templates`).
+    (:func:`_templates`). With ``chunk`` (an int), a network of :mod:`smaso.models`
+    takes ``chunk`` classes per pass, the gradient too
+    (:class:`_ChunkedTemplatePenalty`, differentiable once, in the parameters): the
+    same numbers in a memory that grows with the chunk instead of the number of
+    classes, for more operations (``benchmarks/template.py`` measures both).
     """
-    return _gram_penalty(*_templates(model, x, True))
+    _check_template_args(model, x)
+    chain = _chain(model) if chunk is not None else None
+    if chain is None:
+        return _gram_penalty(*_templates(model, x, True))
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(
+            f"chunk must be a positive int (classes per pass), got {chunk!r}"
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    lead = 2 if hasattr(model, "runs") else 1
+    return _ChunkedTemplatePenalty.apply(model, chain, x.detach(), lead, chunk, *params)
 
 
 def _template_penalty_loop(model, x):
@@ -500,12 +590,13 @@ def _template_penalty_loop(model, x):
 PENALTIES = ("filters", "filters_normalized", "templates")
 
 
-def penalty_loss(kind, lam=1.0):
+def penalty_loss(kind, lam=1.0, chunk=None):
     """An ``extra_loss(model, x, y)`` for :func:`smaso.train.fit`: ``lam`` times one of
     the penalties.
 
     ``kind``: ``"filters"`` (the paper's, Section 5), ``"filters_normalized"``
-    (cosines), or ``"templates"`` (the authors' code, :func:`template_penalty`).
+    (cosines), or ``"templates"`` (the authors' code, :func:`template_penalty`, with
+    ``chunk`` classes per pass).
     """
     if kind not in PENALTIES:
         raise ValueError(f"kind must be one of {PENALTIES}, got {kind!r}")
@@ -514,7 +605,7 @@ def penalty_loss(kind, lam=1.0):
 
     def extra_loss(model, x, y):
         if kind == "templates":
-            return lam * template_penalty(model, x)
+            return lam * template_penalty(model, x, chunk)
         return lam * filter_penalty(model, normalized=(kind == "filters_normalized"))
 
     return extra_loss

@@ -45,16 +45,17 @@ def _x(name, runs, n=3, seed=1):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
-def _compare(model, x):
-    """(value, gradient, batch-norm state) deviations of the batched penalty from
-    the per-class loop, each relative to the loop's largest entry."""
+def _compare(model, x, chunk=None, reference=o._template_penalty_loop):
+    """(value, gradient, batch-norm state) deviations of the batched penalty (with
+    ``chunk`` classes per pass) from the ``reference`` (the per-class loop), each
+    relative to the reference's largest entry."""
     params = list(model.parameters())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ref = o._template_penalty_loop(model, x)
+    ref = reference(model, x)
     gref = torch.autograd.grad(ref.sum(), params, allow_unused=True)
     state_ref = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(before)
-    got = o.template_penalty(model, x)
+    got = o.template_penalty(model, x, chunk)
     ggot = torch.autograd.grad(got.sum(), params, allow_unused=True)
     state = model.state_dict()
     assert got.shape == ref.shape
@@ -104,11 +105,67 @@ def test_batched_penalty_equals_the_per_class_loop_packed(name, classes):
         assert torch.allclose(got, want, rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("chunk", [None, 3])
 @pytest.mark.parametrize("activation", ["swish", "swish-softplus", "silu"])
-def test_batched_penalty_learnable_activations(activation):
+def test_batched_penalty_learnable_activations(activation, chunk):
     model = _net("small-cnn-v2", 10, {}, 1, activation)
-    dv, dg, _ = _compare(model, _x("small-cnn-v2", 1))
+    dv, dg, _ = _compare(model, _x("small-cnn-v2", 1), chunk)
     assert dv < 1e-10 and dg < 1e-10, (dv, dg)
+
+
+# the penalty in chunks of classes (memory bounded by the chunk)
+
+
+@pytest.mark.parametrize(
+    "classes, chunk, options", [(10, 3, "paper"), (10, 3, "authors"), (100, 40, "paper")]
+)
+@pytest.mark.parametrize("name", SIDE)
+def test_chunked_penalty_equals_the_per_class_loop(name, classes, chunk, options):
+    """Chunks that do not divide the classes: value, gradient and batch-norm state
+    (updated once, by the forward pass) as the loop's; at 100 classes as the one
+    batched pass's (equal to the loop's above), which takes seconds, not minutes."""
+    model = _net(name, classes, OPTIONS[options], 1)
+    one_pass = o.template_penalty
+    reference = o._template_penalty_loop if classes == 10 else one_pass
+    dv, dg, changed = _compare(model, _x(name, 1), chunk, reference)
+    assert dv < 1e-10 and dg < 1e-10, (dv, dg)
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert bool(changed) == has_bn
+
+
+@pytest.mark.parametrize("name", [n for n in SIDE if can_pack(n)])
+def test_chunked_penalty_packed_weights_each_run(name):
+    """Packed runs: the gradient of a weighted sum of the runs' penalties (each run's
+    weight reaches only its own penalty's gradient)."""
+    options = OPTIONS["authors" if name == "large-cnn-code" else "paper"]
+    model, x = _net(name, 10, options, 2), _x(name, 2)
+    params = list(model.parameters())
+    w = torch.tensor([0.25, 2.0], dtype=F64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = o._template_penalty_loop(model, x)
+    gref = torch.autograd.grad((w * ref).sum(), params, allow_unused=True)
+    model.load_state_dict(before)
+    got = o.template_penalty(model, x, 4)
+    ggot = torch.autograd.grad((w * got).sum(), params, allow_unused=True)
+    assert torch.allclose(got, ref, rtol=1e-10, atol=0)
+    scale = max(g.abs().max() for g in gref if g is not None)
+    for a, b in zip(gref, ggot, strict=True):
+        if a is not None:  # (None: a parameter the templates do not depend on)
+            assert (a - (0 if b is None else b)).abs().max() < 1e-10 * scale
+
+
+def test_chunked_penalty_eval_mode_one_chunk_and_bad_chunks():
+    model, x = _net("small-cnn", 10, {}, 1).eval(), _x("small-cnn", 1)
+    dv, dg, changed = _compare(model, x, 4)
+    assert dv < 1e-10 and dg < 1e-10 and changed == []
+    whole = o.template_penalty(model, x)
+    for chunk in (10, 64):  # one pass
+        assert torch.allclose(o.template_penalty(model, x, chunk), whole, rtol=1e-12)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="chunk must be a positive int"):
+            o.template_penalty(model, x, bad)
+    with torch.no_grad():  # no graph asked for: the value alone
+        assert torch.allclose(o.template_penalty(model, x, 3), whole, rtol=1e-12)
 
 
 def test_batched_penalty_eval_mode_and_templates():
@@ -151,15 +208,16 @@ def test_packed_input_checked():
         o.template_penalty(model, _x("small-cnn", 3))
 
 
+@pytest.mark.parametrize("chunk", [None, 4])
 @pytest.mark.parametrize("runs", [1, 2])
-def test_the_penalty_makes_no_tensor_from_the_host(runs):
+def test_the_penalty_makes_no_tensor_from_the_host(runs, chunk):
     """The penalty and its backward make no tensor from sizes or values on the host
     and move none to the device (what a CUDA graph replays), counted as
     tests/test_step.py counts a training step."""
     model = _net("small-cnn", 10, {}, runs)
     x = _x("small-cnn", runs)
     with step.OpCounter() as c:
-        o.template_penalty(model, x).sum().backward()
+        o.template_penalty(model, x, chunk).sum().backward()
     assert c.ops["aten.convolution"] > 0  # the counter sees the penalty
     assert step.created(c.ops) == {}
 

@@ -125,6 +125,11 @@ class Runtime:
         "the CPU)",
     )
 
+    template_chunk: int | None = option(
+        None,
+        "classes per pass of the template penalty: its memory grows with it, its "
+        "operations with the number of passes (default: all classes in one pass)",
+    )
     log: Callable[[str], None] | None = print
     on_epoch: Callable[[int, nn.Module, dict], None] | None = None
     on_batch: Callable[[int], None] | None = None
@@ -134,6 +139,8 @@ class Runtime:
             positive_int("threads", self.threads)
         if self.pack is not None:
             positive_int("pack", self.pack)
+        if self.template_chunk is not None:
+            positive_int("template_chunk", self.template_chunk)
         choice("cuda_graph", self.cuda_graph, CUDA_GRAPH)
         if not self.checkpoint_every >= 0:
             raise ValueError(
@@ -213,11 +220,12 @@ def packable(configs) -> None:
         raise ValueError(f"packed runs need distinct seeds, got {seeds}")
 
 
-def build_loss(config: RunConfig):
+def build_loss(config: RunConfig, template_chunk: int | None = None):
     """The extra loss term of ``config``: ``lam`` times its orthogonality penalty
-    (Section 5; :func:`smaso.orthogonal.penalty_loss`), or None."""
+    (Section 5; :func:`smaso.orthogonal.penalty_loss`; the template penalty with
+    ``template_chunk`` classes per pass, the :class:`Runtime` option), or None."""
     if config.orthogonality in PENALTIES:
-        return penalty_loss(config.orthogonality, config.lam)
+        return penalty_loss(config.orthogonality, config.lam, template_chunk)
     return None
 
 
@@ -567,7 +575,7 @@ class Training:
             self.opt,
             x_train,
             self.data.y_train,
-            build_loss(config),
+            build_loss(config, rt.template_chunk),
             self.autocast,
             self.sched,
             rt.cuda_graph,
