@@ -117,7 +117,8 @@ def test_batched_penalty_learnable_activations(activation, chunk):
 
 
 @pytest.mark.parametrize(
-    "classes, chunk, options", [(10, 3, "paper"), (10, 3, "authors"), (100, 40, "paper")]
+    "classes, chunk, options",
+    [(10, 3, "paper"), (10, 3, "authors"), (100, 40, "paper")],
 )
 @pytest.mark.parametrize("name", SIDE)
 def test_chunked_penalty_equals_the_per_class_loop(name, classes, chunk, options):
