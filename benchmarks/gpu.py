@@ -159,7 +159,7 @@ class Check:
         return value
 
 
-def _step_setup(configs, device, precision, images, graph):
+def _step_setup(configs, device, precision, images, graph, chunk=None):
     c = configs[0]
     classes = DATASETS[c.dataset].num_classes
     cfg = dataclasses.replace(c, precision=precision)
@@ -176,15 +176,16 @@ def _step_setup(configs, device, precision, images, graph):
     idx = torch.randint(0, images, shape, generator=g).to(device)
     opt, sched = build_optimizer(c, model, capturable=graph)
     mode = "on" if graph else "off"
-    step = TrainStep(model, opt, x, y, build_loss(c), autocast, sched, mode)
+    step = TrainStep(model, opt, x, y, build_loss(c, chunk), autocast, sched, mode)
     return step, idx
 
 
-def time_step(configs, device, precision, steps, images, graph=False) -> dict:
+def time_step(configs, device, precision, steps, images, graph=False, chunk=None):
     """Seconds per optimiser step of ``configs`` (one run, or several packed) on
     random CIFAR-shaped data on ``device``, the step captured in a CUDA graph
-    (``graph``) or eager: ``steps`` steps timed together after the warm-up."""
-    step, idx = _step_setup(configs, device, precision, images, graph)
+    (``graph``) or eager: ``steps`` steps timed together after the warm-up. ``chunk``:
+    classes per pass of the template penalty (the ``template_chunk`` option)."""
+    step, idx = _step_setup(configs, device, precision, images, graph, chunk)
     step.reset()
     for _ in range(GRAPH_WARMUP + 2):
         step(idx)
@@ -235,6 +236,25 @@ def measure_kind(c, device, pack, steps, images, precisions, log) -> dict:
             f"{k} {v['s'] * 1e3:.2f} ms" for k, v in row.items() if k != "config"
         )
     )
+    return row
+
+
+def template_chunked(c, device, pack, steps, images, prec, chunk) -> dict:
+    """The template-penalty step of ``c`` with ``chunk`` classes per pass, alone and
+    packed by ``pack``, each with its peak device memory: what the chunk saves in
+    memory, against what it costs in time (the unchunked step is ``c``'s kind)."""
+    row = {"chunk": chunk}
+    graph = device.type == "cuda"
+    for k in (1, pack):
+        configs = [dataclasses.replace(c, seed=s) for s in range(k)]
+        if graph:
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time_step(configs, device, prec, steps, images, graph, chunk)
+        t["per_run_s"] = t["s"] / k
+        if graph:
+            t["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row["alone" if k == 1 else f"packed{k}"] = t
+        _free(device)
     return row
 
 
@@ -421,6 +441,12 @@ def _parser():
     p.add_argument("--quick", action="store_true", help="a smoke test: seconds")
     p.add_argument("--pack", type=int, default=5, help="runs per packed network")
     p.add_argument("--max-pack", type=int, default=15, help="the largest pack timed")
+    p.add_argument(
+        "--template-chunk",
+        type=int,
+        default=10,
+        help="classes per pass of the template penalty's chunked step",
+    )
     p.add_argument("--steps", type=int, default=None, help="timed steps per kind")
     p.add_argument("--epochs", type=int, default=None, help="epochs of the exact run")
     p.add_argument("--budget", type=float, default=None, help="seconds of measuring")
@@ -468,6 +494,16 @@ def main(argv=None):
         if row is not None:
             result["steps"][key] = row
     prec = precisions[0]
+    tmpl = sorted(  # the template-penalty kind with the most classes
+        (c for c in step_kinds(configs).values() if c.orthogonality == "templates"),
+        key=lambda c: -DATASETS[c.dataset].num_classes,
+    )
+    if tmpl:
+        result["template_chunked"] = check.item(
+            f"template chunk {a.template_chunk}",
+            template_chunked,
+            *(tmpl[0], device, pack, steps, images, prec, a.template_chunk),
+        )
     base = result["steps"].get(kind_key(configs["paper"][0]))
     exact = [
         r

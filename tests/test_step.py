@@ -316,6 +316,10 @@ def test_gpu_check_runs_on_the_cpu_in_quick_mode(tmp_path):
         assert got["runs"] == len(configs) and got["missing_kinds"] == []
         assert got["alone"] == pytest.approx(hours, rel=1e-9)
     assert r["projection"] == stored["projection"]
+    # the template penalty's step in chunks of classes, alone and packed
+    chunked = stored["template_chunked"]
+    assert chunked["chunk"] == 10 and chunked["alone"]["s"] > 0
+    assert chunked["packed2"]["per_run_s"] > 0
     if "pipeline" in stored:  # the CIFAR-10 subset is there
         for run in stored["pipeline"].values():
             assert len(run["test_acc"]) == 1
