@@ -51,7 +51,8 @@ CHUNK = 10  # classes per pass of "chunked" (--chunk)
 def _penalty(impl, chunk=CHUNK):
     """The penalty function of ``impl``: "before", "after" or "chunked"."""
     if impl == "chunked":
-        return lambda model, x, _=None: orthogonal.template_penalty(model, x, chunk)
+        tp = orthogonal.template_penalty  # (step_ops puts the returned one there)
+        return lambda model, x, _=None: tp(model, x, chunk)
     f = getattr(orthogonal, IMPLS[impl])
     return lambda model, x, _=None: f(model, x)  # (penalty_loss passes its chunk)
 
