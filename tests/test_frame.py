@@ -119,6 +119,8 @@ def test_the_command_line_is_derived_from_the_dataclass():
     assert [(r.arm, r.seed) for r in runs] == [("a", 0), ("a", 2), ("c", 0), ("c", 2)]
     assert all(r.widths == (2, 3) and r.lr == 0.1 for r in runs)
     assert len(grid(Toy, p.parse_args([]), dict(arm="ab", seed=(0, 1)))) == 4
+    # a row field without given values takes all its choices
+    assert [r.arm for r in grid(Toy, p.parse_args([]), dict(seed=(0,)))] == list("abc")
     with pytest.raises(SystemExit):
         p.parse_args(["--arms", "a,z"])  # not a choice
     helps = {f.name: help_of(f) for f in dataclasses.fields(Toy) if f.metadata}

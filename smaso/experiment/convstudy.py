@@ -567,12 +567,11 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.what == "cnn":
-        for config in grid(CnnRun, args, dict(arm=CNN_ARMS, seed=(0, 1, 2))):
+        for config in grid(CnnRun, args, dict(seed=(0, 1, 2))):
             r = run_cnn(config, args.out, args.force, progress=True)
             print(f"{config.run_id()}: test acc {r['test_acc']:.3f}", flush=True)
         return 0
-    rows = dict(arm=DENOISE_ARMS, shrink=TransformDenoiser.SHRINKS)
-    for config in grid(DenoiseRun, args, rows):
+    for config in grid(DenoiseRun, args):  # every arm and shrinkage
         r = run_denoise(config, args.out, args.force)
         dbs = ", ".join(f"{x['sigma']}: {x['psnr']:.2f} dB" for x in r["runs"])
         print(f"{config.run_id()}: {dbs}", flush=True)

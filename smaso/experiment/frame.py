@@ -212,13 +212,18 @@ class Study:
 # command lines derived from the config dataclasses
 
 
-def _floats(text):
-    try:
-        return tuple(float(v) for v in text.split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+def _list_of(cast, what):
+    """A parser of a comma-separated list of ``cast`` values (``what`` they are)."""
+
+    def parse(text):
+        try:
+            return tuple(cast(v) for v in text.split(",") if v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}, got {text!r}"
+            ) from None
+
+    return parse
 
 
 def _seeds(text):
@@ -249,16 +254,11 @@ def _names(allowed):
     return parse
 
 
-def _ints(text):
-    try:
-        return tuple(int(v) for v in text.split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
-_KINDS = {"floats": _floats, "seeds": _seeds, "ints": _ints}
+_KINDS = {
+    "floats": _list_of(float, "numbers"),
+    "seeds": _seeds,
+    "ints": _list_of(int, "integers"),
+}
 _TYPES = {"str": str, "int": int, "float": float}
 
 
@@ -301,16 +301,19 @@ def picked(namespace, cls) -> dict:
     return {k: v for k, v in vars(namespace).items() if k in names}
 
 
-def grid(cls, namespace, defaults: dict) -> list:
+def grid(cls, namespace, defaults: dict | None = None) -> list:
     """The configs of a study's command line (:func:`add_options` with ``rows``):
-    every combination of the per-row lists (``--names``; ``defaults`` holds each
-    row field's values when its option is not given), with the other options given to
-    every run."""
-    rows = [f.name for f in dataclasses.fields(cls) if f.metadata.get("row")]
-    given = vars(namespace)
-    values = [given.get(name + "s", defaults[name]) for name in rows]
+    every combination of the per-row lists (``--names``; when an option is not given,
+    the row field's values in ``defaults``, else all its choices), with the other
+    options given to every run."""
+    rows = [f for f in dataclasses.fields(cls) if f.metadata.get("row")]
+    given, defaults = vars(namespace), defaults or {}
+    values = [
+        given.get(f.name + "s", defaults.get(f.name, f.metadata["choices"]))
+        for f in rows
+    ]
     common = picked(namespace, cls)
     return [
-        cls(**dict(zip(rows, combo, strict=True)), **common)
+        cls(**{f.name: v for f, v in zip(rows, combo, strict=True)}, **common)
         for combo in itertools.product(*values)
     ]
