@@ -24,17 +24,13 @@ Writes benchmarks/results/template.json (the previous file kept as .json.bak).
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import resource
 import subprocess
 import sys
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
@@ -42,6 +38,7 @@ from benchmarks.common import loadavg, metadata, write_results
 from benchmarks.step import per_step_ops, summary
 from smaso import orthogonal
 from smaso.experiment import RunConfig, build_loss, build_training_model
+from smaso.pack import LiveBytes
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = {"before": "_template_penalty_loop", "after": "template_penalty"}
@@ -55,40 +52,6 @@ def _penalty(impl, chunk=CHUNK):
         return lambda model, x, _=None: tp(model, x, chunk)
     f = getattr(orthogonal, IMPLS[impl])
     return lambda model, x, _=None: f(model, x)  # (penalty_loss passes its chunk)
-
-
-class LiveBytes(TorchDispatchMode):
-    """The peak of the bytes of the tensors created under it that are still
-    referenced (a storage counted once, while any tensor on it lives)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.refs = collections.Counter()
-        self.seen = set()
-
-    def _release(self, key, nbytes):
-        self.refs[key] -= 1
-        if self.refs[key] == 0:
-            self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or id(t) in self.seen:
-                continue
-            storage = t.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if key == 0:
-                continue
-            if self.refs[key] == 0:
-                self.live += nbytes
-                self.peak = max(self.peak, self.live)
-            self.refs[key] += 1
-            self.seen.add(id(t))
-            weakref.finalize(t, self._release, key, nbytes)
-            weakref.finalize(t, self.seen.discard, id(t))
-        return out
 
 
 def live_peak_mib(impl, classes, batch, side, model, chunk=CHUNK):

@@ -596,11 +596,15 @@ def penalty_loss(kind, lam=1.0, chunk=None):
 
     ``kind``: ``"filters"`` (the paper's, Section 5), ``"filters_normalized"``
     (cosines), or ``"templates"`` (the authors' code, :func:`template_penalty`, with
-    ``chunk`` classes per pass).
+    ``chunk`` classes per pass). ``lam``: a number, or for packed runs
+    (:mod:`smaso.pack`) a tensor of one weight per run, on the model's device.
     """
     if kind not in PENALTIES:
         raise ValueError(f"kind must be one of {PENALTIES}, got {kind!r}")
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
+    if isinstance(lam, torch.Tensor):
+        if lam.ndim != 1 or not bool((lam >= 0).all() & lam.isfinite().all()):
+            raise ValueError(f"lam must be one nonnegative weight per run, got {lam}")
+    elif isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
         raise ValueError(f"lam must be a nonnegative number, got {lam!r}")
 
     def extra_loss(model, x, y):

@@ -14,7 +14,10 @@ configuration (different seeds) side by side multiplies the work per launch by k
   ``x[r]``, and the output (k, N, classes);
 * the loss is the sum of the runs' losses, so each run's gradient is its own; Adam is
   element-wise, so each run's optimiser state and steps are its own too. Penalties and
-  exact orthogonality act group by group (:mod:`smaso.orthogonal`).
+  exact orthogonality act group by group (:mod:`smaso.orthogonal`);
+* runs may differ in their learning rate and penalty weight as well: each run's
+  penalty is weighted by its own λ, and :func:`scale_steps` makes each run's Adam
+  step its own learning rate's (one optimiser, one fused kernel, for all runs).
 
 k packed runs compute the numbers of the k separate runs (to rounding: the tests check
 float64 to 1e-10). :func:`pack_state` and :func:`unpack_state` move weights between
@@ -23,10 +26,25 @@ the two forms, so each run still gets its own results and weights files.
 
 from __future__ import annotations
 
+import collections
+import math
+import os
+import weakref
+
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["PackedRuns", "pack_state", "unpack_state"]
+__all__ = [
+    "LiveBytes",
+    "PackedRuns",
+    "free_memory",
+    "pack_size",
+    "pack_state",
+    "scale_steps",
+    "unpack_state",
+]
 
 
 class PackedRuns(nn.Module):
@@ -119,3 +137,127 @@ def unpack_state(packed: PackedRuns, separate: nn.Module) -> list[dict]:
             else:
                 out[r][name] = t.reshape(k, -1)[r].reshape(shapes[name]).clone()
     return out
+
+
+def scale_steps(opt: torch.optim.Optimizer, packed: PackedRuns, factors) -> list:
+    """Make each packed run's optimiser step its own: run ``r``'s step times
+    ``factors[r]``, so that Adam at learning rate ``lr`` steps run ``r`` at
+    ``factors[r] * lr`` (Section 5's grid of learning rates in one pack).
+
+    Adam's step ``-lr m / (sqrt(v) + eps)`` is linear in ``lr`` and its moments do not
+    depend on it; so the step taken at ``lr`` and scaled afterwards is the step at
+    ``factors[r] * lr``. A pre-step hook keeps the parameters, a post-step hook moves
+    them back by ``1 - factors[r]`` of the step (``torch.lerp``; a factor of 1 leaves
+    the step as it is, to the bit). Both are in-place multi-tensor operations on
+    buffers made here, once, so a captured CUDA graph holds them. The optimiser's
+    state (and its checkpoint) is that of the unscaled optimiser. Returns the hooks'
+    handles (``.remove()`` them to undo).
+
+    Example::
+
+        >>> import torch
+        >>> from smaso.pack import PackedRuns, scale_steps
+        >>> packed = PackedRuns(torch.nn.Linear(1, 2, bias=False), 2)
+        >>> with torch.no_grad():
+        ...     _ = packed.net.weight.fill_(1.0)
+        >>> opt = torch.optim.SGD(packed.parameters(), lr=0.5)
+        >>> handles = scale_steps(opt, packed, [1.0, 0.25])
+        >>> packed.net.weight.grad = torch.ones(2, 1)
+        >>> opt.step()
+        >>> packed.net.weight.flatten().tolist()
+        [0.5, 0.875]
+    """
+    k = packed.runs
+    factors = [float(f) for f in factors]
+    if len(factors) != k or not all(math.isfinite(f) and f > 0 for f in factors):
+        raise ValueError(f"need {k} positive step factors, got {factors}")
+    params = [p for p in packed.parameters() if p.requires_grad]
+    owned = {id(p) for g in opt.param_groups for p in g["params"]}
+    if any(id(p) not in owned for p in params):
+        raise ValueError("the optimiser does not hold all of the packed parameters")
+    weights = []
+    for p in params:
+        if p.ndim == 0 or p.shape[0] % k:
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} is not per run")
+        w = torch.tensor([1.0 - f for f in factors], dtype=p.dtype, device=p.device)
+        shape = (k, p.shape[0] // k, *p.shape[1:])
+        w = w.view(k, *[1] * p.ndim).expand(shape).reshape(p.shape)
+        weights.append(w.contiguous())
+    before = [torch.empty_like(p) for p in params]
+
+    def keep(*_):
+        with torch.no_grad():
+            torch._foreach_copy_(before, params)
+
+    def scale(*_):
+        with torch.no_grad():
+            torch._foreach_lerp_(params, before, weights)
+
+    return [opt.register_step_pre_hook(keep), opt.register_step_post_hook(scale)]
+
+
+# --------------------------------------------------------------------------------------
+# how many runs fit
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak of the bytes of the tensors created under it that are still referenced
+    (a storage counted once, while any tensor on it lives): ``.peak`` after the
+    ``with`` block. Counted op by op, so the same on every machine; what a device's
+    allocator adds (rounding, workspaces) is not in it."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.refs = collections.Counter()
+        self.seen = set()
+
+    def _release(self, key, nbytes):
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or id(t) in self.seen:
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if key == 0:
+                continue
+            if self.refs[key] == 0:
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+            self.refs[key] += 1
+            self.seen.add(id(t))
+            weakref.finalize(t, self._release, key, nbytes)
+            weakref.finalize(t, self.seen.discard, id(t))
+        return out
+
+
+def free_memory(device) -> int:
+    """Bytes free on ``device``: what the CUDA driver reports, or the host's free
+    physical memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def pack_size(per_run: int, free: int, cap: int, headroom: float = 0.8) -> int:
+    """How many runs of ``per_run`` bytes each to pack in ``headroom`` of ``free``
+    bytes: at least 1, at most ``cap`` (the user's).
+
+    Example::
+
+        >>> from smaso.pack import pack_size
+        >>> pack_size(per_run=10, free=100, cap=15), pack_size(10, 100, 4)
+        (8, 4)
+    """
+    if per_run <= 0 or free < 0 or cap < 1 or not 0 < headroom <= 1:
+        raise ValueError(
+            f"need per_run > 0, free >= 0, cap >= 1 and 0 < headroom <= 1, got "
+            f"{per_run}, {free}, {cap}, {headroom}"
+        )
+    return max(1, min(cap, int(headroom * free // per_run)))

@@ -20,7 +20,7 @@ from smaso.experiment import (
     run_packed,
     sweep,
 )
-from smaso.experiment.runner import packable
+from smaso.experiment.runner import Runtime, load_data, packable, run_memory
 from smaso.experiment.store import (
     ResultsError,
     load_checkpoint,
@@ -30,7 +30,7 @@ from smaso.experiment.study import packs
 from smaso.filters import register_filters
 from smaso.models import GroupedLinear, build, can_pack
 from smaso.orthogonal import filter_penalty, orthogonality_penalty, template_penalty
-from smaso.pack import PackedRuns, pack_state, unpack_state
+from smaso.pack import PackedRuns, pack_size, pack_state, scale_steps, unpack_state
 
 
 class Killed(Exception):
@@ -136,16 +136,12 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("setting", SETTINGS)
-def test_k_packed_runs_equal_k_separate_runs(setting, tmp_path):
-    """The acceptance test: float64, one epoch (6 steps), every number in the histories
-    of 3 packed runs equal to the 3 separate runs' to 1e-10, every final weight to
-    1e-9."""
-    kw = dict(epochs=1, upsample=3, limit_test=40) | SETTINGS[setting]
-    configs = [tiny(seed=s, **kw) for s in (0, 1, 2)]
+def assert_packed_equals_alone(configs, tmp_path):
+    """Every number in the histories of the packed runs equal to the separate runs' to
+    1e-10, every final weight to 1e-9 (float64)."""
+    side = 8 * configs[0].upsample
     # Gaussian images: digits' flat backgrounds tie in max-pooling, and a tie broken
     # another way by a last-bit difference moves a template by a whole pixel
-    side = 8 * kw["upsample"]
     g = torch.Generator().manual_seed(0)
     data = TensorData(
         torch.randn(300, 1, side, side, generator=g, dtype=torch.float64),
@@ -156,8 +152,9 @@ def test_k_packed_runs_equal_k_separate_runs(setting, tmp_path):
     )
     alone = [run(c, tmp_path / "alone", data=data, log=None) for c in configs]
     packed = run_packed(configs, tmp_path / "packed", data=data, log=None)
+    k = len(configs)
     for a, p, c in zip(alone, packed, configs, strict=True):
-        assert p["packed_runs"] == 3 and a["packed_runs"] == 1
+        assert p["packed_runs"] == k and a["packed_runs"] == 1
         for ha, hp in zip(strip(a["history"]), strip(p["history"]), strict=True):
             assert ha.keys() == hp.keys()
             for key, va in ha.items():
@@ -175,13 +172,90 @@ def test_k_packed_runs_equal_k_separate_runs(setting, tmp_path):
                 assert (t - wp[key]).abs().max() <= tol, key
             else:
                 assert torch.equal(t, wp[key]), key
-    # the packed runs differ from one another (their own seeds and batches)
-    accs = {p["history"][-1]["train_loss"] for p in packed}
-    assert len(accs) == 3
+    # the packed runs differ from one another (their own seeds, rates and batches)
+    assert len({p["history"][-1]["train_loss"] for p in packed}) == k
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_k_packed_runs_equal_k_separate_runs(setting, tmp_path):
+    """The acceptance test: float64, one epoch (6 steps), 3 packed runs of 3 seeds."""
+    kw = dict(epochs=1, upsample=3, limit_test=40) | SETTINGS[setting]
+    assert_packed_equals_alone([tiny(seed=s, **kw) for s in (0, 1, 2)], tmp_path)
+
+
+#: Packs across learning rates and penalty weights (Table 2's grid: a structure's
+#: rates and seeds in one pack): (setting, [(seed, lr, lam) per run]).
+ACROSS = {
+    "baseline, three rates": ("baseline", [(0, 1e-3, 1), (0, 3e-3, 1), (1, 2e-4, 1)]),
+    "filter penalty, rates and weights": (
+        "filter penalty",
+        [(0, 1e-3, 1.0), (0, 1e-3, 0.1), (1, 5e-3, 3.0)],
+    ),
+    "template penalty, two weights": (
+        "template penalty",
+        [(0, 1e-3, 1.0), (1, 1e-3, 0.2)],
+    ),
+    "authors' exact row, two rates": (
+        "authors' exact row",
+        [(0, 1e-3, 1), (1, 1e-4, 1)],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ACROSS)
+def test_packs_across_rates_and_weights_equal_separate_runs(case, tmp_path):
+    """Runs of one structure with their own learning rates (the authors' protocol:
+    Adam without bias correction, a scheduler on the shared rate) and penalty weights:
+    the packed numbers are the separate runs', float64, 1e-10."""
+    setting, runs = ACROSS[case]
+    kw = dict(epochs=1, upsample=3, limit_test=40) | SETTINGS[setting]
+    configs = [tiny(**(kw | dict(seed=s, lr=lr, lam=lam))) for s, lr, lam in runs]
+    assert len({c.run_id() for c in configs}) == len(configs)
+    assert_packed_equals_alone(configs, tmp_path)
+
+
+def test_scaled_steps_are_each_runs_own_rate():
+    """:func:`smaso.pack.scale_steps` against Adam run at each rate separately, in
+    float64, with and without bias correction; a factor of 1 is the step to the bit."""
+    packed, separate = packed_and_separate("small-cnn", "relu", k=3)
+    # in evaluation mode: a convolution's bias before batch norm then has a gradient
+    # (in training mode it is rounding noise, which Adam's m / sqrt(v) magnifies)
+    packed.eval()
+    for m in separate:
+        m.eval()
+    rates = [1e-3, 3e-3, 1e-3]
+    opt = torch.optim.Adam(packed.parameters(), lr=rates[0])
+    scale_steps(opt, packed, [r / rates[0] for r in rates])
+    opts = [
+        torch.optim.Adam(m.parameters(), lr=r)
+        for m, r in zip(separate, rates, strict=True)
+    ]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(3, 4, 3, 16, 16, generator=g, dtype=torch.float64)
+        opt.zero_grad()
+        packed(x).square().sum().backward()
+        opt.step()
+        for m, o, xr in zip(separate, opts, x, strict=True):
+            o.zero_grad()
+            m(xr).square().sum().backward()
+            o.step()
+    states = unpack_state(packed, separate[0])
+    for m, st in zip(separate, states, strict=True):
+        for key, t in m.state_dict().items():
+            if t.is_floating_point():
+                assert (t - st[key]).abs().max() <= 1e-12 * (1 + t.abs().max()), key
+    plain = torch.optim.Adam(packed.parameters(), lr=1.0)
+    with pytest.raises(ValueError, match="3 positive step factors"):
+        scale_steps(plain, packed, [1.0, 2.0])
+    with pytest.raises(ValueError, match="3 positive step factors"):
+        scale_steps(plain, packed, [1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="does not hold"):
+        scale_steps(torch.optim.Adam([nn.Parameter(torch.ones(3))]), packed, [1] * 3)
 
 
 def test_a_killed_pack_resumes_from_its_checkpoint(tmp_path):
-    configs = [tiny(seed=s, epochs=3) for s in (0, 1)]
+    configs = [tiny(seed=0, epochs=3), tiny(seed=1, epochs=3, lr=3e-3)]
     whole = run_packed(configs, tmp_path / "whole", log=None)
 
     def kill(epoch, model, recs):
@@ -202,23 +276,24 @@ def test_a_killed_pack_resumes_from_its_checkpoint(tmp_path):
     assert run_packed(configs, tmp_path / "k", log=None) == resumed
 
 
-def test_sweep_packs_the_seeds_of_a_setting(tmp_path):
+def test_sweep_packs_the_runs_of_a_structure(tmp_path):
     configs = [tiny(seed=s, epochs=1) for s in (0, 1, 2)]
-    configs += [tiny(seed=0, epochs=1, lr=5e-4)]
+    configs += [tiny(seed=0, epochs=1, lr=5e-4), tiny(seed=0, epochs=1, batch_size=25)]
+    tags = ["s0", "s1", "s2", "lr", "bs"]
+    name = {c.run_id(): n for c, n in zip(configs, tags, strict=True)}
     status = {c.run_id(): "todo" for c in configs}
-    units = packs(configs, status, 2)
-    assert [[c.seed for c in u] for u in units] == [[0, 1], [2], [0]]
-    assert [len(u) for u in packs(configs, status, 1)] == [1, 1, 1, 1]
+
+    def named(units):
+        return [[name[c.run_id()] for c in u] for u in units]
+
+    assert named(packs(configs, status, 2)) == [["s0", "s1"], ["s2", "lr"], ["bs"]]
+    assert [len(u) for u in packs(configs, status, 1)] == [1] * 5
     status[configs[1].run_id()] = "partial"  # has its own checkpoint: alone
-    assert [[c.seed for c in u] for u in packs(configs, status, 3)] == [
-        [0, 2],
-        [1],
-        [0],
-    ]
+    assert named(packs(configs, status, 3)) == [["s0", "s2", "lr"], ["s1"], ["bs"]]
     results = sweep(configs, tmp_path, log=None, pack=3)
-    assert [r["packed_runs"] for r in results] == [3, 3, 3, 1]
+    assert [r["packed_runs"] for r in results] == [3, 3, 3, 1, 1]
     files = sorted(p.name for p in tmp_path.glob("*.json"))
-    assert len(files) == 4  # one results file per run
+    assert len(files) == 5  # one results file per run
     again = sweep(configs, tmp_path, log=None, pack=3)  # nothing left to train
     assert again == results
 
@@ -242,10 +317,11 @@ def test_a_failing_pack_is_retried_run_by_run(tmp_path, monkeypatch):
 
 def test_bad_packs_are_refused(tmp_path):
     a = tiny(seed=0)
-    with pytest.raises(ValueError, match="differ in more than the seed"):
-        packable([a, tiny(seed=1, lr=5e-4)])
-    with pytest.raises(ValueError, match="distinct seeds"):
+    with pytest.raises(ValueError, match="differ in more than the seed, lr, lam"):
+        packable([a, tiny(seed=1, batch_size=7)])
+    with pytest.raises(ValueError, match="distinct runs"):
         packable([a, a])
+    packable([a, tiny(seed=0, lr=5e-4)])  # another rate: another run
     with pytest.raises(TypeError, match="RunConfig"):
         packable([])
     assert not can_pack("large-cnn") and can_pack("large-cnn-code")
@@ -268,3 +344,51 @@ def test_bad_packs_are_refused(tmp_path):
         pack_state([other, other], PackedRuns(build("small-cnn", 10, 3, runs=2), 2))
     assert isinstance(build_model(a, 1, 10), nn.Module)
     assert json.dumps(RunConfig().to_dict())
+
+
+def test_live_bytes_counts_the_peak_of_live_tensors():
+    from smaso.pack import LiveBytes
+
+    with LiveBytes() as m:
+        a = torch.empty(1000)
+        b = torch.empty(2000, dtype=torch.float64)
+        view = b[:10]  # the same storage: counted once
+        del a, b
+        c = torch.empty(500)
+    assert m.peak == 4 * 1000 + 8 * 2000 and m.live == 8 * 2000 + 4 * 500
+    del view, c
+    assert m.live == 0
+
+
+def test_pack_size_fits_the_free_memory():
+    assert pack_size(per_run=10, free=100, cap=15) == 8
+    assert pack_size(10, 100, 3) == 3
+    assert pack_size(10**9, 100, 5) == 1  # a run that does not fit still runs alone
+    assert pack_size(10, 100, 15, headroom=1.0) == 10
+    for bad in [(0, 100, 2), (10, 100, 0), (10, -1, 2)]:
+        with pytest.raises(ValueError, match="per_run > 0"):
+            pack_size(*bad)
+
+
+def test_one_runs_memory_is_measured_from_its_step():
+    """:func:`run_memory` on the CPU: at least the network, its gradients and Adam's
+    two moments; the template penalty's double backward holds more than the baseline;
+    and the network's bytes themselves are counted (twice the width, more)."""
+    data = load_data(tiny(), "cpu", Runtime())
+    base = run_memory(tiny(), data, "cpu")
+    params = build_model(tiny(), 1, 10).parameters()
+    assert base >= 4 * sum(p.numel() * p.element_size() for p in params)
+    assert run_memory(tiny(orthogonality="templates"), data, "cpu") > 2 * base
+    assert run_memory(tiny(batch_size=25), data, "cpu") < base
+
+
+def test_a_sweep_packs_as_many_runs_as_fit(tmp_path, monkeypatch):
+    from smaso.experiment import study
+
+    monkeypatch.setattr(study, "run_memory", lambda *a: 100)
+    monkeypatch.setattr(study, "free_memory", lambda dev: 250)  # 2 runs in 80 %
+    configs = [tiny(seed=s, epochs=1) for s in (0, 1, 2)]
+    lines = []
+    results = sweep(configs, tmp_path, log=lines.append, pack=3, epoch_lines=False)
+    assert [r["packed_runs"] for r in results] == [2, 2, 1]
+    assert sum("packs of up to 2 runs" in s for s in lines) == 1

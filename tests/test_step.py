@@ -49,16 +49,30 @@ SETTINGS = {
 }
 
 
+def _pack(config, k):
+    """``config`` alone, or a pack of ``k`` runs of it with their own seeds, learning
+    rates and penalty weights."""
+    if k == 1:
+        return [config]
+    d = config.to_dict()
+    return [
+        RunConfig(**{**d, "seed": s, "lr": 1e-3 * (s + 1), "lam": s + 1.0})
+        for s in range(k)
+    ]
+
+
 def _setup(config, k, device="cpu"):
-    configs = [RunConfig(**{**config.to_dict(), "seed": s}) for s in range(k)]
+    """A step's pieces for ``config`` alone, or for a pack of ``k`` runs of it."""
+    configs = _pack(config, k)
     model = build_training_model(configs, 3, 10).to(device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 3, 24, 24, generator=g).to(device)
     y = (torch.arange(64) % 10).to(device)
     shape = (4,) if k == 1 else (k, 4)
     batches = [torch.randint(0, 64, shape, generator=g).to(device) for _ in range(4)]
-    opt, sched = build_optimizer(config, model)
-    return model, opt, sched, build_loss(config), x, y, batches
+    opt, sched = build_optimizer(configs, model)
+    extra = build_loss(configs, like=next(model.parameters()))
+    return model, opt, sched, extra, x, y, batches
 
 
 @pytest.mark.parametrize(
@@ -183,17 +197,16 @@ def _graph_vs_eager(config, k, graph):
     a CUDA graph: the metrics, the final weights, and the step."""
     from smaso.train import TrainStep
 
-    configs = [RunConfig(**{**config.to_dict(), "seed": s}) for s in range(k)]
+    configs = _pack(config, k)
     model = build_training_model(configs, 3, 10).cuda()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 3, 24, 24, generator=g).cuda()
     y = (torch.arange(64) % 10).cuda()
     shape = (4,) if k == 1 else (k, 4)
     small = (2,) if k == 1 else (k, 2)
-    opt, sched = build_optimizer(config, model, capturable=True)
-    ts = TrainStep(
-        model, opt, x, y, build_loss(config), None, sched, "on" if graph else "off"
-    )
+    opt, sched = build_optimizer(configs, model, capturable=True)
+    extra = build_loss(configs, like=next(model.parameters()))
+    ts = TrainStep(model, opt, x, y, extra, None, sched, "on" if graph else "off")
     out = []
     for _ in range(3):
         batches = [torch.randint(0, 64, shape, generator=g).cuda() for _ in range(3)]

@@ -40,7 +40,7 @@ from ..orthogonal import (
     penalty_loss,
     reanchor_,
 )
-from ..pack import PackedRuns, pack_state, unpack_state
+from ..pack import LiveBytes, PackedRuns, pack_state, scale_steps, unpack_state
 from ..records import cpu_name, now, provenance, save_torch_atomic, write_json_atomic
 from ..train import CUDA_GRAPH, AdamWithoutBiasCorrection, TrainStep, evaluate
 from .config import DTYPES, RunConfig
@@ -61,6 +61,7 @@ from .store import (
 )
 
 __all__ = [
+    "PACK_AXES",
     "RunClaimedError",
     "Runtime",
     "build_loss",
@@ -74,9 +75,11 @@ __all__ = [
     "load_data",
     "load_trained_model",
     "orthogonality_error",
+    "pack_key",
     "packable",
     "resolve_device",
     "run",
+    "run_memory",
     "run_packed",
 ]
 
@@ -120,9 +123,9 @@ class Runtime:
     )
     pack: int | None = option(
         None,
-        "runs of a sweep trained together as one packed network (smaso.pack): the "
-        "seeds of one setting, up to this many (default: all of them on CUDA, 1 on "
-        "the CPU)",
+        "runs of a sweep trained together as one packed network (smaso.pack): runs "
+        "of one structure (seeds, learning rates, penalty weights), up to this many "
+        "(default: all of them on CUDA, 1 on the CPU)",
     )
 
     template_chunk: int | None = option(
@@ -182,7 +185,7 @@ def _network(config, in_channels, num_classes, runs, check):
 
 
 def build_packed(configs, in_channels: int, num_classes: int) -> PackedRuns:
-    """The networks of ``configs`` (one configuration but for the seed) as one
+    """The networks of ``configs`` (one configuration but for :data:`PACK_AXES`) as one
     :class:`smaso.pack.PackedRuns`, each run initialised as :func:`build_model`
     initialises it alone; exact layers without the per-forward rank check."""
     packable(configs)
@@ -202,44 +205,77 @@ def build_training_model(configs, in_channels: int, num_classes: int) -> nn.Modu
     return build_packed(configs, in_channels, num_classes)
 
 
+#: What the runs of one pack may differ in: each run its own seed, learning rate
+#: (:func:`smaso.pack.scale_steps`) and penalty weight.
+PACK_AXES = ("seed", "lr", "lam")
+
+
+def pack_key(config: RunConfig) -> RunConfig:
+    """What runs must share to train as one pack: ``config`` but for
+    :data:`PACK_AXES`."""
+    return dataclasses.replace(config, seed=0, lr=1.0, lam=0.0)
+
+
 def packable(configs) -> None:
     """Refuse ``configs`` that cannot train as one packed network: they must differ in
-    their seeds only (dataset, model, learning rate, ... shared)."""
+    :data:`PACK_AXES` only (dataset, model, epochs, ... shared) and be distinct runs."""
     configs = list(configs)
     if not configs or not all(isinstance(c, RunConfig) for c in configs):
         raise TypeError("configs must be a non-empty list of RunConfig")
-    base = dataclasses.replace(configs[0], seed=0)
+    base = pack_key(configs[0])
     for c in configs[1:]:
-        if dataclasses.replace(c, seed=0) != base:
+        if pack_key(c) != base:
             raise ValueError(
                 f"{c.run_id()} and {configs[0].run_id()} differ in more than the "
-                "seed: they cannot be packed"
+                f"{', '.join(PACK_AXES)}: they cannot be packed"
             )
-    seeds = [c.seed for c in configs]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"packed runs need distinct seeds, got {seeds}")
+    ids = [c.run_id() for c in configs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"packed runs must be distinct runs, got {ids}")
 
 
-def build_loss(config: RunConfig, template_chunk: int | None = None):
-    """The extra loss term of ``config``: ``lam`` times its orthogonality penalty
-    (Section 5; :func:`smaso.orthogonal.penalty_loss`; the template penalty with
-    ``template_chunk`` classes per pass, the :class:`Runtime` option), or None."""
-    if config.orthogonality in PENALTIES:
-        return penalty_loss(config.orthogonality, config.lam, template_chunk)
-    return None
+def _listed(configs) -> list[RunConfig]:
+    return [configs] if isinstance(configs, RunConfig) else list(configs)
 
 
-def build_optimizer(config: RunConfig, model: nn.Module, capturable: bool = False):
-    """(optimiser, per-step scheduler or None): Adam at ``config.lr`` (its fused
-    implementation on CUDA; ``capturable``, on CUDA: its state on the device, so that
-    its step can be captured in a CUDA graph); the authors' Adam without bias
-    correction is PyTorch's with :class:`smaso.train.AdamWithoutBiasCorrection`."""
+def build_loss(configs, template_chunk: int | None = None, like=None):
+    """The extra loss term of ``configs`` (one ``RunConfig``, or a pack's): its
+    orthogonality penalty (Section 5; :func:`smaso.orthogonal.penalty_loss`; the
+    template penalty with ``template_chunk`` classes per pass, the :class:`Runtime`
+    option) times ``lam``, or None. A pack whose runs differ in ``lam`` weighs each
+    run's penalty by its own: a tensor made here on the device and in the dtype of
+    ``like`` (a parameter of the model)."""
+    configs = _listed(configs)
+    kind = configs[0].orthogonality
+    if kind not in PENALTIES:
+        return None
+    lams = [c.lam for c in configs]
+    if len(set(lams)) == 1:
+        return penalty_loss(kind, lams[0], template_chunk)
+    if like is None:
+        raise ValueError("runs with their own lam need like= (a model parameter)")
+    lam = torch.tensor(lams, dtype=like.dtype, device=like.device)
+    return penalty_loss(kind, lam, template_chunk)
+
+
+def build_optimizer(configs, model: nn.Module, capturable: bool = False):
+    """(optimiser, per-step scheduler or None) for ``configs`` (one ``RunConfig``, or
+    a pack's): Adam at ``lr`` (its fused implementation on CUDA; ``capturable``, on
+    CUDA: its state on the device, so that its step can be captured in a CUDA graph);
+    the authors' Adam without bias correction is PyTorch's with
+    :class:`smaso.train.AdamWithoutBiasCorrection`. A pack whose runs differ in ``lr``
+    steps at the first run's, each run's step scaled to its own
+    (:func:`smaso.pack.scale_steps`)."""
+    configs = _listed(configs)
+    config = configs[0]
     params = list(model.parameters())
     # one fused kernel per step on CUDA instead of one launch per tensor and operation
     fused = all(p.is_cuda for p in params)
     opt = torch.optim.Adam(
         params, lr=config.lr, fused=fused or None, capturable=fused and capturable
     )
+    if len({c.lr for c in configs}) > 1:
+        scale_steps(opt, model, [c.lr / config.lr for c in configs])
     if config.optimizer == "adam-no-bias-correction":
         return opt, AdamWithoutBiasCorrection(opt)
     return opt, None
@@ -429,6 +465,42 @@ def _to(model, config, device):
     return model
 
 
+def run_memory(config: RunConfig, data: TensorData, device, template_chunk=None) -> int:
+    """Bytes one run of ``config`` holds at the peak of its training step: network,
+    gradients, optimiser state and the step's own tensors, over two eager steps on its
+    first batches of ``data`` (on ``device``, in the run's precision). On CUDA, the
+    allocator's peak above what was allocated before; elsewhere the peak of live
+    tensor bytes (:class:`smaso.pack.LiveBytes`). A pack of k runs holds about k
+    times this (:func:`smaso.pack.pack_size`)."""
+    device = resolve_device(device)
+    data = data.to(device)
+    x = data.x_train.to(DTYPES[config.dtype])
+    precision = effective_precision(config, device)
+    autocast = torch.bfloat16 if precision == "bf16-autocast" else None
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    meter = contextlib.nullcontext() if cuda else LiveBytes()
+    with meter:
+        model = _to(
+            build_model(config, x.shape[1], data.num_classes, False), config, device
+        )
+        opt, sched = build_optimizer(config, model)
+        extra = build_loss(config, template_chunk)
+        step = TrainStep(model, opt, x, data.y_train, extra, autocast, sched)
+        for idx in _batches(config, 0, data.y_train)[:2]:
+            step(idx)
+        del model, opt, sched, step
+    if not cuda:
+        return meter.peak
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    torch.cuda.empty_cache()
+    return peak
+
+
 @dataclass
 class _State:
     histories: list  # one history per run
@@ -531,14 +603,15 @@ def _record(config, epoch, model, tr, te, times):
 
 
 class Training:
-    """One training of a pack of runs: one configuration with one or several seeds
-    (:func:`run_packed`; a single run is a pack of one). It holds the configs, the
+    """One training of a pack of runs: one structure with one or several seeds,
+    learning rates and penalty weights (:func:`run_packed`; a single run is a pack of
+    one). It holds the configs, the
     device and precision, the model (packed when there are several runs), the optimiser,
     the LR scheduler, the compiled training step and the state to checkpoint, and does
     one :meth:`epoch`, one :meth:`checkpoint` and the :meth:`finish` at a time.
 
     Args:
-        configs: the runs (``RunConfig``; :func:`smaso.pack.packable` together).
+        configs: the runs (``RunConfig``; :func:`packable` together).
         out_dir: the results folder (checkpoints, results, weights).
         data: a loaded dataset to reuse, or None (loaded from ``rt``).
         rt: the runtime options (:class:`Runtime`).
@@ -566,7 +639,7 @@ class Training:
         self.model, x_train, self.x_test = _place(model, self.data, config, self.device)
         self.separate = _Separate(configs, self.model, *shape, self.device)
         graph = self.device.type == "cuda" and rt.cuda_graph != "off"
-        self.opt, self.sched = build_optimizer(config, self.model, capturable=graph)
+        self.opt, self.sched = build_optimizer(configs, self.model, capturable=graph)
         self.state = self._resume()
         if config.reanchor_every and self.state.start == 0:
             reanchor_(self.model)  # an initialisation can start close to a flip
@@ -575,7 +648,7 @@ class Training:
             self.opt,
             x_train,
             self.data.y_train,
-            build_loss(config, rt.template_chunk),
+            build_loss(configs, rt.template_chunk, next(self.model.parameters())),
             self.autocast,
             self.sched,
             rt.cuda_graph,
@@ -847,7 +920,8 @@ def run(
 def run_packed(
     configs, out_dir, *, data: TensorData | None = None, **runtime
 ) -> list[dict]:
-    """Train ``configs``, one configuration with several seeds, as one packed network
+    """Train ``configs``, runs of one structure with their own seeds, learning rates
+    and penalty weights (:func:`packable`), as one packed network
     (:mod:`smaso.pack`): the same numbers as :func:`run` on each (to rounding), in one
     pass over the GPU per step. Their results dicts, in order.
 

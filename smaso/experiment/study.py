@@ -29,6 +29,7 @@ from ..data import DATASETS, TABLE2_DATASETS, download_dataset
 from ..filters import EXACT
 from ..models import ACTIVATIONS, MODELS, can_pack
 from ..orthogonal import PENALTIES
+from ..pack import free_memory, pack_size
 from ..records import now, write_json_atomic
 from .config import BY_PROTOCOL, ORTHOGONALITY, PROTOCOLS, TABLE2_LRS, RunConfig
 from .frame import option
@@ -37,8 +38,10 @@ from .runner import (
     Runtime,
     data_key,
     load_data,
+    pack_key,
     resolve_device,
     run,
+    run_memory,
     run_packed,
 )
 from .store import FAILED_FORMAT, failed_path, run_status
@@ -305,20 +308,23 @@ def record_failure(out_dir, config: RunConfig, error: BaseException) -> None:
     )
 
 
-def packs(configs, status: dict, size: int) -> list[list[RunConfig]]:
-    """``configs`` in units of training: runs of one setting that differ only in their
-    seed, still to train from scratch (``status`` "todo", or "failed" when retried),
-    grouped by up to ``size`` in the order they come (:func:`smaso.experiment.
-    run_packed`); every other run alone."""
+def packs(configs, status: dict, size) -> list[list[RunConfig]]:
+    """``configs`` in units of training: runs of one structure that differ only in
+    their seed, learning rate or penalty weight (:func:`smaso.experiment.runner.
+    pack_key`), still to train from scratch (``status`` "todo", or "failed" when
+    retried), grouped by up to ``size`` (an int, or a function of a config giving its
+    structure's) in the order they come (:func:`smaso.experiment.run_packed`); every
+    other run alone."""
+    limit = size if callable(size) else (lambda c: size)
     units, open_ = [], {}
     for c in configs:
-        alone = size == 1 or not can_pack(c.model)
-        if alone or status[c.run_id()] not in ("todo", "retry"):
+        if status[c.run_id()] not in ("todo", "retry") or not can_pack(c.model):
             units.append([c])
             continue
-        key = dataclasses.replace(c, seed=0)
+        key = pack_key(c)
         unit = open_.get(key)
-        if unit is None or len(unit) == size:
+        # (the size is asked for once a structure has a second run to pack)
+        if unit is None or len(unit) >= limit(c):
             unit = open_[key] = []
             units.append(unit)
         unit.append(c)
@@ -338,9 +344,10 @@ def sweep(
     ones, in order.
 
     Finished runs are skipped and partial ones resumed; each dataset is loaded once.
-    Runs of one setting that differ in their seed train together as one packed network
-    (:func:`smaso.experiment.run_packed`; the ``pack`` runtime option, by default all
-    the seeds of a setting on CUDA and none on the CPU); a pack that fails is retried
+    Runs of one structure that differ in their seed, learning rate or penalty weight
+    train together as one packed network (:func:`smaso.experiment.run_packed`; the
+    ``pack`` runtime option, by default all of them on CUDA and none on the CPU; see
+    :func:`packs`); a pack that fails is retried
     run by run. A run claimed by another live process (another shard) is left to it. A
     run that raises (a divergence, out of memory, ...) gets a failure record
     (``RUN_ID.failed.json``, with the traceback) and the sweep goes on; failed runs are
@@ -361,12 +368,12 @@ def sweep(
     )
     if retry_failed:
         status = {k: "retry" if v == "failed" else v for k, v in status.items()}
-    size = (
+    cap = (
         rt.pack if rt.pack is not None else (len(configs) if dev.type == "cuda" else 1)
     )
     runtime = dict(runtime, log=log if epoch_lines else None)
     k = 0
-    for unit in packs(configs, status, size):
+    for unit in packs(configs, status, 1 if cap == 1 else state.fit(cap, dev)):
         k += len(unit)
         state.unit(unit, k, status[unit[0].run_id()], dev, runtime)
     results = [state.done[c.run_id()] for c in configs if c.run_id() in state.done]
@@ -421,12 +428,38 @@ class _Sweep:
             for c in unit:
                 self.unit([c], k, "retry", dev, runtime)
 
-    def train(self, unit, k, dev, runtime):
-        c = unit[0]
+    def data(self, c, dev):
+        """The dataset of ``c`` on ``dev``, loaded once (one kept in memory)."""
         key = (*data_key(c), str(dev))
         if key not in self.cache:
-            self.cache.clear()  # keep one dataset in memory
+            self.cache.clear()
             self.cache[key] = load_data(c, dev, self.rt)
+        return self.cache[key]
+
+    def fit(self, cap, dev):
+        """The pack size of a config's structure: up to ``cap`` runs, as many as fit
+        in 80 % of ``dev``'s free memory, from one run's step measured once per
+        structure (:func:`smaso.pack.pack_size`)."""
+        sizes = {}
+
+        def size(c):
+            key = pack_key(c)
+            if key not in sizes:
+                per = run_memory(c, self.data(c, dev), dev, self.rt.template_chunk)
+                free = free_memory(dev)
+                sizes[key] = pack_size(per, free, cap)
+                self.say(
+                    f"packs of up to {sizes[key]} runs for {c.run_id()}'s structure: "
+                    f"one run's step holds {per / 2**20:.0f} MiB, "
+                    f"{free / 2**30:.1f} GiB free (cap {cap})"
+                )
+            return sizes[key]
+
+        return size
+
+    def train(self, unit, k, dev, runtime):
+        c = unit[0]
+        data = self.data(c, dev)
         rate = (time.perf_counter() - self.t0) / self.trained if self.trained else None
         eta = f", about {rate * self.epochs_left / 60:.0f} min left" if rate else ""
         what = c.run_id() if len(unit) == 1 else f"{len(unit)} packed runs"
@@ -434,7 +467,7 @@ class _Sweep:
         before = self.epochs_left
         try:
             rs = run_packed(
-                unit, self.out_dir, data=self.cache[key], on_epoch=self.count, **runtime
+                unit, self.out_dir, data=data, on_epoch=self.count, **runtime
             )
             self.done.update((r["run_id"], r) for r in rs)
         finally:  # a resumed or failed run trained fewer epochs than it counted for
