@@ -21,7 +21,10 @@ spent (the default fits 6 minutes), then projects from what was measured.
    (:mod:`smaso.pack`), on CIFAR-shaped tensors on the device; the exact + swish step
    against the baseline step.
 4. Packing against its peer: the baseline step captured with ``--max-pack`` runs
-   packed, and ``--pack`` processes sharing the GPU, each training its own run.
+   packed across Table 2's learning rates and seeds (each run its own rate,
+   :func:`smaso.pack.scale_steps`), and ``--pack`` processes sharing the GPU, each
+   training its own run; and per kind, one run's step memory and the pack size a
+   sweep would take from it (``smaso.experiment.runner.run_memory``).
 5. A few epochs of the exact + swish run and its ReLU twin through the pipeline
    (``smaso.experiment.run``) on the CIFAR-10 subset (``--subset``), when it is there.
 6. The projected hours of each grid (step time x steps per epoch x epochs, summed over
@@ -47,8 +50,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 from benchmarks.common import metadata, write_results
-from smaso.data import DATASETS, find_cifar10_subset
+from smaso.data import DATASETS, TensorData, find_cifar10_subset
 from smaso.experiment import (
+    TABLE2_LRS,
     RunConfig,
     build_loss,
     build_optimizer,
@@ -56,7 +60,8 @@ from smaso.experiment import (
     run,
     table2_configs,
 )
-from smaso.experiment.runner import effective_precision
+from smaso.experiment.runner import effective_precision, run_memory
+from smaso.pack import free_memory, pack_size
 from smaso.train import GRAPH_WARMUP, TrainStep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,9 +179,10 @@ def _step_setup(configs, device, precision, images, graph, chunk=None):
         x = x.contiguous(memory_format=torch.channels_last)
     shape = (c.batch_size,) if len(configs) == 1 else (len(configs), c.batch_size)
     idx = torch.randint(0, images, shape, generator=g).to(device)
-    opt, sched = build_optimizer(c, model, capturable=graph)
+    opt, sched = build_optimizer(configs, model, capturable=graph)
+    extra = build_loss(configs, chunk, next(model.parameters()))
     mode = "on" if graph else "off"
-    step = TrainStep(model, opt, x, y, build_loss(c, chunk), autocast, sched, mode)
+    step = TrainStep(model, opt, x, y, extra, autocast, sched, mode)
     return step, idx
 
 
@@ -256,6 +262,42 @@ def template_chunked(c, device, pack, steps, images, prec, chunk) -> dict:
         row["alone" if k == 1 else f"packed{k}"] = t
         _free(device)
     return row
+
+
+def across_rates(c, k: int) -> list[RunConfig]:
+    """The runs of ``c``'s structure in Table 2's grid, up to ``k``: every rate of
+    :data:`TABLE2_LRS` for seeds 0, 1, ... (the pack a sweep trains on CUDA)."""
+    runs = [
+        dataclasses.replace(c, lr=lr, seed=s)
+        for s in range(-(-k // len(TABLE2_LRS)))
+        for lr in TABLE2_LRS
+    ]
+    return runs[:k]
+
+
+def pack_memory(kinds, device, images, cap, log) -> dict:
+    """Per kind: the memory of one run's step (:func:`smaso.experiment.runner.
+    run_memory`, on CIFAR-shaped data) and the pack size a sweep would choose from it
+    (:func:`smaso.pack.pack_size`, up to ``cap``)."""
+    out = {}
+    for key, c in kinds.items():
+        classes = DATASETS[c.dataset].num_classes
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(images, 3, 32, 32, generator=g)
+        y = (
+            torch.arange(images) % classes
+        )  # (enough of each class for balanced batches)
+        data = TensorData(x, y, x[:10], y[:10], classes)
+        per = run_memory(c, data, device)
+        free = free_memory(device)
+        out[key] = {"run_mib": per / 2**20, "free_gib": free / 2**30}
+        out[key]["pack"] = pack_size(per, free, cap)
+        log(
+            f"{c.model:18s} {c.orthogonality:16s} {classes:3d} classes: one run "
+            f"{per / 2**20:8.1f} MiB, packs of {out[key]['pack']}"
+        )
+        _free(device)
+    return out
 
 
 def best_s(row, prec, packed: int | None = None) -> float | None:
@@ -504,6 +546,9 @@ def main(argv=None):
             template_chunked,
             *(tmpl[0], device, pack, steps, images, prec, a.template_chunk),
         )
+    result["pack_memory"] = check.item(
+        "pack memory", pack_memory, step_kinds(configs), device, images, a.max_pack, log
+    )
     base = result["steps"].get(kind_key(configs["paper"][0]))
     exact = [
         r
@@ -516,9 +561,10 @@ def main(argv=None):
         log(f"exact QR + swish step / baseline step ({prec}): {ratio:.2f}")
     if cuda:
         c = configs["paper"][0]
-        big = [dataclasses.replace(c, seed=s) for s in range(a.max_pack)]
+        big = across_rates(c, a.max_pack)
         result["max_pack"] = check.item(
-            f"packed {a.max_pack}", time_step, big, device, prec, steps, images, True
+            f"packed {a.max_pack} across rates",
+            *(time_step, big, device, prec, steps, images, True),
         )
         result["peers"] = check.item(
             f"peers {pack}", peers, kind_key(c), pack, 4 * steps, images, 120
