@@ -150,8 +150,17 @@ def scale_steps(opt: torch.optim.Optimizer, packed: PackedRuns, factors) -> list
     them back by ``1 - factors[r]`` of the step (``torch.lerp``; a factor of 1 leaves
     the step as it is, to the bit). Both are in-place multi-tensor operations on
     buffers made here, once, so a captured CUDA graph holds them. The optimiser's
-    state (and its checkpoint) is that of the unscaled optimiser. Returns the hooks'
-    handles (``.remove()`` them to undo).
+    state (and its checkpoint) is that of the unscaled optimiser.
+
+    Args:
+        opt: the optimiser of ``packed``'s parameters (Adam; any optimiser whose step
+            is linear in its learning rate).
+        packed: the packed runs; every parameter holds the runs' slices along its
+            first axis.
+        factors: one positive factor per run (run ``r``'s rate over ``opt``'s).
+
+    Returns:
+        The hooks' handles (``.remove()`` them to undo).
 
     Example::
 
@@ -246,8 +255,17 @@ def free_memory(device) -> int:
 
 
 def pack_size(per_run: int, free: int, cap: int, headroom: float = 0.8) -> int:
-    """How many runs of ``per_run`` bytes each to pack in ``headroom`` of ``free``
-    bytes: at least 1, at most ``cap`` (the user's).
+    """How many runs to pack in the free memory of a device.
+
+    Args:
+        per_run: bytes one run holds at the peak of its step
+            (:func:`smaso.experiment.runner.run_memory`).
+        free: bytes free (:func:`free_memory`).
+        cap: the most runs to pack (the user's ``--pack``).
+        headroom: the fraction of ``free`` to fill.
+
+    Returns:
+        At least 1 (a run that does not fit still runs alone), at most ``cap``.
 
     Example::
 

@@ -19,6 +19,7 @@ ENTRY_POINTS = {
     "smaso.tsallis": ["tsallis_sigmoid"],
     "smaso.stats": ["welch_family", "holm", "bonferroni_halfwidth"],
     "smaso.train": ["fit"],
+    "smaso.pack": ["scale_steps", "pack_size"],
     "smaso.records": ["provenance"],
     "smaso.experiment.runner": ["run", "Training"],
     "smaso.experiment.frame": ["Study"],

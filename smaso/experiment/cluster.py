@@ -1,6 +1,6 @@
 """A sweep on a cluster through submitit (optional: ``pip install 'smaso[cluster]'``):
-one SLURM job array, one setting's seeds per task (trained packed on a GPU,
-:mod:`smaso.pack`), requeued on preemption from its checkpoint.
+one SLURM job array, one structure's runs per task (its seeds, learning rates and
+penalty weights, trained packed on a GPU, :mod:`smaso.pack`), requeued on preemption from its checkpoint.
 
 :func:`submit` sends the unfinished runs of a list of configs as one job array
 (``executor.map_array``), each task calling :class:`RunTask`, i.e. :func:`sweep` over
@@ -68,7 +68,8 @@ def executor(folder, cluster: str | None = None, **parameters):
 def submit(configs, out_dir, ex, **runtime) -> list:
     """Submit the runs of ``configs`` that have not finished as one job array on the
     submitit executor ``ex`` (:func:`executor`); the submitit jobs. Each task gets the
-    seeds of one setting, up to ``pack`` of them (a runtime option; by default all), and
+    runs of one structure (seeds, rates, penalty weights), up to ``pack`` of them (a
+    runtime option; by default all), and
     trains them packed where it has CUDA (:func:`smaso.experiment.sweep`);
     ``runtime``: the fields of :class:`~smaso.experiment.runner.Runtime` for every
     task."""
