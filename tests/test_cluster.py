@@ -66,9 +66,9 @@ def test_job_array_one_run_per_task_requeued_on_preemption(tmp_path):
     assert submit(configs, out, ex) == []  # nothing left to submit
 
 
-def test_one_task_per_setting_its_seeds_together(tmp_path):
-    """Each task gets the seeds of one setting (packed where it has CUDA), or up to
-    ``pack`` of them."""
+def test_one_task_per_structure_its_runs_together(tmp_path):
+    """Each task gets the runs of one structure, its seeds and rates (packed where it
+    has CUDA), or up to ``pack`` of them."""
 
     class Recorder:  # an executor that records what would be submitted
         def map_array(self, fn, *args):
@@ -76,9 +76,15 @@ def test_one_task_per_setting_its_seeds_together(tmp_path):
             return list(args[0])
 
     configs = [tiny(seed=s) for s in (0, 1, 2)] + [tiny(seed=0, lr=5e-4)]
+    configs += [tiny(seed=0, batch_size=25)]  # another structure
+
+    def runs(units):
+        return [[(c["seed"], c["lr"], c["batch_size"]) for c in u] for u in units]
+
     ex = Recorder()
     units = submit(configs, tmp_path, ex, threads=1)
-    assert [[c["seed"] for c in u] for u in units] == [[0, 1, 2], [0]]
+    a, b, c = (0, 1e-3, 50), (1, 1e-3, 50), (2, 1e-3, 50)
+    assert runs(units) == [[a, b, c, (0, 5e-4, 50)], [(0, 1e-3, 25)]]
     assert ex.args[2] == [{"threads": 1}] * 2
     units = submit(configs, tmp_path, ex, pack=2)
-    assert [[c["seed"] for c in u] for u in units] == [[0, 1], [2], [0]]
+    assert runs(units) == [[a, b], [c, (0, 5e-4, 50)], [(0, 1e-3, 25)]]
