@@ -1,6 +1,7 @@
 """A sweep on a cluster through submitit (optional: ``pip install 'smaso[cluster]'``):
 one SLURM job array, one structure's runs per task (its seeds, learning rates and
-penalty weights, trained packed on a GPU, :mod:`smaso.pack`), requeued on preemption from its checkpoint.
+penalty weights, trained packed on a GPU, :mod:`smaso.pack`), requeued on preemption
+from its checkpoint.
 
 :func:`submit` sends the unfinished runs of a list of configs as one job array
 (``executor.map_array``), each task calling :class:`RunTask`, i.e. :func:`sweep` over
