@@ -13,6 +13,7 @@ from torch import nn
 from smaso.data import TensorData
 from smaso.experiment import (
     RunConfig,
+    build_loss,
     build_model,
     load_trained_model,
     result_path,
@@ -29,7 +30,12 @@ from smaso.experiment.store import (
 from smaso.experiment.study import packs
 from smaso.filters import register_filters
 from smaso.models import GroupedLinear, build, can_pack
-from smaso.orthogonal import filter_penalty, orthogonality_penalty, template_penalty
+from smaso.orthogonal import (
+    filter_penalty,
+    orthogonality_penalty,
+    penalty_loss,
+    template_penalty,
+)
 from smaso.pack import PackedRuns, pack_size, pack_state, scale_steps, unpack_state
 
 
@@ -322,6 +328,15 @@ def test_bad_packs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="distinct runs"):
         packable([a, a])
     packable([a, tiny(seed=0, lr=5e-4)])  # another rate: another run
+    weights = [
+        tiny(orthogonality="filters", lam=lam, seed=s) for s, lam in ((0, 1), (1, 2))
+    ]
+    with pytest.raises(ValueError, match="like="):
+        build_loss(weights)
+    with pytest.raises(ValueError, match="one nonnegative weight per run"):
+        penalty_loss("filters", torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match="one nonnegative weight per run"):
+        penalty_loss("filters", torch.tensor([[1.0, 2.0]]))
     with pytest.raises(TypeError, match="RunConfig"):
         packable([])
     assert not can_pack("large-cnn") and can_pack("large-cnn-code")
