@@ -60,7 +60,7 @@ from smaso.experiment import (
     run,
     table2_configs,
 )
-from smaso.experiment.runner import effective_precision, run_memory
+from smaso.experiment.runner import autocast_dtype, effective_precision, run_memory
 from smaso.pack import free_memory, pack_size
 from smaso.train import GRAPH_WARMUP, TrainStep
 
@@ -169,7 +169,7 @@ def _step_setup(configs, device, precision, images, graph, chunk=None):
     classes = DATASETS[c.dataset].num_classes
     cfg = dataclasses.replace(c, precision=precision)
     prec = effective_precision(cfg, device)
-    autocast = torch.bfloat16 if prec == "bf16-autocast" else None
+    autocast = autocast_dtype(prec)
     model = build_training_model(configs, 3, classes).to(device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(images, 3, 32, 32, generator=g).to(device)

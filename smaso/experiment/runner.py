@@ -450,12 +450,23 @@ def _prepare_data(config, data, device, rt) -> TensorData:
 
 def _place(model, data, config, device):
     """Model and images in the config's dtype on ``device`` (channels-last on CUDA)."""
+    return _to(model, config, device), *_images(data, config, device)
+
+
+def _images(data, config, device):
+    """Training and test images (on ``device`` already) in the config's dtype,
+    channels-last on CUDA."""
     dtype = DTYPES[config.dtype]
     x_train, x_test = data.x_train.to(dtype), data.x_test.to(dtype)
     if device.type == "cuda":
         x_train = x_train.contiguous(memory_format=torch.channels_last)
         x_test = x_test.contiguous(memory_format=torch.channels_last)
-    return _to(model, config, device), x_train, x_test
+    return x_train, x_test
+
+
+def autocast_dtype(precision: str):
+    """The autocast dtype of an :func:`effective_precision`: bfloat16 or None."""
+    return torch.bfloat16 if precision == "bf16-autocast" else None
 
 
 def _to(model, config, device):
@@ -474,9 +485,8 @@ def run_memory(config: RunConfig, data: TensorData, device, template_chunk=None)
     times this (:func:`smaso.pack.pack_size`)."""
     device = resolve_device(device)
     data = data.to(device)
-    x = data.x_train.to(DTYPES[config.dtype])
-    precision = effective_precision(config, device)
-    autocast = torch.bfloat16 if precision == "bf16-autocast" else None
+    x = _images(data, config, device)[0]  # as a training step reads them
+    autocast = autocast_dtype(effective_precision(config, device))
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -632,7 +642,7 @@ class Training:
         self.configs, self.out_dir, self.rt, self.say = configs, out_dir, rt, say
         self.device = resolve_device(rt.device)
         self.precision = effective_precision(config, self.device)
-        self.autocast = torch.bfloat16 if self.precision == "bf16-autocast" else None
+        self.autocast = autocast_dtype(self.precision)
         self.data = _prepare_data(config, data, self.device, rt)
         shape = (self.data.x_train.shape[1], self.data.num_classes)
         model = build_training_model(configs, *shape)
